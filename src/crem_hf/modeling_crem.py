@@ -1,0 +1,687 @@
+"""CREM on Qwen2-VL: chorus-token embeddings and compression-aware generation in one model.
+
+Part of the Hub remote-code set: imports only ``torch``, ``transformers`` and its sibling files (relatively), so a
+saved folder loads with ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` where ``crem_hf`` is absent.
+
+Terms used below, per sample (one row of ``input_ids``, left padded)::
+
+    [pad...] [kept prefix] [compressed span: image + input text] [chorus x N] [tail: question, answer...]
+
+* *chorus block*: the N learnable chorus tokens; the embedding is read from their last-layer states.
+* *compressed span*: what the chorus block summarises. Under compression the tail may not attend to it.
+* *kept prefix*: the system prompt and the turn header, still visible to the tail (``compression_keep_prefix``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, Qwen2VLForConditionalGeneration
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.utils import GenerateOutput
+from transformers.utils import ModelOutput
+
+from .configuration_crem import CREMConfig
+
+__all__ = [
+    "ChorusLayout",
+    "CREMCompressedContext",
+    "CREMForEmbeddingAndGeneration",
+    "CREMOutput",
+    "IGNORE_INDEX",
+]
+
+#: Label value that carries no LM loss (the convention of `torch.nn.CrossEntropyLoss` and the HF Trainer).
+IGNORE_INDEX = -100
+# mm_token_type_ids values of Qwen2-VL.
+_TEXT_TYPE, _IMAGE_TYPE, _VIDEO_TYPE = 0, 1, 2
+# Attention kernels that take an arbitrary 4-D mask.
+_MASKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
+# New chorus rows start at the mean input embedding plus noise of this fraction of the rows' standard deviation:
+# distinct rows that still look like an average token.
+_CHORUS_INIT_NOISE = 0.1
+# Qwen2VLConfig keys that describe the class, not the model.
+_CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version")
+
+
+@dataclass
+class CREMOutput(ModelOutput):
+    """
+    Output of [`CREMForEmbeddingAndGeneration.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            The LM loss (same value as `lm_loss`), returned when `labels` is given.
+        lm_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Mean cross-entropy over the supervised (label != -100) tokens, or their sum divided by
+            `num_items_in_batch` when that is given.
+        logits (`torch.FloatTensor`):
+            Without `labels`: `(batch_size, kept_length, vocab_size)`, where `kept_length` follows `logits_to_keep`.
+            With `labels`: `(num_supervised_tokens, vocab_size)`, the logits of the supervised positions only, in
+            row-major order (no full `batch x length x vocab` tensor is built).
+        embeddings (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
+            Pooled chorus embeddings (as `get_embedding`), returned when `return_embeddings=True`.
+        cache (`transformers.Cache`, *optional*):
+            Key/value cache, when `use_cache=True`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Per-layer hidden states `(batch_size, sequence_length, hidden_size)`, when `output_hidden_states=True`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Per-layer attention weights `(batch_size, num_heads, sequence_length, sequence_length)`, when
+            `output_attentions=True` (eager attention only).
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    embeddings: torch.FloatTensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ChorusLayout:
+    """
+    Where the chorus block and the compressed span sit in each row.
+
+    Args:
+        chorus_start (`torch.LongTensor` of shape `(batch_size,)`): index of the first chorus token.
+        chorus_end (`torch.LongTensor` of shape `(batch_size,)`): index one past the last chorus token.
+        span_start (`torch.LongTensor` of shape `(batch_size,)`): first index of the compressed span; the span is
+            `[span_start, chorus_start)`.
+    """
+
+    chorus_start: torch.LongTensor
+    chorus_end: torch.LongTensor
+    span_start: torch.LongTensor
+
+    def compressed_span(self, length: int) -> torch.BoolTensor:
+        """`(batch_size, length)` bool: True on the tokens the chorus block stands in for under compression."""
+        idx = torch.arange(length, device=self.chorus_start.device)
+        return (idx >= self.span_start[:, None]) & (idx < self.chorus_start[:, None])
+
+    def chorus_mask(self, length: int) -> torch.BoolTensor:
+        """`(batch_size, length)` bool: True on the chorus tokens."""
+        idx = torch.arange(length, device=self.chorus_start.device)
+        return (idx >= self.chorus_start[:, None]) & (idx < self.chorus_end[:, None])
+
+
+@dataclass
+class CREMCompressedContext:
+    """
+    A prompt compressed into its kept slots: the KV cache after a compressed prefill, pruned to the kept prefix, the
+    chorus block and the tail, left packed so every row ends at the same slot.
+
+    Args:
+        cache (`transformers.DynamicCache`): keys/values of shape `(batch_size, kv_heads, num_slots, head_dim)`.
+        input_ids (`torch.LongTensor` of shape `(batch_size, num_slots)`): token ids of the kept slots.
+        attention_mask (`torch.LongTensor` of shape `(batch_size, num_slots)`): 1 on kept slots, 0 on packing pads.
+        position_ids (`torch.LongTensor` of shape `(3, batch_size, num_slots)`): the original MRoPE positions.
+    """
+
+    cache: DynamicCache
+    input_ids: torch.LongTensor
+    attention_mask: torch.LongTensor
+    position_ids: torch.LongTensor
+
+
+def _pack_left(keep: torch.BoolTensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """
+    Indices that gather the kept slots of each row to the right end, in their original order.
+
+    Args:
+        keep: `(batch_size, length)` bool.
+    Returns:
+        index `(batch_size, num_slots)` and its validity mask `(batch_size, num_slots)`, where `num_slots` is the
+        largest number of kept slots in a row; shorter rows are padded on the left (mask False).
+    """
+    num_slots = int(keep.sum(1).max())
+    # A stable sort on 0/1 moves the kept slots to the end without reordering them.
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, keep.shape[1] - num_slots :]
+    return order, keep.gather(1, order)
+
+
+class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
+    """
+    Qwen2-VL with N learnable chorus tokens: a multimodal embedding model (`get_embedding`) and a chat model that
+    answers either natively (`generate(compress=False)`, plain Qwen2-VL) or from the chorus tokens alone
+    (`generate(compress=True)`: the image and input text are masked out and dropped from the KV cache).
+
+    Build one from a Qwen2-VL checkpoint with [`from_qwen2vl`], or load a saved CREM folder with `from_pretrained`.
+    """
+
+    config_class = CREMConfig
+    config: CREMConfig
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_qwen2vl(
+        cls,
+        model_or_path: Qwen2VLForConditionalGeneration | str | os.PathLike,
+        processor: Any,
+        **from_pretrained_kwargs,
+    ) -> CREMForEmbeddingAndGeneration:
+        """
+        Build a CREM model from a Qwen2-VL model (in memory, weights shared, not copied) or checkpoint.
+
+        The config takes the chorus ids and special-token ids from `processor` (a `CREMProcessor`). When the chorus
+        ids lie beyond the embedding matrix, it is resized. The chorus rows start at the mean input embedding plus a
+        little noise, so each slot has its own vector.
+
+        Args:
+            model_or_path: a `Qwen2VLForConditionalGeneration` or a path/Hub id of one (old and new key layouts).
+            processor: the `CREMProcessor` that will feed the model.
+            **from_pretrained_kwargs: passed to `Qwen2VLForConditionalGeneration.from_pretrained` for a path.
+        """
+        if isinstance(model_or_path, (str, os.PathLike)):
+            base = Qwen2VLForConditionalGeneration.from_pretrained(model_or_path, **from_pretrained_kwargs)
+        else:
+            base = model_or_path
+        updates = processor.model_config_updates()
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if getattr(base.config, key) != updates[key]:
+                raise ValueError(
+                    f"The processor's {key} is {updates[key]} but the model's is {getattr(base.config, key)}: "
+                    "they do not belong together."
+                )
+        values = {k: v for k, v in base.config.to_dict().items() if k not in _CLASS_KEYS}
+        config = CREMConfig(**{**values, **updates})
+        config._attn_implementation = base.config._attn_implementation
+        with torch.device("meta"):
+            model = cls(config)
+        # Take the base's tensors as they are (no copy), non-persistent buffers (rotary tables) included.
+        model.load_state_dict(base.state_dict(), strict=True, assign=True)
+        for name, buffer in base.named_buffers():
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            owner.register_buffer(attr, buffer, persistent=attr not in owner._non_persistent_buffers_set)
+        model.tie_weights()
+        model.generation_config = base.generation_config
+        model.train(base.training)
+        model._init_chorus_rows()
+        return model
+
+    def _init_chorus_rows(self) -> None:
+        """Resize the embeddings if the chorus ids do not fit, then set the chorus rows to mean + noise."""
+        ids = self.config.chorus_token_ids
+        embeddings = self.get_input_embeddings()
+        if max(ids) >= embeddings.num_embeddings:
+            self.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+            embeddings = self.get_input_embeddings()
+        with torch.no_grad():
+            existing = embeddings.weight[: min(ids)].float()
+            noise = torch.randn(len(ids), existing.shape[1]) * existing.std(0) * _CHORUS_INIT_NOISE
+            rows = existing.mean(0) + noise.to(existing.device)
+            embeddings.weight[torch.tensor(ids)] = rows.to(embeddings.weight.dtype)
+
+    # ------------------------------------------------------------------ layout and masks
+
+    def chorus_layout(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> ChorusLayout:
+        """
+        Find the chorus block and the compressed span of every row.
+
+        Args:
+            input_ids: `(batch_size, sequence_length)`.
+            attention_mask: `(batch_size, sequence_length)` 2-D padding mask (1 = token), optional.
+        Raises:
+            ValueError: when a row lacks the complete chorus block (in order, contiguous) or the config has no
+                chorus ids.
+        """
+        chorus_ids = self.config.chorus_token_ids
+        if not chorus_ids:
+            raise ValueError(
+                "config.chorus_token_ids is not set: build the model with CREMForEmbeddingAndGeneration.from_qwen2vl"
+                "(model, processor) or set the chorus ids of the processor's tokenizer in the config."
+            )
+        if input_ids is None or input_ids.ndim != 2:
+            raise ValueError(
+                "input_ids of shape (batch_size, sequence_length) are required to locate the chorus block."
+            )
+        batch, length = input_ids.shape
+        n = len(chorus_ids)
+        chorus = torch.tensor(chorus_ids, device=input_ids.device)
+        is_chorus = torch.isin(input_ids, chorus)
+        if attention_mask is not None:
+            is_chorus &= attention_mask.bool()
+        counts = is_chorus.sum(1)
+        start = torch.where(counts > 0, is_chorus.to(torch.int8).argmax(1), torch.zeros_like(counts))
+        window = (start[:, None] + torch.arange(n, device=input_ids.device)).clamp(max=length - 1)
+        in_order = (input_ids.gather(1, window) == chorus[None]).all(1)
+        bad = ((counts != n) | ~in_order).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"Rows {bad} do not hold the {n} chorus tokens as one contiguous block in order (found "
+                f"{counts[bad].tolist()} chorus tokens). Build inputs with CREMProcessor; with truncation, make sure "
+                "max_length leaves room for the chorus block."
+            )
+        end = start + n
+        if self.config.compression_keep_prefix:
+            idx = torch.arange(length, device=input_ids.device)
+            turn_starts = (input_ids == self.config.turn_start_token_id) & (idx[None] < start[:, None])
+            last_turn = torch.where(turn_starts, idx[None], torch.full_like(input_ids, -1)).max(1).values
+            header_end = last_turn + 1 + self.config.turn_header_length
+            span_start = torch.where(last_turn >= 0, header_end.clamp(max=start), torch.zeros_like(start))
+        else:
+            span_start = torch.zeros_like(start)
+        return ChorusLayout(chorus_start=start, chorus_end=end, span_start=span_start)
+
+    def build_compression_mask(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        compress: bool | torch.Tensor = True,
+        layout: ChorusLayout | None = None,
+    ) -> torch.Tensor:
+        """
+        The compression-aware attention mask: causal and padding-aware, and in compressed rows the tokens after the
+        chorus block may not attend to the compressed span (the image and the input text).
+
+        Args:
+            input_ids: `(batch_size, sequence_length)`.
+            attention_mask: `(batch_size, sequence_length)` 2-D padding mask, optional.
+            compress: `True`/`False` for every row, or a bool tensor `(batch_size,)`.
+            layout: the rows' [`ChorusLayout`], computed when not given.
+        Returns:
+            Additive float mask `(batch_size, 1, sequence_length, sequence_length)` in the model's dtype: 0 where
+            attention is allowed, the dtype's minimum elsewhere (the form both eager and sdpa attention take).
+        """
+        if self.config._attn_implementation not in _MASKABLE_ATTENTION:
+            raise ValueError(
+                f"Compression-aware attention needs an attention kernel that takes a 4-D mask ({_MASKABLE_ATTENTION}),"
+                f" but the model uses {self.config._attn_implementation!r}. Load it with attn_implementation='sdpa'."
+            )
+        batch, length = input_ids.shape
+        device = input_ids.device
+        layout = layout if layout is not None else self.chorus_layout(input_ids, attention_mask)
+        compress = torch.as_tensor(compress, dtype=torch.bool, device=device).expand(batch)
+        idx = torch.arange(length, device=device)
+        allowed = (idx[:, None] >= idx[None, :])[None].expand(batch, length, length)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.bool()[:, None, :]
+        after_chorus = idx[None, :, None] >= layout.chorus_end[:, None, None]
+        hidden_keys = layout.compressed_span(length)[:, None, :]
+        allowed = allowed & ~(compress[:, None, None] & after_chorus & hidden_keys)
+        # Every row keeps itself, so padding rows never see an all-masked row.
+        allowed = allowed | torch.eye(length, dtype=torch.bool, device=device)[None]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
+        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[:, None]
+
+    def compute_position_ids(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+    ) -> torch.LongTensor:
+        """
+        MRoPE position ids `(3, batch_size, sequence_length)` from the 2-D padding mask, so that a custom 4-D mask
+        never reaches the RoPE code and every row's positions start at 0 after its padding.
+        """
+        if mm_token_type_ids is None:
+            mm_token_type_ids = torch.zeros_like(input_ids)
+            mm_token_type_ids[input_ids == self.config.image_token_id] = _IMAGE_TYPE
+            mm_token_type_ids[input_ids == self.config.video_token_id] = _VIDEO_TYPE
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids, _ = self.model.get_rope_index(
+            input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+        )
+        return position_ids
+
+    def _check_images(
+        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None
+    ) -> None:
+        """Raise a ValueError when image tokens, `image_grid_thw` and `pixel_values` disagree."""
+        num_tokens = int((input_ids == self.config.image_token_id).sum())
+        if pixel_values is None and image_grid_thw is None:
+            if num_tokens:
+                raise ValueError(f"input_ids hold {num_tokens} image tokens but no pixel_values/image_grid_thw given.")
+            return
+        if pixel_values is None or image_grid_thw is None:
+            raise ValueError("pixel_values and image_grid_thw must be given together.")
+        merge = self.config.vision_config.spatial_merge_size
+        expected_tokens = int(image_grid_thw.prod(-1).sum()) // merge**2
+        if num_tokens != expected_tokens:
+            raise ValueError(
+                f"input_ids hold {num_tokens} image tokens but image_grid_thw describes {expected_tokens}: inputs and "
+                "images do not match (were they processed together by the processor?)."
+            )
+        if pixel_values.shape[0] != int(image_grid_thw.prod(-1).sum()):
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw describes "
+                f"{int(image_grid_thw.prod(-1).sum())}."
+            )
+
+    # ------------------------------------------------------------------ embedding
+
+    def pool_chorus(self, hidden_states: torch.Tensor, layout: ChorusLayout) -> torch.Tensor:
+        """
+        Pool the chorus block of `hidden_states` `(batch_size, sequence_length, hidden_size)` into one vector per
+        row `(batch_size, hidden_size)`: mean (or last, per `config.pooling`), L2-normalised if configured.
+        """
+        n = self.config.num_chorus_tokens
+        index = layout.chorus_start[:, None] + torch.arange(n, device=hidden_states.device)
+        chorus = hidden_states.gather(1, index[..., None].expand(-1, -1, hidden_states.shape[-1]))
+        pooled = chorus.mean(1) if self.config.pooling == "mean" else chorus[:, -1]
+        return F.normalize(pooled, dim=-1) if self.config.normalize_embeddings else pooled
+
+    def get_embedding(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """
+        Embed a batch: the pooled last-layer states of the chorus block (mean by default), L2-normalised.
+
+        Runs the inner Qwen2-VL model only (never `lm_head`) and stops at the chorus block: causal attention means
+        tokens after it cannot change it. The result does not depend on batch composition or padding.
+
+        Args:
+            input_ids: `(batch_size, sequence_length)`, left padded, each row holding the chorus block (as made by
+                `CREMProcessor.process_embedding_inputs`).
+            attention_mask: `(batch_size, sequence_length)`.
+            pixel_values: `(num_patches, patch_dim)` for the batch's images, optional.
+            image_grid_thw: `(num_images, 3)`, optional.
+            mm_token_type_ids: `(batch_size, sequence_length)`, optional (derived from `input_ids` when absent).
+            **kwargs: other processor outputs; ignored when they are not model inputs (e.g. `labels`).
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, hidden_size)`.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._check_images(input_ids, pixel_values, image_grid_thw)
+        layout = self.chorus_layout(input_ids, attention_mask)
+        position_ids = self.compute_position_ids(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+        # Nothing after the chorus block can reach it, so the tail is not computed (unless it holds image tokens,
+        # whose features must stay aligned with pixel_values).
+        stop = int(layout.chorus_end.max())
+        if not (input_ids[:, stop:] == self.config.image_token_id).any():
+            input_ids, attention_mask, position_ids = (
+                input_ids[:, :stop],
+                attention_mask[:, :stop],
+                position_ids[..., :stop],
+            )
+        hidden = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            use_cache=False,
+        ).last_hidden_state
+        return self.pool_chorus(hidden, layout)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        compress: bool | torch.Tensor | None = None,
+        return_embeddings: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs,
+    ) -> CREMOutput:
+        """
+        Qwen2-VL's forward, plus compression-aware attention, sparse LM logits and the chorus embedding.
+
+        Args:
+            compress (`bool` or `torch.BoolTensor` of shape `(batch_size,)`, *optional*):
+                Compress these rows: tokens after the chorus block may not attend to the image or the input text
+                (the rows need the chorus block). `None` or `False`: plain causal attention.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Next-token targets (-100 = no loss). Logits are computed only at supervised positions.
+            return_embeddings (`bool`): also return the pooled chorus embedding (`embeddings`).
+            num_items_in_batch: divide the summed token loss by this count (gradient accumulation) instead of the
+                number of supervised tokens.
+            Other arguments: as `Qwen2VLForConditionalGeneration.forward`.
+        Returns:
+            [`CREMOutput`].
+        """
+        plain = compress is None and labels is None and not return_embeddings
+        if plain:
+            # Exactly Qwen2-VL (the path `generate` takes).
+            out = super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                pixel_values=pixel_values,
+                pixel_values_videos=pixel_values_videos,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                mm_token_type_ids=mm_token_type_ids,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+            return CREMOutput(
+                logits=out.logits, cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions
+            )
+        if input_ids is None:
+            raise ValueError("compress, labels and return_embeddings need input_ids (to find the chorus block).")
+        if pixel_values_videos is not None:
+            raise ValueError("CREM does not support video inputs with compress, labels or return_embeddings.")
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("forward with compress/labels starts from an empty cache; use generate(compress=True).")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.ndim != 2:
+            raise ValueError("attention_mask must be the 2-D padding mask; the 4-D mask is built from `compress`.")
+        self._check_images(input_ids, pixel_values, image_grid_thw)
+        compressing = compress is not None and bool(torch.as_tensor(compress).any())
+        layout = self.chorus_layout(input_ids, attention_mask) if compressing or return_embeddings else None
+        if position_ids is None:
+            position_ids = self.compute_position_ids(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+        mask = (
+            self.build_compression_mask(input_ids, attention_mask, compress, layout) if compressing else attention_mask
+        )
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        loss = None
+        if labels is not None:
+            logits, loss = self._supervised_logits_and_loss(hidden, labels, num_items_in_batch)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep])
+        return CREMOutput(
+            loss=loss,
+            lm_loss=loss,
+            logits=logits,
+            embeddings=self.pool_chorus(hidden, layout) if return_embeddings else None,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _supervised_logits_and_loss(
+        self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: torch.Tensor | int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits `(num_supervised, vocab)` at the positions whose next token is labelled, and the LM loss."""
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        logits = self.lm_head(hidden[:, :-1][supervised])
+        total = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+        denominator = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp(min=1)
+        return logits, total / denominator
+
+    # ------------------------------------------------------------------ generation
+
+    def _chorus_suppressed(self, kwargs: dict) -> dict:
+        """Add the chorus ids to `suppress_tokens`: they are inputs only and are never generated."""
+        if not self.config.chorus_token_ids:
+            return kwargs
+        generation_config = kwargs.get("generation_config", self.generation_config)
+        suppressed = kwargs.get("suppress_tokens", generation_config.suppress_tokens) or []
+        kwargs["suppress_tokens"] = sorted(set(suppressed) | set(self.config.chorus_token_ids))
+        return kwargs
+
+    @torch.no_grad()
+    def compress(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        prefill_last: bool = True,
+    ) -> CREMCompressedContext:
+        """
+        Prefill a prompt under compression-aware attention and keep only its kept slots (kept prefix, chorus block,
+        tail) in the KV cache, at their original positions.
+
+        Args:
+            input_ids: `(batch_size, sequence_length)`, left padded, each row holding the chorus block followed by at
+                least one token (the generation prompt).
+            attention_mask: `(batch_size, sequence_length)` 2-D padding mask.
+            pixel_values, image_grid_thw, mm_token_type_ids: as the processor returns them.
+            prefill_last: also run the last token. With `False` the cache holds every kept slot but the last, which
+                `generate` then runs itself to produce the first new token.
+        Returns:
+            [`CREMCompressedContext`].
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("Compressed generation needs left padding (every row must end with a real token).")
+        self._check_images(input_ids, pixel_values, image_grid_thw)
+        if any(layer_type != "full_attention" for layer_type in self.config.text_config.layer_types):
+            raise ValueError("KV-cache pruning supports full-attention layers only (no sliding window).")
+        length = input_ids.shape[1]
+        layout = self.chorus_layout(input_ids, attention_mask)
+        if bool((layout.chorus_end >= length).any()):
+            raise ValueError(
+                "Compressed generation needs a generation prompt after the chorus block, but some rows end with it. "
+                "Build inputs with CREMProcessor.process_generation_inputs."
+            )
+        position_ids = self.compute_position_ids(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+        mask = self.build_compression_mask(input_ids, attention_mask, True, layout)
+        stop = length if prefill_last else length - 1
+        cache = DynamicCache(config=self.config)
+        self.model(
+            input_ids=input_ids[:, :stop],
+            attention_mask=mask[..., :stop, :stop],
+            position_ids=position_ids[..., :stop],
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            cache=cache,
+            use_cache=True,
+        )
+        # The last token is kept in every row, so after packing it is the last slot of every row.
+        index, kept = _pack_left(attention_mask.bool() & ~layout.compressed_span(length))
+        cached = index if prefill_last else index[:, :-1]
+        for layer in cache.layers:
+            if not isinstance(layer, DynamicLayer):
+                raise ValueError(f"Cannot prune a {type(layer).__name__} cache layer.")
+            gather = cached[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+        return CREMCompressedContext(
+            cache=cache,
+            input_ids=input_ids.gather(1, index),
+            attention_mask=kept.long(),
+            position_ids=position_ids.gather(2, index[None].expand(3, -1, -1)),
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        compress: bool = False,
+        **kwargs,
+    ) -> torch.LongTensor | GenerateOutput:
+        """
+        Generate an answer natively (`compress=False`: exactly Qwen2-VL's `generate`) or from the chorus tokens
+        alone (`compress=True`).
+
+        With `compress=True` the prompt is prefilled under compression-aware attention, the KV cache is pruned to
+        the kept prefix, the chorus block and the tail (the question), and decoding continues at the original MRoPE
+        positions; the result equals a full forward under the compression mask. Greedy, sampling, beam search and
+        the other `generate` options work in both modes. Chorus ids are never generated.
+
+        Args:
+            input_ids: `(batch_size, sequence_length)`, left padded.
+            attention_mask: `(batch_size, sequence_length)` 2-D padding mask.
+            compress: answer from the compressed context.
+            **kwargs: as `transformers.GenerationMixin.generate` (`pixel_values`, `image_grid_thw`,
+                `mm_token_type_ids`, `max_new_tokens`, `do_sample`, ...).
+        Returns:
+            As `generate`: the prompt followed by the new tokens, `(batch_size * num_return_sequences, length)`, or a
+            `GenerateOutput` whose `sequences` are laid out the same way.
+        """
+        kwargs = self._chorus_suppressed(kwargs)
+        if not compress:
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if input_ids is None:
+            raise ValueError("generate(compress=True) needs input_ids.")
+        if kwargs.get("pixel_values_videos") is not None:
+            raise ValueError("generate(compress=True) does not support video inputs.")
+        context = self.compress(
+            input_ids,
+            attention_mask,
+            pixel_values=kwargs.pop("pixel_values", None),
+            image_grid_thw=kwargs.pop("image_grid_thw", None),
+            mm_token_type_ids=kwargs.pop("mm_token_type_ids", None),
+            prefill_last=False,
+        )
+        generation_config = kwargs.get("generation_config", self.generation_config)
+        max_length = kwargs.pop("max_length", None)
+        if kwargs.get("max_new_tokens", generation_config.max_new_tokens) is None:
+            # max_length counts the original prompt, which is longer than the kept slots generate() sees.
+            max_length = max_length if max_length is not None else generation_config.max_length
+            kwargs["max_new_tokens"] = max(max_length - input_ids.shape[1], 1)
+        num_beams = kwargs.get("num_beams", generation_config.num_beams) or 1
+        num_sequences = kwargs.get("num_return_sequences", generation_config.num_return_sequences) or 1
+        expand = num_beams if num_beams > 1 else num_sequences
+        if expand > 1:
+            context.cache.batch_repeat_interleave(expand)
+        outputs = super().generate(
+            input_ids=context.input_ids,
+            attention_mask=context.attention_mask,
+            position_ids=context.position_ids,
+            cache=context.cache,
+            **kwargs,
+        )
+        # Give back the original prompt in front of the new tokens, as native generation does.
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        new_tokens = sequences[:, context.input_ids.shape[1] :]
+        prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+        sequences = torch.cat([prompt, new_tokens], dim=1)
+        if isinstance(outputs, torch.Tensor):
+            return sequences
+        outputs.sequences = sequences
+        return outputs
+
+
+CREMForEmbeddingAndGeneration.register_for_auto_class("AutoModel")
