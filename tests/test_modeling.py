@@ -1,0 +1,274 @@
+"""The model core: compression mask, exact compressed generation, no leak, native parity, embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_image
+from transformers import Qwen2VLForConditionalGeneration
+
+from crem_hf import CREMForEmbeddingAndGeneration
+
+NEW_TOKENS = 6
+
+
+def reference_compressed_logits(model, batch, new_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-step logits `(batch, steps, vocab)` of one no-cache forward over prompt + answer under the mask."""
+    ids = torch.cat([batch["input_ids"], new_tokens], 1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(new_tokens)], 1)
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            compress=True,
+        )
+    prompt = batch["input_ids"].shape[1]
+    return out.logits[:, prompt - 1 : prompt - 1 + new_tokens.shape[1]]
+
+
+def test_compressed_generation_equals_masked_forward(any_attention_model, generation_batch):
+    model = any_attention_model
+    assert generation_batch["attention_mask"][0, 0] == 0, "the fixture must exercise left padding"
+    out = model.generate(
+        **generation_batch,
+        compress=True,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    prompt = generation_batch["input_ids"]
+    assert torch.equal(out.sequences[:, : prompt.shape[1]], prompt)
+    new_tokens = out.sequences[:, prompt.shape[1] :]
+    assert new_tokens.shape == (2, NEW_TOKENS)
+    steps = torch.stack(out.logits, 1)
+    reference = reference_compressed_logits(model, generation_batch, new_tokens)
+    assert (steps - reference).abs().max() < 1e-4
+    # Greedy picks the reference argmax (chorus ids suppressed).
+    reference[..., model.config.chorus_token_ids] = float("-inf")
+    assert torch.equal(reference.argmax(-1), new_tokens)
+
+
+def test_compressed_context_holds_exactly_the_kept_slots(model, processor, generation_batch):
+    context = model.compress(**{k: v for k, v in generation_batch.items()})
+    ids, mask = generation_batch["input_ids"], generation_batch["attention_mask"]
+    layout = model.chorus_layout(ids, mask)
+    for row in range(ids.shape[0]):
+        real = ids[row][mask[row].bool()]
+        start = int(layout.chorus_start[row] - (ids.shape[1] - len(real)))
+        header_end = int(layout.span_start[row] - (ids.shape[1] - len(real)))
+        expected = torch.cat([real[:header_end], real[start:]])
+        kept = context.input_ids[row][context.attention_mask[row].bool()]
+        assert torch.equal(kept, expected)
+        assert model.config.image_token_id not in kept.tolist()
+        assert processor.tokenizer.decode(real[header_end - 2 : header_end]) == "user\n"
+    assert context.cache.get_seq_length() == context.input_ids.shape[1]
+    assert context.cache.get_seq_length() == int(context.attention_mask.sum(1).max())
+    assert context.cache.get_seq_length() < ids.shape[1] - 16, "the image and the input text must be gone"
+
+
+def tail_logits(model, batch, garbage: bool, compress: bool) -> torch.Tensor:
+    """Logits of the tokens after the chorus block, continuing from a cache whose compressed span may be garbage."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    layout = model.chorus_layout(ids, mask)
+    split = int(layout.chorus_end.max())
+    assert torch.all(layout.chorus_end == split), "needs rows whose chorus block ends at the same slot"
+    positions = model.compute_position_ids(ids, mask, batch["image_grid_thw"])
+    full_mask = model.build_compression_mask(ids, mask, compress, layout)
+    with torch.no_grad():
+        head = model.model(
+            input_ids=ids[:, :split],
+            attention_mask=full_mask[..., :split, :split],
+            position_ids=positions[..., :split],
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            use_cache=True,
+        )
+        span = layout.compressed_span(split)
+        if garbage:
+            generator = torch.Generator().manual_seed(0)
+            for layer in head.cache.layers:
+                for tensor in (layer.keys, layer.values):
+                    noise = torch.randn(tensor.shape, generator=generator) * 100
+                    tensor.copy_(torch.where(span[:, None, :, None], noise, tensor))
+        tail = model.model(
+            input_ids=ids[:, split:],
+            attention_mask=full_mask[..., split:, :],
+            position_ids=positions[..., split:],
+            cache=head.cache,
+        )
+    return model.lm_head(tail.last_hidden_state)
+
+
+def test_compressed_answer_depends_on_the_input_only_through_the_chorus(model, processor, images):
+    # Same question length, so the chorus blocks end at the same slot in both rows.
+    batch = processor.process_generation_inputs(questions=["What is shown?"] * 2, images=images, texts=["a cat", None])
+    clean = tail_logits(model, batch, garbage=False, compress=True)
+    dirty = tail_logits(model, batch, garbage=True, compress=True)
+    assert (clean - dirty).abs().max() == 0
+    native_clean = tail_logits(model, batch, garbage=False, compress=False)
+    native_dirty = tail_logits(model, batch, garbage=True, compress=False)
+    assert (native_clean - native_dirty).abs().max() > 1e-2
+
+
+def plain_copy(model: CREMForEmbeddingAndGeneration) -> Qwen2VLForConditionalGeneration:
+    """The plain Qwen2-VL class with the same weights."""
+    values = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+    from transformers import Qwen2VLConfig
+
+    config = Qwen2VLConfig(
+        **{k: v for k, v in values.items() if k in Qwen2VLConfig.__dataclass_fields__ or k.endswith("_config")}
+    )
+    config._attn_implementation = model.config._attn_implementation
+    plain = Qwen2VLForConditionalGeneration(config).eval()
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_native_generation_is_plain_qwen2vl(model, generation_batch, do_sample):
+    plain = plain_copy(model)
+    chorus = model.config.chorus_token_ids
+    torch.manual_seed(3)
+    ours = model.generate(**generation_batch, max_new_tokens=8, do_sample=do_sample)
+    torch.manual_seed(3)
+    theirs = plain.generate(**generation_batch, max_new_tokens=8, do_sample=do_sample, suppress_tokens=chorus)
+    assert torch.equal(ours, theirs)
+    torch.manual_seed(3)
+    unsuppressed = plain.generate(**generation_batch, max_new_tokens=8, do_sample=do_sample)
+    new = ours[:, generation_batch["input_ids"].shape[1] :]
+    assert not torch.isin(new, torch.tensor(chorus)).any()
+    if not torch.isin(unsuppressed, torch.tensor(chorus)).any():
+        assert torch.equal(ours, unsuppressed)
+
+
+def test_compressed_generation_never_emits_chorus_ids(model, generation_batch):
+    model.lm_head.weight.data[model.config.chorus_token_ids] += 50.0  # make chorus ids the model's favourites
+    try:
+        out = model.generate(**generation_batch, compress=True, max_new_tokens=4, do_sample=False)
+    finally:
+        model.lm_head.weight.data[model.config.chorus_token_ids] -= 50.0
+    new = out[:, generation_batch["input_ids"].shape[1] :]
+    assert not torch.isin(new, torch.tensor(model.config.chorus_token_ids)).any()
+
+
+def test_compressed_sampling_and_multiple_sequences(model, generation_batch):
+    torch.manual_seed(0)
+    out = model.generate(
+        **generation_batch, compress=True, max_new_tokens=4, do_sample=True, num_return_sequences=3, top_k=0
+    )
+    assert out.shape[0] == 6
+    assert torch.equal(
+        out[:3, : generation_batch["input_ids"].shape[1]], generation_batch["input_ids"][:1].expand(3, -1)
+    )
+    beams = model.generate(**generation_batch, compress=True, max_new_tokens=4, num_beams=2)
+    assert beams.shape[0] == 2
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+def test_embedding_is_unit_norm_mean_chorus_state(model, processor, images):
+    batch = processor.process_embedding_inputs(images=images, texts=["a cat", None])
+    embedding = model.get_embedding(**batch)
+    assert torch.allclose(embedding.norm(dim=-1), torch.ones(2), atol=1e-6)
+    with torch.no_grad():
+        full = Qwen2VLForConditionalGeneration.forward(model, **batch, output_hidden_states=True)
+    chorus = torch.isin(batch["input_ids"], torch.tensor(model.config.chorus_token_ids))
+    states = full.hidden_states[-1][chorus].view(2, model.config.num_chorus_tokens, -1).mean(1)
+    assert torch.allclose(embedding, torch.nn.functional.normalize(states, dim=-1), atol=1e-6)
+
+
+def test_embedding_is_independent_of_batch_and_padding(model, processor):
+    images = [random_image(56, 56, 5), random_image(112, 84, 6), None, random_image(84, 112, 7)]
+    texts = [None, "a red dog on a very long and winding road", "only text here", "a cat"]
+    batch = processor.process_embedding_inputs(images=images, texts=texts)
+    with torch.no_grad():
+        together = model.get_embedding(**batch)
+        for i, (image, text) in enumerate(zip(images, texts, strict=True)):
+            alone = model.get_embedding(**processor.process_embedding_inputs(images=[image], texts=[text]))
+            assert (alone[0] - together[i]).abs().max() <= 1e-5
+
+
+def test_embedding_ignores_tokens_after_the_chorus_and_skips_lm_head(model, processor, images):
+    embedding_inputs = processor.process_embedding_inputs(images=images[:1], texts=["a cat"])
+    generation_inputs = processor.process_generation_inputs(
+        questions=["A long question?"], images=images[:1], texts=["a cat"]
+    )
+    calls = []
+    hook = model.lm_head.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad():
+            a = model.get_embedding(**embedding_inputs)
+            b = model.get_embedding(**generation_inputs)
+    finally:
+        hook.remove()
+    assert calls == []
+    assert (a - b).abs().max() <= 1e-6
+
+
+def test_forward_returns_embeddings_and_sparse_lm_loss(model, processor, images):
+    batch = processor.process_generation_inputs(
+        questions=["What is it?", "And this?"], images=images, answers=["a cat", "two"]
+    )
+    with torch.no_grad():
+        out = model(**batch, compress=torch.tensor([True, False]), return_embeddings=True)
+        reference = model.get_embedding(**{k: v for k, v in batch.items() if k != "labels"})
+        compressed = model(**batch, compress=True)
+        native = model(**batch, compress=False)
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    assert out.logits.shape == (supervised, model.config.text_config.vocab_size)
+    assert torch.allclose(out.embeddings, reference, atol=1e-6)
+    # A mixed batch is the compressed row's loss and the native row's loss combined.
+    assert not torch.allclose(compressed.loss, native.loss)
+    full = Qwen2VLForConditionalGeneration.forward(model, **{k: v for k, v in batch.items() if k != "labels"})
+    labels = batch["labels"][:, 1:]
+    expected = torch.nn.functional.cross_entropy(full.logits[:, :-1][labels != -100], labels[labels != -100])
+    assert torch.allclose(native.loss, expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_chorus_block_is_refused(model, processor, images):
+    from crem_hf.tiny import make_tiny_qwen2vl_processor
+
+    plain = make_tiny_qwen2vl_processor(processor.tokenizer)
+    text = plain.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], tokenize=False
+    )
+    batch = plain(images=images[:1], text=[text], return_tensors="pt")
+    with pytest.raises(ValueError, match="chorus"):
+        model.get_embedding(**batch)
+    with pytest.raises(ValueError, match="chorus"):
+        model.generate(**batch, compress=True, max_new_tokens=2)
+
+
+def test_embedding_input_cannot_be_compressed_generation_input(model, processor, images):
+    batch = processor.process_embedding_inputs(images=images[:1])
+    with pytest.raises(ValueError, match="generation prompt after the chorus"):
+        model.generate(**batch, compress=True, max_new_tokens=2)
+
+
+def test_image_token_mismatch_is_refused(model, processor, images):
+    batch = processor.process_embedding_inputs(images=images)
+    with pytest.raises(ValueError, match="image tokens"):
+        model.get_embedding(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"][:16],
+            image_grid_thw=batch["image_grid_thw"][:1],
+        )
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model.get_embedding(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def test_flash_attention_cannot_compress(processor):
+    model = __import__("crem_hf.tiny", fromlist=["x"]).make_tiny_crem(processor)
+    model.config._attn_implementation = "flash_attention_2"
+    ids = torch.tensor([model.config.chorus_token_ids + [5]])
+    with pytest.raises(ValueError, match="4-D mask"):
+        model.build_compression_mask(ids)
