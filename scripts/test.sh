@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install (if needed) and run the test suite and the linter. Offline and CPU only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/install.sh
+ruff format --check src tests examples
+ruff check src tests examples
+python -m pytest -q "$@"
