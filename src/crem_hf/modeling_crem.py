@@ -104,23 +104,19 @@ class ChorusLayout:
         idx = torch.arange(length, device=self.chorus_start.device)
         return (idx >= self.span_start[:, None]) & (idx < self.chorus_start[:, None])
 
-    def chorus_mask(self, length: int) -> torch.BoolTensor:
-        """`(batch_size, length)` bool: True on the chorus tokens."""
-        idx = torch.arange(length, device=self.chorus_start.device)
-        return (idx >= self.chorus_start[:, None]) & (idx < self.chorus_end[:, None])
-
 
 @dataclass
 class CREMCompressedContext:
     """
-    A prompt compressed into its kept slots: the KV cache after a compressed prefill, pruned to the kept prefix, the
-    chorus block and the tail, left packed so every row ends at the same slot.
+    A prompt compressed into its kept slots: the kept prefix, the chorus block and the tail, left packed so that
+    every row ends at the same slot, at their original MRoPE positions. The image and the input text are gone.
 
     Args:
-        cache (`transformers.DynamicCache`): keys/values of shape `(batch_size, kv_heads, num_slots, head_dim)`.
+        cache (`transformers.DynamicCache`): keys/values `(batch_size, kv_heads, cached_slots, head_dim)` of the first
+            `cached_slots` slots (all of them, or all but the last when `generate` is to run the last one itself).
         input_ids (`torch.LongTensor` of shape `(batch_size, num_slots)`): token ids of the kept slots.
         attention_mask (`torch.LongTensor` of shape `(batch_size, num_slots)`): 1 on kept slots, 0 on packing pads.
-        position_ids (`torch.LongTensor` of shape `(3, batch_size, num_slots)`): the original MRoPE positions.
+        position_ids (`torch.LongTensor` of shape `(3, batch_size, num_slots)`): the slots' original positions.
     """
 
     cache: DynamicCache
@@ -242,7 +238,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             raise ValueError(
                 "input_ids of shape (batch_size, sequence_length) are required to locate the chorus block."
             )
-        batch, length = input_ids.shape
+        length = input_ids.shape[1]
         n = len(chorus_ids)
         chorus = torch.tensor(chorus_ids, device=input_ids.device)
         is_chorus = torch.isin(input_ids, chorus)

@@ -1,7 +1,7 @@
 """Processor of CREM: Qwen2-VL's processor plus the chorus tokens and the compression prompt.
 
-Part of the Hub remote-code set: imports only ``torch``, ``transformers`` (with its PIL dependency) and nothing
-else of ``crem_hf``.
+Part of the Hub remote-code set: imports only ``torch`` and ``transformers`` (and PIL, which Qwen2-VL's image
+processor needs anyway), nothing else of ``crem_hf``.
 
 The prompt (one place builds it: [`CREMProcessor.build_prompt`])::
 
@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature, Qwen2VLProcessor
@@ -42,7 +41,7 @@ DEFAULT_IMAGE_INSTRUCTION = "Represent the given image."
 #: Template of the chorus token strings; `{}` is the slot index.
 CHORUS_TOKEN_TEMPLATE = "<|chorus_{}|>"
 IGNORE_INDEX = -100
-ImageLike = Image.Image | str | os.PathLike | np.ndarray
+ImageLike = Image.Image | str | os.PathLike  # or an (H, W[, C]) uint8 array
 
 
 def chorus_token_strings(num_chorus_tokens: int) -> list[str]:
@@ -206,8 +205,8 @@ class CREMProcessor(Qwen2VLProcessor):
                         image = opened.convert("RGB")
                 except (UnidentifiedImageError, OSError, SyntaxError) as error:
                     raise ValueError(f"{where}: cannot read image file {path}: {error}") from error
-        elif isinstance(image, np.ndarray):
-            if image.ndim not in (2, 3) or image.dtype != np.uint8:
+        elif hasattr(image, "__array_interface__") and not isinstance(image, Image.Image):
+            if image.ndim not in (2, 3) or str(image.dtype) != "uint8":
                 raise ValueError(f"{where}: an array image must be uint8 of shape (H, W) or (H, W, C).")
             image = Image.fromarray(image)
         elif not isinstance(image, Image.Image):
@@ -490,7 +489,7 @@ class CREMProcessor(Qwen2VLProcessor):
     def _aligned(images, texts, size: int | None = None) -> tuple[list, list]:
         if images is None and texts is None and size is None:
             raise ValueError("Give images, texts or both.")
-        if isinstance(texts, str) or isinstance(images, (str, Image.Image, np.ndarray)):
+        if isinstance(texts, str) or isinstance(images, (str, Image.Image)) or hasattr(images, "__array_interface__"):
             raise TypeError("images and texts are per-sample lists; wrap a single input in a list.")
         size = size if size is not None else len(images if images is not None else texts)
         images = list(images) if images is not None else [None] * size
