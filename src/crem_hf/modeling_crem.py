@@ -392,29 +392,14 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         Returns:
             `torch.FloatTensor` of shape `(batch_size, hidden_size)`.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        self._check_images(input_ids, pixel_values, image_grid_thw)
-        layout = self.chorus_layout(input_ids, attention_mask)
-        position_ids = self.compute_position_ids(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
-        # Nothing after the chorus block can reach it, so the tail is not computed (unless it holds image tokens,
-        # whose features must stay aligned with pixel_values).
-        stop = int(layout.chorus_end.max())
-        if not (input_ids[:, stop:] == self.config.image_token_id).any():
-            input_ids, attention_mask, position_ids = (
-                input_ids[:, :stop],
-                attention_mask[:, :stop],
-                position_ids[..., :stop],
-            )
-        hidden = self.model(
+        return self(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
-            use_cache=False,
-        ).last_hidden_state
-        return self.pool_chorus(hidden, layout)
+            mm_token_type_ids=mm_token_type_ids,
+            return_embeddings=True,
+        ).embeddings
 
     # ------------------------------------------------------------------ forward
 
@@ -447,7 +432,8 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
                 (the rows need the chorus block). `None` or `False`: plain causal attention.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Next-token targets (-100 = no loss). Logits are computed only at supervised positions.
-            return_embeddings (`bool`): also return the pooled chorus embedding (`embeddings`).
+            return_embeddings (`bool`): return the pooled chorus embedding (`embeddings`). Without `labels` this is the
+                embedding path of `get_embedding`: it stops at the chorus block and computes no logits.
             num_items_in_batch: divide the summed token loss by this count (gradient accumulation) instead of the
                 number of supervised tokens.
             Other arguments: as `Qwen2VLForConditionalGeneration.forward`.
@@ -486,10 +472,20 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         if attention_mask.ndim != 2:
             raise ValueError("attention_mask must be the 2-D padding mask; the 4-D mask is built from `compress`.")
         self._check_images(input_ids, pixel_values, image_grid_thw)
-        compressing = compress is not None and bool(torch.as_tensor(compress).any())
+        use_cache = bool(use_cache)  # no cache unless asked: this path serves training and embedding
+        embedding_only = return_embeddings and labels is None and not use_cache
+        # The chorus rows are causal, so the embedding is the same under any mask: no 4-D mask is needed for it.
+        compressing = not embedding_only and compress is not None and bool(torch.as_tensor(compress).any())
         layout = self.chorus_layout(input_ids, attention_mask) if compressing or return_embeddings else None
         if position_ids is None:
             position_ids = self.compute_position_ids(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+        if embedding_only:
+            # Nothing after the chorus block can reach it, so the tail is not computed (unless it holds image
+            # tokens, whose features must stay aligned with pixel_values).
+            stop = int(layout.chorus_end.max())
+            if not (input_ids[:, stop:] == self.config.image_token_id).any():
+                input_ids, attention_mask = input_ids[:, :stop], attention_mask[:, :stop]
+                position_ids = position_ids[..., :stop]
         mask = (
             self.build_compression_mask(input_ids, attention_mask, compress, layout) if compressing else attention_mask
         )
@@ -506,9 +502,10 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         )
         hidden = outputs.last_hidden_state
         loss = None
+        logits = None
         if labels is not None:
             logits, loss = self._supervised_logits_and_loss(hidden, labels, num_items_in_batch)
-        else:
+        elif not embedding_only:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep])
         return CREMOutput(
