@@ -26,3 +26,93 @@ def outputs_of(model, processor) -> dict[str, list]:
                 **generation_inputs, compress=True, max_new_tokens=5, do_sample=False
             ).tolist(),
         }
+
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 190, 60),
+    "blue": (40, 60, 220),
+    "yellow": (230, 220, 40),
+    "purple": (150, 40, 180),
+    "orange": (240, 140, 20),
+}
+
+
+def colour_image(name: str, seed: int, size: int = 56) -> Image.Image:
+    """A square of one colour with a little noise, so that no two images are identical."""
+    rng = np.random.default_rng(seed)
+    pixels = np.array(COLOURS[name], dtype=np.int16)[None, None] + rng.integers(-20, 21, (size, size, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def write_colour_data(folder, copies: int = 4) -> dict[str, str]:
+    """
+    Tiny real-format training data about coloured squares, written under `folder`: MMEB-train retrieval pairs
+    (image -> colour name) as jsonl, LLaVA conversations (image + question -> colour name) as json, and the images.
+    """
+    import json
+    import os
+
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    pairs, conversations = [], []
+    for i in range(copies):
+        for name in COLOURS:
+            relative = f"images/{name}_{i}.png"
+            colour_image(name, seed=i * 100 + len(pairs)).save(os.path.join(folder, relative))
+            pairs.append(
+                {
+                    "qry": "<|image_1|>\nRepresent the given image for classification.",
+                    "qry_image_path": relative,
+                    "pos_text": name,
+                    "pos_image_path": "",
+                    "neg_text": "",
+                    "neg_image_path": "",
+                }
+            )
+            conversations.append(
+                {
+                    "id": f"{name}-{i}",
+                    "image": relative,
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat colour is it?"},
+                        {"from": "gpt", "value": name},
+                    ],
+                }
+            )
+    retrieval = os.path.join(folder, "retrieval.jsonl")
+    with open(retrieval, "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in pairs)
+    generation = os.path.join(folder, "conversations.json")
+    with open(generation, "w") as handle:
+        json.dump(conversations, handle)
+    return {"retrieval": retrieval, "generation": generation, "image_root": os.fspath(folder)}
+
+
+def mixed_batch(processor, rows, generation_rows, compress) -> dict:
+    """
+    One CREMTrainer step's inputs over the given rows of a fixed six-colour set: image queries, text targets and
+    one hard negative each (keys mark duplicates), and conversations with the given compress flags.
+    """
+    names = list(COLOURS)
+    rows, generation_rows = list(rows), list(generation_rows)
+    images = [colour_image(name, seed=i) for i, name in enumerate(names)]
+    negatives = [(i + 1) % len(names) for i in rows]
+    conversations = [
+        [
+            {"role": "user", "content": [{"type": "image", "image": images[i]}, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": names[i]},
+        ]
+        for i in generation_rows
+    ]
+    generation = dict(processor.process_chat(conversations, return_labels=True))
+    generation["compress"] = torch.tensor(list(compress))
+    return {
+        "retrieval": {
+            "query": dict(processor.process_embedding_inputs(images=[images[i] for i in rows])),
+            "target": dict(processor.process_embedding_inputs(texts=[names[i] for i in rows])),
+            "negative": dict(processor.process_embedding_inputs(texts=[names[i] for i in negatives])),
+            "target_keys": torch.tensor(rows),
+            "negative_keys": torch.tensor(negatives),
+        },
+        "generation": generation,
+    }

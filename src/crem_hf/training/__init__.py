@@ -1,0 +1,24 @@
+"""CREM training: data readers, collator, losses, LoRA and the Trainer (`pip install crem-hf[train]`)."""
+
+from .collator import CREMCollator, content_key
+from .data import MixedStepDataset, SkipReport, load_conversations, load_retrieval_pairs, read_rows
+from .lora import LORA_TARGET_MODULES, apply_lora
+from .losses import ContrastiveOutput, InfoNCELoss
+from .trainer import CREMTrainer, CREMTrainingArguments, split_embedding_batch
+
+__all__ = [
+    "LORA_TARGET_MODULES",
+    "ContrastiveOutput",
+    "CREMCollator",
+    "CREMTrainer",
+    "CREMTrainingArguments",
+    "InfoNCELoss",
+    "MixedStepDataset",
+    "SkipReport",
+    "apply_lora",
+    "content_key",
+    "load_conversations",
+    "load_retrieval_pairs",
+    "read_rows",
+    "split_embedding_batch",
+]

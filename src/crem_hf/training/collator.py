@@ -1,0 +1,100 @@
+"""Turns one step's rows into model inputs, through the processor only."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from ..processing_crem import CREMProcessor
+
+__all__ = ["CREMCollator", "content_key"]
+
+# Keeps the per-step seeds of the compress draws apart from each other.
+_SEED_STRIDE = 1_000_003
+
+
+def content_key(text: str, image: str) -> int:
+    """A stable int64 key of one target's content (the same on every process, unlike `hash`)."""
+    digest = hashlib.blake2b(f"{image}\x00{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+class CREMCollator:
+    """
+    Collates one [`MixedStepDataset`] item into
+    `{"retrieval": {"query", "target", "negative", "target_keys", "negative_keys"}, "generation": {...}}`.
+
+    Each conversation of the generation part is compressed with probability `compress_probability`, drawn from a
+    generator seeded by `(seed, step)`, so a resumed run draws the same flags as an uninterrupted one.
+
+    Args:
+        processor: the `CREMProcessor` (builds every prompt).
+        compress_probability: p, the chance that a generation sample is trained compressed (the paper's 0.5).
+        seed: seed of the compress draws.
+    """
+
+    def __init__(self, processor: CREMProcessor, compress_probability: float = 0.5, seed: int = 0):
+        if not 0.0 <= compress_probability <= 1.0:
+            raise ValueError(f"compress_probability must be in [0, 1], got {compress_probability}.")
+        self.processor = processor
+        self.compress_probability = compress_probability
+        self.seed = seed
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if len(items) != 1:
+            raise ValueError(
+                f"Got {len(items)} items per batch: one MixedStepDataset item is a whole step, so train with "
+                "per_device_train_batch_size=1 and set retrieval_batch_size / generation_batch_size instead."
+            )
+        item = items[0]
+        batch: dict[str, Any] = {}
+        if "retrieval" in item:
+            batch["retrieval"] = self.retrieval_batch(item["retrieval"])
+        if "generation" in item:
+            batch["generation"] = self.generation_batch(item["generation"], step=item["step"])
+        return batch
+
+    def _embedding_inputs(self, texts: list[str], images: list[str]) -> dict[str, torch.Tensor]:
+        batch = self.processor.process_embedding_inputs(
+            images=[image or None for image in images], texts=[text or None for text in texts]
+        )
+        return dict(batch)
+
+    def retrieval_batch(self, rows: dict[str, list]) -> dict[str, Any]:
+        """Queries, positive targets and (flattened) hard negatives, with content keys for deduplication."""
+        batch = {
+            "query": self._embedding_inputs(rows["query_text"], rows["query_image"]),
+            "target": self._embedding_inputs(rows["pos_text"], rows["pos_image"]),
+            "target_keys": torch.tensor(
+                [content_key(t, i) for t, i in zip(rows["pos_text"], rows["pos_image"], strict=True)]
+            ),
+        }
+        neg_texts = [t for texts in rows["neg_texts"] for t in texts]
+        neg_images = [i for images in rows["neg_images"] for i in images]
+        if neg_texts:
+            batch["negative"] = self._embedding_inputs(neg_texts, neg_images)
+            batch["negative_keys"] = torch.tensor(
+                [content_key(t, i) for t, i in zip(neg_texts, neg_images, strict=True)]
+            )
+        return batch
+
+    def compress_flags(self, size: int, step: int) -> torch.Tensor:
+        """`(size,)` bool: which samples of this step train compressed (Bernoulli(p), reproducible per step)."""
+        generator = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + step)
+        return torch.rand(size, generator=generator) < self.compress_probability
+
+    def generation_batch(self, rows: dict[str, list], step: int) -> dict[str, Any]:
+        """Conversations with labels on every answer, and the per-sample compress flags."""
+        conversations = []
+        for image, turns in zip(rows["image"], rows["turns"], strict=True):
+            first = [{"type": "image", "image": image}, {"type": "text", "text": turns[0]}]
+            messages = [{"role": "user", "content": first}]
+            messages += [
+                {"role": "assistant" if i % 2 else "user", "content": text} for i, text in enumerate(turns[1:], 1)
+            ]
+            conversations.append(messages)
+        batch = dict(self.processor.process_chat(conversations, return_labels=True))
+        batch["compress"] = self.compress_flags(len(conversations), step)
+        return batch

@@ -1,0 +1,90 @@
+"""Loss modules of CREM training. The LM loss lives in the model (`labels=`): it computes logits at labelled
+positions only."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import all_gather_no_grad, all_gather_with_grad, rank
+
+__all__ = ["InfoNCELoss", "ContrastiveOutput"]
+
+
+class ContrastiveOutput(NamedTuple):
+    """The mean InfoNCE loss `()` and the fraction of queries whose best-scoring target is their positive `()`."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+
+
+class InfoNCELoss(nn.Module):
+    """
+    One-way (query -> target) InfoNCE over cosine similarities divided by a temperature.
+
+    Each query is scored against every target: its own positive, the other queries' positives of the whole global
+    batch (gathered across processes with an autograd-aware all-gather) and optional hard negatives. A target whose
+    key equals the key of the query's positive (the same text or image, as when classification data repeats label
+    texts within a batch) is not counted as a negative.
+
+    Args:
+        temperature: softmax temperature (the paper's 0.02); must be > 0.
+    """
+
+    def __init__(self, temperature: float = 0.02):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.temperature = temperature
+
+    def scores(
+        self,
+        queries: torch.Tensor,
+        targets: torch.Tensor,
+        positive_index: torch.Tensor,
+        target_keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Masked logits `(num_queries, num_targets)` for queries `(num_queries, dim)` against targets
+        `(num_targets, dim)`; `positive_index` `(num_queries,)` names each query's positive, `target_keys`
+        `(num_targets,)` identifies duplicate targets.
+        """
+        logits = queries @ targets.T / self.temperature
+        if target_keys is not None:
+            duplicate = target_keys[None, :] == target_keys[positive_index][:, None]
+            duplicate[torch.arange(len(positive_index), device=logits.device), positive_index] = False
+            logits = logits.masked_fill(duplicate, torch.finfo(logits.dtype).min)
+        return logits
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        positives: torch.Tensor,
+        negatives: torch.Tensor | None = None,
+        positive_keys: torch.Tensor | None = None,
+        negative_keys: torch.Tensor | None = None,
+    ) -> ContrastiveOutput:
+        """
+        Args:
+            queries: `(batch_size, dim)` this process's query embeddings.
+            positives: `(batch_size, dim)` this process's positive targets (row i belongs to query i).
+            negatives: `(num_negatives, dim)` this process's hard negatives, optional.
+            positive_keys, negative_keys: `(batch_size,)` / `(num_negatives,)` int64 content keys, optional.
+        Returns:
+            [`ContrastiveOutput`]: the mean loss over this process's queries and the in-batch accuracy.
+        """
+        targets = all_gather_with_grad(positives)
+        keys = all_gather_no_grad(positive_keys) if positive_keys is not None else None
+        if negatives is not None and negatives.shape[0] > 0:
+            targets = torch.cat([targets, all_gather_with_grad(negatives)], dim=0)
+            if keys is not None:
+                keys = torch.cat([keys, all_gather_no_grad(negative_keys)], dim=0)
+        # This process's positives sit at its rank's offset in the gathered targets.
+        positive_index = rank() * queries.shape[0] + torch.arange(queries.shape[0], device=queries.device)
+        logits = self.scores(queries, targets, positive_index, keys)
+        loss = F.cross_entropy(logits, positive_index)
+        accuracy = (logits.argmax(-1) == positive_index).float().mean().detach()
+        return ContrastiveOutput(loss, accuracy)

@@ -1,0 +1,247 @@
+"""CREMTrainer: the mixed contrastive + stochastic compressed-LM objective, with a gradient cache."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .distributed import all_reduce_sum, world_size
+from .losses import InfoNCELoss
+
+__all__ = ["CREMTrainer", "CREMTrainingArguments", "split_embedding_batch"]
+
+
+@dataclass
+class CREMTrainingArguments(TrainingArguments):
+    """
+    `TrainingArguments` with CREM's objective. Defaults follow the paper's Table 1 (lr 5e-5, cosine, 100 warm-up
+    steps, 2000 steps; global batches 1024 retrieval / 128 generation = 128 / 16 per process on 8 GPUs).
+
+    One dataset item is one whole step (see `MixedStepDataset`), so `per_device_train_batch_size` stays 1 and the
+    batch sizes are set per part.
+    """
+
+    retrieval_batch_size: int = field(default=128, metadata={"help": "Retrieval pairs per step and process."})
+    generation_batch_size: int = field(default=16, metadata={"help": "Conversations per step and process."})
+    gc_chunk_size: int | None = field(
+        default=8,
+        metadata={"help": "Gradient-cache chunk size (embeddings per forward); None embeds the batch in one go."},
+    )
+    temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature."})
+    alpha_r: float = field(default=1.0, metadata={"help": "Weight of the contrastive loss."})
+    alpha_g: float = field(default=0.5, metadata={"help": "Weight of the LM loss."})
+    compress_probability: float = field(default=0.5, metadata={"help": "p: chance a generation sample is compressed."})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Steps per item: keep 1."})
+    learning_rate: float = 5e-5
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 100
+    max_steps: int = 2000
+    remove_unused_columns: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if not 0.0 <= self.compress_probability <= 1.0:
+            raise ValueError(f"compress_probability must be in [0, 1], got {self.compress_probability}.")
+        if self.gc_chunk_size is not None and self.gc_chunk_size <= 0:
+            raise ValueError(
+                f"gc_chunk_size must be > 0 (or None to turn the gradient cache off), got {self.gc_chunk_size}."
+            )
+        if self.alpha_r < 0 or self.alpha_g < 0 or self.alpha_r + self.alpha_g == 0:
+            raise ValueError(f"alpha_r and alpha_g must be >= 0 and not both 0, got {self.alpha_r}, {self.alpha_g}.")
+        if self.retrieval_batch_size < 0 or self.generation_batch_size < 0:
+            raise ValueError("retrieval_batch_size and generation_batch_size must be >= 0.")
+        if self.per_device_train_batch_size != 1:
+            raise ValueError(
+                "per_device_train_batch_size must be 1 (one item is a whole step); set retrieval_batch_size and "
+                "generation_batch_size instead."
+            )
+
+
+def split_embedding_batch(batch: dict[str, torch.Tensor], chunk_size: int, vision_start_id: int) -> list[dict]:
+    """
+    Split processor embedding inputs into chunks of `chunk_size` rows, with each chunk's `pixel_values` /
+    `image_grid_thw` (rows may hold any number of images) and its left padding trimmed.
+    """
+    input_ids = batch["input_ids"]
+    images_per_row = (input_ids == vision_start_id).sum(1).tolist()
+    grid = batch.get("image_grid_thw")
+    patches = grid.prod(-1).tolist() if grid is not None else []
+    chunks, image_start, patch_start = [], 0, 0
+    for start in range(0, input_ids.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        num_images = sum(images_per_row[rows])
+        num_patches = sum(patches[image_start : image_start + num_images])
+        mask = batch["attention_mask"][rows]
+        first = int(mask.any(0).float().argmax())  # first column holding a real token of some row
+        chunk = {
+            key: batch[key][rows, first:]
+            for key in ("input_ids", "attention_mask", "mm_token_type_ids")
+            if key in batch
+        }
+        if num_images:
+            chunk["pixel_values"] = batch["pixel_values"][patch_start : patch_start + num_patches]
+            chunk["image_grid_thw"] = grid[image_start : image_start + num_images]
+        chunks.append(chunk)
+        image_start, patch_start = image_start + num_images, patch_start + num_patches
+    return chunks
+
+
+class _RandomState:
+    """The CPU (and CUDA) random state, so a chunk's re-forward draws the same dropout as its first forward."""
+
+    def __init__(self):
+        self.cpu = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    @contextlib.contextmanager
+    def restored(self):
+        cpu, cuda = torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if self.cuda is not None else None
+        torch.random.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        try:
+            yield
+        finally:
+            torch.random.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+
+
+class CREMTrainer(Trainer):
+    """
+    Trains CREM: each step combines a retrieval batch and a generation batch,
+    `loss = alpha_r * InfoNCE + alpha_g * LM`, where each generation sample is compressed with probability p (the
+    collator's flags). Both parts, the in-batch retrieval accuracy and the compressed fraction are logged.
+
+    With `gc_chunk_size`, the retrieval part runs through a gradient cache: every embedding is first computed in
+    chunks without a graph, the loss and its gradient with respect to the embeddings are computed on the whole
+    (global) batch, then each chunk is re-run with a graph and back-propagated with that gradient. Memory is that of
+    one chunk; the gradient equals the full-batch gradient. Negatives come from all processes.
+    """
+
+    # compute_loss returns a per-step mean; the Trainer divides it by the accumulation steps (so do the cache's
+    # internal backward passes).
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, CREMTrainingArguments):
+            raise TypeError("CREMTrainer needs CREMTrainingArguments.")
+        if self.args.n_gpu > 1:
+            raise ValueError("CREMTrainer does not support DataParallel; launch one process per GPU with torchrun.")
+        self.contrastive = InfoNCELoss(self.args.temperature)
+        self._metric_sums: dict[str, float] = defaultdict(float)
+        self._metric_steps = 0
+
+    # ------------------------------------------------------------------ loss
+
+    @staticmethod
+    def _embed(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**inputs, return_embeddings=True).embeddings
+
+    def _vision_start_id(self, model) -> int:
+        return self.accelerator.unwrap_model(model).config.vision_start_token_id
+
+    def _retrieval(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[Callable]]:
+        """
+        Returns `(loss, accuracy, terms)`: the contrastive loss (with a graph unless the gradient cache ran), and
+        the gradient-cache terms still to back-propagate (callables returning a scalar with a graph).
+        """
+        sides = [s for s in ("query", "target", "negative") if s in batch]
+        keys = {"positive_keys": batch.get("target_keys"), "negative_keys": batch.get("negative_keys")}
+        chunk_size = self.args.gc_chunk_size
+        largest = max(batch[s]["input_ids"].shape[0] for s in sides)
+        if chunk_size is None or chunk_size >= largest:
+            embeddings = {s: self._embed(model, batch[s]) for s in sides}
+            out = self.contrastive(embeddings["query"], embeddings["target"], embeddings.get("negative"), **keys)
+            return out.loss, out.accuracy, []
+        vision_start = self._vision_start_id(model)
+        chunks, states, cached = {}, {}, {}
+        with torch.no_grad():
+            for side in sides:
+                chunks[side] = split_embedding_batch(batch[side], chunk_size, vision_start)
+                states[side] = []
+                reps = []
+                for chunk in chunks[side]:
+                    states[side].append(_RandomState())
+                    reps.append(self._embed(model, chunk))
+                cached[side] = torch.cat(reps).detach().requires_grad_()
+        out = self.contrastive(cached["query"], cached["target"], cached.get("negative"), **keys)
+        # Gradient of the loss with respect to every embedding: no parameters are involved yet.
+        out.loss.backward()
+        terms = []
+        for side in sides:
+            gradients = cached[side].grad.split([c["input_ids"].shape[0] for c in chunks[side]])
+            for chunk, state, gradient in zip(chunks[side], states[side], gradients, strict=True):
+                terms.append(self._cached_term(model, chunk, state, gradient))
+        return out.loss.detach(), out.accuracy, terms
+
+    def _cached_term(self, model, chunk: dict, state: _RandomState, gradient: torch.Tensor) -> Callable:
+        def term() -> torch.Tensor:
+            with state.restored():
+                return (self._embed(model, chunk) * gradient).sum()
+
+        return term
+
+    def _generation(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        """The LM loss: token mean over the answer tokens of the whole (global) generation batch."""
+        batch = dict(batch)
+        compress = batch.pop("compress")
+        supervised = (batch["labels"][:, 1:] != -100).sum()
+        # Normalise by the global token count, scaled so that DDP's mean over processes gives the global mean.
+        denominator = all_reduce_sum(supervised).clamp(min=1) / world_size()
+        out = model(**batch, compress=compress, num_items_in_batch=denominator)
+        self._record("compressed_fraction", compress.float().mean())
+        return out.loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        value = torch.zeros((), device=args.device)  # the objective's value, for the log
+        graph = torch.zeros((), device=args.device)  # what the Trainer's backward still has to cover
+        if "retrieval" in inputs and args.alpha_r > 0:
+            loss, accuracy, cache_terms = self._retrieval(model, inputs["retrieval"])
+            self._record("contrastive_loss", loss)
+            self._record("retrieval_accuracy", accuracy)
+            value = value + args.alpha_r * loss.detach()
+            if not cache_terms:
+                graph = graph + args.alpha_r * loss
+            # All cache terms but the last are back-propagated here without gradient synchronisation; the last one
+            # joins the returned loss, whose backward (by the Trainer) synchronises everything accumulated.
+            scale = args.alpha_r / self.current_gradient_accumulation_steps
+            for term in cache_terms[:-1]:
+                with self.accelerator.no_sync(model):
+                    self.accelerator.backward(term() * scale)
+            if cache_terms:
+                graph = graph + args.alpha_r * cache_terms[-1]()
+        if "generation" in inputs and args.alpha_g > 0:
+            lm_loss = self._generation(model, inputs["generation"])
+            self._record("lm_loss", lm_loss)
+            value = value + args.alpha_g * lm_loss.detach()
+            graph = graph + args.alpha_g * lm_loss
+        if not graph.requires_grad:
+            raise ValueError("The batch has neither a retrieval nor a generation part with a weight > 0.")
+        self._metric_steps += 1
+        loss = graph + (value - graph.detach())  # the objective's value, carrying the remaining graph
+        return (loss, None) if return_outputs else loss
+
+    # ------------------------------------------------------------------ logging
+
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        self._metric_sums[name] += float(value.detach())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._metric_steps:
+            for name, total in self._metric_sums.items():
+                mean = torch.tensor(total / self._metric_steps, device=self.args.device)
+                logs[name] = round(float(self.accelerator.reduce(mean, reduction="mean")), 6)
+            self._metric_sums.clear()
+            self._metric_steps = 0
+        super().log(logs, start_time)

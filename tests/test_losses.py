@@ -1,0 +1,78 @@
+"""Loss modules against closed-form values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from crem_hf.training import InfoNCELoss
+from crem_hf.training import losses as losses_module
+
+
+def test_identical_embeddings_give_log_batch_size():
+    loss = InfoNCELoss(temperature=0.02)
+    same = torch.nn.functional.normalize(torch.ones(5, 8), dim=-1)
+    assert loss(same, same).loss.item() == pytest.approx(math.log(5), abs=1e-6)
+    negatives = same[:3]
+    assert loss(same, same, negatives).loss.item() == pytest.approx(math.log(8), abs=1e-6)
+
+
+def test_two_orthogonal_pairs_closed_form():
+    loss = InfoNCELoss(temperature=1.0)
+    eye = torch.eye(2)
+    out = loss(eye, eye)
+    assert out.loss.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
+    assert out.accuracy.item() == 1.0
+    swapped = loss(eye, eye.flip(0))
+    assert swapped.loss.item() == pytest.approx(math.log(1 + math.exp(1)), abs=1e-6)
+    assert swapped.accuracy.item() == 0.0
+
+
+def test_duplicate_targets_are_not_negatives():
+    loss = InfoNCELoss(temperature=0.02)
+    same = torch.nn.functional.normalize(torch.ones(3, 4), dim=-1)
+    keys = torch.tensor([7, 7, 9])  # rows 0 and 1 share a label text
+    value = loss(same, same, positive_keys=keys).loss.item()
+    assert value == pytest.approx((math.log(2) + math.log(2) + math.log(3)) / 3, abs=1e-6)
+    negative_keys = torch.tensor([9])  # a hard negative equal to row 2's positive is not its negative either
+    value = loss(same, same, same[:1], positive_keys=keys, negative_keys=negative_keys).loss.item()
+    assert value == pytest.approx((math.log(3) + math.log(3) + math.log(3)) / 3, abs=1e-6)
+
+
+def test_rank_offset_points_at_this_process_positives(monkeypatch):
+    """As rank 1 of 2: the gathered targets hold rank 0's positives first."""
+    other = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    monkeypatch.setattr(losses_module, "rank", lambda: 1)
+    monkeypatch.setattr(losses_module, "all_gather_with_grad", lambda t: torch.cat([other, t]))
+    mine = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    loss = InfoNCELoss(temperature=1.0)
+    out = loss(mine, mine)
+    # Logits [0, 0, 1, 1] with the positive at offset 2 + i: -log(e / (2 + 2e)).
+    expected = -math.log(math.e / (2 * math.e + 2))
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_temperature_must_be_positive():
+    with pytest.raises(ValueError, match="temperature"):
+        InfoNCELoss(temperature=0.0)
+
+
+def test_lm_loss_counts_only_labelled_tokens(model, processor, images):
+    batch = processor.process_generation_inputs(questions=["Q?", "Q?"], images=images, answers=["a cat", "seven"])
+    with torch.no_grad():
+        logits = torch.nn.functional.log_softmax(
+            super(type(model), model).forward(**{k: v for k, v in batch.items() if k != "labels"}).logits, -1
+        )
+        targets = batch["labels"][:, 1:]
+        picked = logits[:, :-1].gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        expected = -(picked * (targets != -100)).sum() / (targets != -100).sum()
+        assert model(**batch, compress=False).loss.item() == pytest.approx(expected.item(), abs=1e-5)
+        only_first = batch["labels"].clone()
+        only_first[1] = -100
+        expected_first = -(picked[0] * (targets[0] != -100)).sum() / (targets[0] != -100).sum()
+        loss_first = model(**{**batch, "labels": only_first}, compress=False).loss
+        assert loss_first.item() == pytest.approx(expected_first.item(), abs=1e-5)
+        nothing = torch.full_like(batch["labels"], -100)
+        assert model(**{**batch, "labels": nothing}, compress=False).loss.item() == 0.0

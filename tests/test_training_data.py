@@ -1,0 +1,154 @@
+"""Training data: readers with counted bad rows, the step dataset and the collator's compress flags."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from helpers import colour_image, write_colour_data
+
+from crem_hf.training import CREMCollator, MixedStepDataset, content_key, load_conversations, load_retrieval_pairs
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_colour_data(tmp_path, copies=2)
+
+
+def append_jsonl(path, rows):
+    with open(path, "a") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def test_retrieval_reader_maps_placeholder_and_counts_bad_rows(data, tmp_path, caplog):
+    (tmp_path / "corrupt.png").write_bytes(b"no image here")
+    good = {"qry": "<|image_1|>\nRepresent it.", "qry_image_path": "images/red_0.png", "pos_text": "red"}
+    append_jsonl(
+        data["retrieval"],
+        [
+            {**good, "qry_image_path": "images/missing.png"},
+            {**good, "qry_image_path": "corrupt.png"},
+            {**good, "pos_text": "   "},
+            {**good, "qry": "<|image_2|> two images?"},
+            {**good, "neg_text": ["a", "b"], "neg_image_path": ["images/red_0.png"]},
+            {**good, "qry": "no placeholder"},
+            {**good, "neg_text": ["blue"], "neg_image_path": [""]},
+        ],
+    )
+    with caplog.at_level(logging.WARNING):
+        rows, report = load_retrieval_pairs(data["retrieval"], image_root=data["image_root"])
+    assert report.total == 19 and report.kept == 13
+    assert report.skipped == {
+        "missing image": 1,
+        "unreadable image": 1,
+        "empty text": 1,
+        "unknown image placeholder": 1,
+        "uneven negative lists": 1,
+        "image without placeholder": 1,
+    }
+    assert "kept 13 of 19" in caplog.text
+    first = rows[0]
+    assert first["query_text"] == "Represent the given image for classification."
+    assert first["query_image"].startswith(data["image_root"]) and first["pos_image"] == ""
+    assert rows[-1]["neg_texts"] == ["blue"]
+    with pytest.raises(ValueError, match="kept 13 of 19"):
+        load_retrieval_pairs(data["retrieval"], image_root=data["image_root"], on_bad_row="raise")
+
+
+def test_conversation_reader_counts_bad_rows(data):
+    with open(data["generation"]) as handle:
+        rows = json.load(handle)
+    good = rows[0]
+    human, gpt = good["conversations"]
+    rows += [
+        {"image": None, "conversations": [human, gpt]},
+        {"image": good["image"], "conversations": [human, {"from": "gpt", "value": " "}]},
+        {"image": good["image"], "conversations": [human]},
+        {"image": good["image"], "conversations": [human, gpt, {"from": "human", "value": "<image> again"}, gpt]},
+        {"image": good["image"], "conversations": [gpt, human]},
+        {"image": good["image"], "conversations": [human, gpt, {"from": "human", "value": "And?"}, gpt]},
+    ]
+    with open(data["generation"], "w") as handle:
+        json.dump(rows, handle)
+    kept, report = load_conversations(data["generation"], image_root=data["image_root"])
+    assert report.kept == 13 and len(kept) == 13
+    assert report.skipped == {
+        "conversation without an image": 1,
+        "empty answer": 1,
+        "no answer": 1,
+        "image placeholder after the first turn": 1,
+        "turns out of order": 1,
+    }
+    assert kept[-1]["turns"] == ["What colour is it?", "red", "And?", "red"]
+
+
+def test_mixed_step_dataset_gives_each_step_its_rows(data):
+    retrieval, _ = load_retrieval_pairs(data["retrieval"], image_root=data["image_root"])
+    generation, _ = load_conversations(data["generation"], image_root=data["image_root"])
+    steps = MixedStepDataset(retrieval, generation, retrieval_per_step=4, generation_per_step=5, seed=1)
+    assert len(steps) == 3
+    seen = [q for i in range(3) for q in steps[i]["retrieval"]["query_image"]]
+    assert len(set(seen)) == 12, "one epoch visits each retrieval row once"
+    assert len(steps[2]["generation"]["image"]) == 5
+    with pytest.raises(ValueError, match="fewer than one step"):
+        MixedStepDataset(retrieval, generation, retrieval_per_step=100, generation_per_step=1)
+
+
+def test_collator_builds_both_parts(processor, data):
+    retrieval, _ = load_retrieval_pairs(data["retrieval"], image_root=data["image_root"])
+    generation, _ = load_conversations(data["generation"], image_root=data["image_root"])
+    item = MixedStepDataset(retrieval, generation, 4, 3)[0]
+    batch = CREMCollator(processor, compress_probability=0.5)([item])
+    query, target = batch["retrieval"]["query"], batch["retrieval"]["target"]
+    assert query["input_ids"].shape[0] == 4 and target["input_ids"].shape[0] == 4
+    assert (query["input_ids"] == processor.image_token_id).sum() == 4 * 4
+    assert "pixel_values" not in target
+    names = item["retrieval"]["pos_text"]
+    assert batch["retrieval"]["target_keys"].tolist() == [content_key(n, "") for n in names]
+    generation_batch = batch["generation"]
+    assert generation_batch["compress"].dtype == torch.bool and generation_batch["compress"].shape == (3,)
+    labels = generation_batch["labels"]
+    for row, name in enumerate(item["generation"]["turns"]):
+        assert processor.tokenizer.decode(labels[row][labels[row] != -100]) == name[1] + "<|im_end|>"
+    with pytest.raises(ValueError, match="per_device_train_batch_size=1"):
+        CREMCollator(processor)([item, item])
+
+
+def test_compress_flags_follow_p_and_are_reproducible(processor):
+    never = CREMCollator(processor, compress_probability=0.0).compress_flags(4000, step=0)
+    always = CREMCollator(processor, compress_probability=1.0).compress_flags(4000, step=0)
+    half = CREMCollator(processor, compress_probability=0.5, seed=3)
+    flags = half.compress_flags(4000, step=7)
+    assert not never.any() and always.all()
+    assert 0.47 < flags.float().mean().item() < 0.53
+    assert torch.equal(flags, half.compress_flags(4000, step=7))
+    assert not torch.equal(flags, half.compress_flags(4000, step=8))
+    with pytest.raises(ValueError, match="compress_probability"):
+        CREMCollator(processor, compress_probability=1.5)
+
+
+def test_compressed_samples_use_the_compression_mask(model, processor, data):
+    generation, _ = load_conversations(data["generation"], image_root=data["image_root"])
+    collator = CREMCollator(processor, compress_probability=0.5)
+    step = next(s for s in range(50) if 0 < collator.compress_flags(4, s).sum() < 4)
+    batch = collator.generation_batch(generation[:4], step=step)
+    flags = batch.pop("compress")
+    with torch.no_grad():
+        mixed = model(**batch, compress=flags).logits
+        compressed = model(**batch, compress=True).logits
+        native = model(**batch, compress=False).logits
+    rows = torch.arange(4).repeat_interleave((batch["labels"][:, 1:] != -100).sum(1))
+    for row in range(4):
+        expected = compressed if flags[row] else native
+        other = native if flags[row] else compressed
+        assert torch.allclose(mixed[rows == row], expected[rows == row], atol=1e-5)
+        assert not torch.allclose(mixed[rows == row], other[rows == row], atol=1e-3)
+
+
+def test_content_key_is_stable():
+    assert content_key("red", "") == content_key("red", "")
+    assert content_key("red", "") != content_key("red", "a.png")
+    assert isinstance(content_key("x", "y"), int)
+    assert colour_image("red", 0).size == (56, 56)
