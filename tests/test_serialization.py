@@ -19,10 +19,10 @@ from crem_hf.tiny import make_tiny_qwen2vl
 
 
 def test_config_validates_and_round_trips(tmp_path):
-    config = CREMConfig(num_chorus_tokens=2, chorus_token_ids=[7, 8], pooling="last", temperature=0.05)
+    config = CREMConfig(num_chorus_tokens=2, chorus_token_ids=[7, 8], pooling="last", contrastive_temperature=0.05)
     config.save_pretrained(tmp_path)
     loaded = CREMConfig.from_pretrained(tmp_path)
-    assert (loaded.num_chorus_tokens, loaded.chorus_token_ids, loaded.pooling, loaded.temperature) == (
+    assert (loaded.num_chorus_tokens, loaded.chorus_token_ids, loaded.pooling, loaded.contrastive_temperature) == (
         2,
         [7, 8],
         "last",
@@ -35,10 +35,15 @@ def test_config_validates_and_round_trips(tmp_path):
         CREMConfig(num_chorus_tokens=3, chorus_token_ids=[1, 2])
     with pytest.raises(ValueError, match="pooling"):
         CREMConfig(pooling="max")
-    with pytest.raises(ValueError, match="temperature"):
-        CREMConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="contrastive_temperature"):
+        CREMConfig(contrastive_temperature=0.0)
     with pytest.raises(ValueError, match="distinct"):
         CREMConfig(num_chorus_tokens=2, chorus_token_ids=[1, 1])
+
+
+def test_generation_config_takes_no_training_setting(model):
+    """A config field named `temperature` would become the sampling temperature of `generate`."""
+    assert model.generation_config.temperature in (None, 1.0)
 
 
 def test_from_qwen2vl_shares_weights_and_initialises_chorus_rows(processor):
@@ -101,6 +106,23 @@ def test_save_and_load_in_process(model, processor, tmp_path):
     loaded_processor = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded_processor) is CREMProcessor
     assert outputs_of(loaded, loaded_processor) == outputs_of(model, processor)
+
+
+def test_load_crem_reads_crem_folders_and_converts_qwen2vl_checkpoints(model, processor, tmp_path):
+    from crem_hf.loading import load_crem
+    from crem_hf.tiny import make_tiny_qwen2vl_processor
+
+    model.save_pretrained(tmp_path / "crem")
+    processor.save_pretrained(tmp_path / "crem")
+    loaded, loaded_processor = load_crem(tmp_path / "crem")
+    assert outputs_of(loaded, loaded_processor) == outputs_of(model, processor)
+    plain = make_tiny_qwen2vl_processor()
+    make_tiny_qwen2vl(plain.tokenizer, seed=3).save_pretrained(tmp_path / "qwen")
+    plain.save_pretrained(tmp_path / "qwen")
+    converted, converted_processor = load_crem(tmp_path / "qwen", num_chorus_tokens=4)
+    assert converted.config.num_chorus_tokens == 4
+    assert converted.config.chorus_token_ids == converted_processor.chorus_token_ids
+    assert converted_processor.chat_template == plain.chat_template
 
 
 REMOTE_SCRIPT = textwrap.dedent(

@@ -161,6 +161,8 @@ def test_bad_hyper_parameters_are_refused(tmp_path, overrides, message):
 @pytest.mark.parametrize("processes", [1, 2])
 def test_train_lora_example_end_to_end(tmp_path, processes):
     data = write_colour_data(tmp_path / "data", copies=2)
+    with open(data["retrieval"], "a") as handle:  # one bad row: skipped, counted, reported
+        handle.write(json.dumps({"qry": "<|image_1|> q", "qry_image_path": "missing.png", "pos_text": "red"}) + "\n")
     base = tmp_path / "qwen2vl-tiny"
     processor = make_tiny_qwen2vl_processor()
     make_tiny_qwen2vl(processor.tokenizer, seed=0).save_pretrained(base)
@@ -183,6 +185,8 @@ def test_train_lora_example_end_to_end(tmp_path, processes):
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "run_summary.json").read_text())
     assert [d["kept"] for d in summary["data"]] == [12, 12]
+    assert summary["data"][0]["skipped"] == {"missing image": 1}
+    assert "missing image: 1" in result.stderr
     assert summary["train"]["train_loss"] > 0
     assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint-2").is_dir()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16

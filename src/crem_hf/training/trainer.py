@@ -138,6 +138,8 @@ class CREMTrainer(Trainer):
         if self.args.n_gpu > 1:
             raise ValueError("CREMTrainer does not support DataParallel; launch one process per GPU with torchrun.")
         self.contrastive = InfoNCELoss(self.args.temperature)
+        # The saved config records the temperature the embeddings were trained with.
+        self.accelerator.unwrap_model(self.model).config.contrastive_temperature = self.args.temperature
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_steps = 0
 
