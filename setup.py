@@ -40,5 +40,10 @@ setup(
             "scikit-image>=0.24",
         ],
     },
-    entry_points={"console_scripts": ["crem-quickstart=crem_hf.quickstart:main"]},
+    entry_points={
+        "console_scripts": [
+            "crem-quickstart=crem_hf.quickstart:main",
+            "crem-eval=crem_hf.evaluation.cli:main",
+        ]
+    },
 )

@@ -76,3 +76,11 @@ def test_lm_loss_counts_only_labelled_tokens(model, processor, images):
         assert loss_first.item() == pytest.approx(expected_first.item(), abs=1e-5)
         nothing = torch.full_like(batch["labels"], -100)
         assert model(**{**batch, "labels": nothing}, compress=False).loss.item() == 0.0
+
+
+def test_positives_of_identical_queries_are_not_negatives():
+    loss = InfoNCELoss(temperature=0.02)
+    same = torch.nn.functional.normalize(torch.ones(3, 4), dim=-1)
+    query_keys = torch.tensor([1, 1, 2])  # queries 0 and 1 are the same text asked of two images
+    value = loss(same, same, query_keys=query_keys).loss.item()
+    assert value == pytest.approx((math.log(2) + math.log(2) + math.log(3)) / 3, abs=1e-6)

@@ -42,8 +42,9 @@ _TEXT_TYPE, _IMAGE_TYPE, _VIDEO_TYPE = 0, 1, 2
 # Attention kernels that take an arbitrary 4-D mask.
 _MASKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
 # New chorus rows start at the mean input embedding plus noise of this fraction of the rows' standard deviation:
-# distinct rows that still look like an average token.
-_CHORUS_INIT_NOISE = 0.1
+# each row a typical token. Much less noise leaves 16 near-identical rows whose states ignore the input, and the
+# contrastive loss then collapses every embedding to one point, where its gradient vanishes (seen with LoRA).
+_CHORUS_INIT_NOISE = 1.0
 # Qwen2VLConfig keys that describe the class, not the model.
 _CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version")
 
@@ -166,8 +167,8 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         Build a CREM model from a Qwen2-VL model (in memory, weights shared, not copied) or checkpoint.
 
         The config takes the chorus ids and special-token ids from `processor` (a `CREMProcessor`). When the chorus
-        ids lie beyond the embedding matrix, it is resized. The chorus rows start at the mean input embedding plus a
-        little noise, so each slot has its own vector.
+        ids lie beyond the embedding matrix, it is resized. The chorus rows start at the mean input embedding plus
+        noise of the rows' spread, so each slot starts as a distinct, typical token.
 
         Args:
             model_or_path: a `Qwen2VLForConditionalGeneration` or a path/Hub id of one (old and new key layouts).

@@ -90,8 +90,10 @@ _VISION_EMBED = 32
 _TINY_IMAGE_PIXELS = (56 * 56, 112 * 112)
 
 
-def make_tiny_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
-    """A byte-level BPE trained on prompt words, with Qwen2-VL's special tokens (any text still encodes)."""
+def make_tiny_tokenizer(vocab_size: int = 400, corpus: list[str] | None = None) -> Qwen2Tokenizer:
+    """
+    A byte-level BPE trained on prompt words (or `corpus`), with Qwen2-VL's special tokens; any text still encodes.
+    """
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -101,7 +103,7 @@ def make_tiny_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_CORPUS * 20, trainer)
+    bpe.train_from_iterator((corpus if corpus is not None else _CORPUS) * 20, trainer)
     tokenizer = Qwen2Tokenizer(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None
     )
@@ -156,6 +158,7 @@ def tiny_qwen2vl_config(
     hidden_size: int = _TINY_HIDDEN,
     num_layers: int = _TINY_LAYERS,
     num_heads: int = _TINY_HEADS,
+    vision_embed_dim: int = _VISION_EMBED,
     vocab_size: int | None = None,
     attn_implementation: str = "sdpa",
 ) -> Qwen2VLConfig:
@@ -168,7 +171,7 @@ def tiny_qwen2vl_config(
     config = Qwen2VLConfig(
         vision_config={
             "depth": _VISION_DEPTH,
-            "embed_dim": _VISION_EMBED,
+            "embed_dim": vision_embed_dim,
             "hidden_size": hidden_size,
             "num_heads": 2,
             "mlp_ratio": 2,

@@ -24,7 +24,8 @@ def content_key(text: str, image: str) -> int:
 class CREMCollator:
     """
     Collates one [`MixedStepDataset`] item into
-    `{"retrieval": {"query", "target", "negative", "target_keys", "negative_keys"}, "generation": {...}}`.
+    `{"retrieval": {"query", "target", "negative", "target_keys", "negative_keys", "query_keys"},
+    "generation": {...}}`; the content keys let the loss leave out false negatives.
 
     Each conversation of the generation part is compressed with probability `compress_probability`, drawn from a
     generator seeded by `(seed, step)`, so a resumed run draws the same flags as an uninterrupted one.
@@ -69,6 +70,9 @@ class CREMCollator:
             "target": self._embedding_inputs(rows["pos_text"], rows["pos_image"]),
             "target_keys": torch.tensor(
                 [content_key(t, i) for t, i in zip(rows["pos_text"], rows["pos_image"], strict=True)]
+            ),
+            "query_keys": torch.tensor(
+                [content_key(t, i) for t, i in zip(rows["query_text"], rows["query_image"], strict=True)]
             ),
         }
         neg_texts = [t for texts in rows["neg_texts"] for t in texts]

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import datasets
 import torch
-from PIL import Image
+
+from ..formats import (
+    ANY_PLACEHOLDER,
+    LLAVA_IMAGE_PLACEHOLDER,
+    MMEB_IMAGE_PLACEHOLDER,
+    image_problem,
+    parse_side,
+    read_rows,
+    resolve_path,
+)
 
 __all__ = [
     "MixedStepDataset",
@@ -28,12 +36,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: MMEB's (Phi-3-V) image placeholder; the processor puts the image first in the user turn instead.
-MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
-#: LLaVA's image placeholder.
-LLAVA_IMAGE_PLACEHOLDER = "<image>"
-_ANY_PLACEHOLDER = re.compile(r"<\|image_\d+\|>|<image>|<\|image_pad\|>|<\|vision_start\|>")
-_LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 BadRowPolicy = Literal["skip", "raise"]
 
 
@@ -57,60 +59,6 @@ class SkipReport:
         return {"source": self.source, "total": self.total, "kept": self.kept, "skipped": dict(self.skipped)}
 
 
-def read_rows(
-    source: str | os.PathLike | list[str], split: str = "train", subset: str | None = None
-) -> datasets.Dataset:
-    """
-    Rows from local json/jsonl/parquet file(s) (one path or a list), or a Hub dataset name (online only).
-    """
-    paths = [os.fspath(p) for p in (source if isinstance(source, list) else [source])]
-    suffixes = {os.path.splitext(p)[1].lower() for p in paths}
-    if all(os.path.exists(p) for p in paths):
-        if len(suffixes) != 1 or next(iter(suffixes)) not in _LOCAL_FORMATS:
-            raise ValueError(f"Local data must be .json, .jsonl or .parquet files of one kind, got {paths}.")
-        return datasets.load_dataset(_LOCAL_FORMATS[suffixes.pop()], data_files=paths, split="train")
-    missing = [p for p in paths if os.path.splitext(p)[1].lower() in _LOCAL_FORMATS and not os.path.exists(p)]
-    if missing:
-        raise ValueError(f"Data file(s) not found: {missing}")
-    if len(paths) != 1:
-        raise ValueError(f"Give one Hub dataset name, got {paths}.")
-    return datasets.load_dataset(paths[0], subset, split=split)
-
-
-def _image_problem(path: str) -> str | None:
-    if not os.path.isfile(path):
-        return "missing image"
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception:  # PIL raises many types for broken files
-        return "unreadable image"
-    return None
-
-
-def _resolve(path: str | None, root: str | None) -> str:
-    if not path:
-        return ""
-    return path if os.path.isabs(path) or root is None else os.path.join(root, path)
-
-
-def _side(text: Any, image: Any, root: str | None, placeholder: str) -> tuple[str, str, str | None]:
-    """One query/target side: `(text without the placeholder, image path or "", problem or None)`."""
-    text = text if isinstance(text, str) else ""
-    image = _resolve(image if isinstance(image, str) else None, root)
-    has_placeholder = placeholder in text
-    text = text.replace(placeholder, "").strip()
-    if _ANY_PLACEHOLDER.search(text):
-        return text, image, "unknown image placeholder"
-    if has_placeholder and not image:
-        return text, image, "placeholder without image"
-    if image and not has_placeholder:
-        return text, image, "image without placeholder"
-    if not image and not text:
-        return text, image, "empty text"
-    return text, image, _image_problem(image) if image else None
-
-
 def _as_list(value: Any) -> list[str]:
     if value is None or value == "":
         return []
@@ -118,10 +66,10 @@ def _as_list(value: Any) -> list[str]:
 
 
 def _normalise_pair(row: dict[str, Any], image_root: str | None) -> dict[str, Any]:
-    query_text, query_image, problem = _side(
+    query_text, query_image, problem = parse_side(
         row.get("qry"), row.get("qry_image_path"), image_root, MMEB_IMAGE_PLACEHOLDER
     )
-    pos_text, pos_image, pos_problem = _side(
+    pos_text, pos_image, pos_problem = parse_side(
         row.get("pos_text"), row.get("pos_image_path"), image_root, MMEB_IMAGE_PLACEHOLDER
     )
     problem = problem or pos_problem
@@ -132,7 +80,7 @@ def _normalise_pair(row: dict[str, Any], image_root: str | None) -> dict[str, An
     else:
         for i, text in enumerate(neg_texts_raw):
             image = neg_images_raw[i] if neg_images_raw else None
-            text, image, neg_problem = _side(text, image, image_root, MMEB_IMAGE_PLACEHOLDER)
+            text, image, neg_problem = parse_side(text, image, image_root, MMEB_IMAGE_PLACEHOLDER)
             problem = problem or neg_problem
             neg_texts.append(text)
             neg_images.append(image)
@@ -148,7 +96,7 @@ def _normalise_pair(row: dict[str, Any], image_root: str | None) -> dict[str, An
 
 
 def _normalise_conversation(row: dict[str, Any], image_root: str | None) -> dict[str, Any]:
-    image = _resolve(row.get("image") if isinstance(row.get("image"), str) else None, image_root)
+    image = resolve_path(row.get("image") if isinstance(row.get("image"), str) else None, image_root)
     turns, problem = [], None
     expected = ("human", "gpt")
     for i, message in enumerate(row.get("conversations") or []):
@@ -161,7 +109,7 @@ def _normalise_conversation(row: dict[str, Any], image_root: str | None) -> dict
         if LLAVA_IMAGE_PLACEHOLDER in value and i > 0:
             problem = problem or "image placeholder after the first turn"
         value = value.replace(LLAVA_IMAGE_PLACEHOLDER, "").strip() if i == 0 else value.strip()
-        if _ANY_PLACEHOLDER.search(value):
+        if ANY_PLACEHOLDER.search(value):
             problem = problem or "unknown image placeholder"
         turns.append(value)
     if len(turns) < 2:
@@ -169,7 +117,7 @@ def _normalise_conversation(row: dict[str, Any], image_root: str | None) -> dict
     if not image:
         problem = problem or "conversation without an image"
     elif problem is None:
-        problem = _image_problem(image)
+        problem = image_problem(image)
     return {"image": image, "turns": turns, "problem": problem or ""}
 
 
@@ -212,12 +160,24 @@ def load_retrieval_pairs(
     Retrieval pairs in the MMEB-train form (`qry`, `qry_image_path`, `pos_text`, `pos_image_path`, optional
     `neg_text` / `neg_image_path`, strings or lists), with `<|image_1|>` marking an image.
 
+    Args:
+        source: a file, a list of files (one per subset, as MMEB-train ships them) or a Hub dataset name.
     Returns:
         The kept rows as `query_text`, `query_image`, `pos_text`, `pos_image`, `neg_texts`, `neg_images` (image
-        paths resolved against `image_root`; "" where a side has no image), and the [`SkipReport`].
+        paths resolved against `image_root`; "" where a side has no image) and `group` (the index of the row's
+        file in `source`, for homogeneous batches), and the [`SkipReport`] over all files.
     """
-    rows = read_rows(source, split=split, subset=subset)
-    return _validated(rows, _normalise_pair, image_root, f"retrieval data {source}", on_bad_row, num_proc)
+    sources = source if isinstance(source, list) else [source]
+    parts, report = [], SkipReport(source=f"retrieval data {', '.join(map(str, sources))}")
+    for group, path in enumerate(sources):
+        rows = read_rows(path, split=split, subset=subset)
+        kept, part_report = _validated(
+            rows, _normalise_pair, image_root, f"retrieval data {path}", on_bad_row, num_proc
+        )
+        parts.append(kept.add_column("group", [group] * len(kept)))
+        report.total += part_report.total
+        report.skipped.update(part_report.skipped)
+    return datasets.concatenate_datasets(parts), report
 
 
 def load_conversations(
@@ -245,6 +205,8 @@ class MixedStepDataset(torch.utils.data.Dataset):
     One item = one optimisation step's rows for one process: `retrieval_per_step` retrieval pairs and
     `generation_per_step` conversations (the two parts have separate batch sizes, as in the paper: 1024 and 128
     globally). Retrieval rows are visited once per epoch in a seeded order; generation rows cycle independently.
+    With `homogeneous`, every step's retrieval rows come from one `group` (one subset file), as VLM2Vec's
+    interleaved batches do: in-batch negatives then share the query's task, which makes them informative.
 
     Use it with `per_device_train_batch_size=1`: the Trainer's sampler then shuffles and shards whole steps.
     """
@@ -256,6 +218,7 @@ class MixedStepDataset(torch.utils.data.Dataset):
         retrieval_per_step: int,
         generation_per_step: int,
         seed: int = 0,
+        homogeneous: bool = False,
     ):
         if retrieval_per_step < 0 or generation_per_step < 0:
             raise ValueError("Batch sizes must be >= 0.")
@@ -272,19 +235,36 @@ class MixedStepDataset(torch.utils.data.Dataset):
         self.retrieval_per_step = retrieval_per_step
         self.generation_per_step = generation_per_step
         generator = torch.Generator().manual_seed(seed)
-        self._retrieval_order = torch.randperm(len(retrieval), generator=generator) if self.retrieval else None
+        self._retrieval_steps = self._step_rows(homogeneous, generator) if self.retrieval is not None else []
         self._generation_order = torch.randperm(len(generation), generator=generator) if self.generation else None
+
+    def _step_rows(self, homogeneous: bool, generator: torch.Generator) -> list[list[int]]:
+        """The retrieval rows of every step: a seeded order, chunked (per group when homogeneous)."""
+        per_step = self.retrieval_per_step
+        if not homogeneous:
+            order = torch.randperm(len(self.retrieval), generator=generator).tolist()
+            return [order[i : i + per_step] for i in range(0, len(order) - per_step + 1, per_step)]
+        if "group" not in self.retrieval.column_names:
+            raise ValueError("homogeneous batches need a `group` column (load the subsets as a list of files).")
+        groups = torch.tensor(self.retrieval["group"])
+        steps = []
+        for group in groups.unique().tolist():
+            rows = (groups == group).nonzero().flatten()
+            rows = rows[torch.randperm(len(rows), generator=generator)].tolist()
+            steps += [rows[i : i + per_step] for i in range(0, len(rows) - per_step + 1, per_step)]
+        if not steps:
+            raise ValueError(f"No group has the {per_step} retrieval rows of one step.")
+        return [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
 
     def __len__(self) -> int:
         if self.retrieval is not None:
-            return len(self.retrieval) // self.retrieval_per_step
+            return len(self._retrieval_steps)
         return len(self.generation) // self.generation_per_step
 
     def __getitem__(self, step: int) -> dict[str, Any]:
         item: dict[str, Any] = {"step": step}
         if self.retrieval is not None:
-            rows = self._retrieval_order[step * self.retrieval_per_step : (step + 1) * self.retrieval_per_step]
-            item["retrieval"] = self.retrieval[rows.tolist()]
+            item["retrieval"] = self.retrieval[self._retrieval_steps[step]]
         if self.generation is not None:
             chunks = len(self.generation) // self.generation_per_step
             start = (step % chunks) * self.generation_per_step

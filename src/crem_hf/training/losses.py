@@ -26,9 +26,10 @@ class InfoNCELoss(nn.Module):
     One-way (query -> target) InfoNCE over cosine similarities divided by a temperature.
 
     Each query is scored against every target: its own positive, the other queries' positives of the whole global
-    batch (gathered across processes with an autograd-aware all-gather) and optional hard negatives. A target whose
-    key equals the key of the query's positive (the same text or image, as when classification data repeats label
-    texts within a batch) is not counted as a negative.
+    batch (gathered across processes with an autograd-aware all-gather) and optional hard negatives. Two kinds of
+    false negatives are left out when keys are given: a target whose key equals the key of the query's positive (the
+    same text or image, as when classification data repeats label texts within a batch), and the positive of another
+    query whose key equals this query's (the same query text asked of several images).
 
     Args:
         temperature: softmax temperature (the paper's 0.02); must be > 0.
@@ -46,18 +47,24 @@ class InfoNCELoss(nn.Module):
         targets: torch.Tensor,
         positive_index: torch.Tensor,
         target_keys: torch.Tensor | None = None,
+        query_keys: torch.Tensor | None = None,
+        all_query_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Masked logits `(num_queries, num_targets)` for queries `(num_queries, dim)` against targets
-        `(num_targets, dim)`; `positive_index` `(num_queries,)` names each query's positive, `target_keys`
-        `(num_targets,)` identifies duplicate targets.
+        `(num_targets, dim)`; `positive_index` `(num_queries,)` names each query's positive. `target_keys`
+        `(num_targets,)` identify duplicate targets; `query_keys` `(num_queries,)` and `all_query_keys` (the keys of
+        the queries that own the first `len(all_query_keys)` targets) identify duplicate queries.
         """
         logits = queries @ targets.T / self.temperature
+        false_negative = torch.zeros_like(logits, dtype=torch.bool)
         if target_keys is not None:
-            duplicate = target_keys[None, :] == target_keys[positive_index][:, None]
-            duplicate[torch.arange(len(positive_index), device=logits.device), positive_index] = False
-            logits = logits.masked_fill(duplicate, torch.finfo(logits.dtype).min)
-        return logits
+            false_negative |= target_keys[None, :] == target_keys[positive_index][:, None]
+        if query_keys is not None and all_query_keys is not None:
+            owners = len(all_query_keys)
+            false_negative[:, :owners] |= all_query_keys[None, :] == query_keys[:, None]
+        false_negative[torch.arange(len(positive_index), device=logits.device), positive_index] = False
+        return logits.masked_fill(false_negative, torch.finfo(logits.dtype).min)
 
     def forward(
         self,
@@ -66,13 +73,15 @@ class InfoNCELoss(nn.Module):
         negatives: torch.Tensor | None = None,
         positive_keys: torch.Tensor | None = None,
         negative_keys: torch.Tensor | None = None,
+        query_keys: torch.Tensor | None = None,
     ) -> ContrastiveOutput:
         """
         Args:
             queries: `(batch_size, dim)` this process's query embeddings.
             positives: `(batch_size, dim)` this process's positive targets (row i belongs to query i).
             negatives: `(num_negatives, dim)` this process's hard negatives, optional.
-            positive_keys, negative_keys: `(batch_size,)` / `(num_negatives,)` int64 content keys, optional.
+            positive_keys, negative_keys, query_keys: `(batch_size,)` / `(num_negatives,)` / `(batch_size,)` int64
+                content keys, optional (see the class docstring).
         Returns:
             [`ContrastiveOutput`]: the mean loss over this process's queries and the in-batch accuracy.
         """
@@ -84,7 +93,8 @@ class InfoNCELoss(nn.Module):
                 keys = torch.cat([keys, all_gather_no_grad(negative_keys)], dim=0)
         # This process's positives sit at its rank's offset in the gathered targets.
         positive_index = rank() * queries.shape[0] + torch.arange(queries.shape[0], device=queries.device)
-        logits = self.scores(queries, targets, positive_index, keys)
+        all_query_keys = all_gather_no_grad(query_keys) if query_keys is not None else None
+        logits = self.scores(queries, targets, positive_index, keys, query_keys, all_query_keys)
         loss = F.cross_entropy(logits, positive_index)
         accuracy = (logits.argmax(-1) == positive_index).float().mean().detach()
         return ContrastiveOutput(loss, accuracy)

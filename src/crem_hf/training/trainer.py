@@ -158,7 +158,11 @@ class CREMTrainer(Trainer):
         the gradient-cache terms still to back-propagate (callables returning a scalar with a graph).
         """
         sides = [s for s in ("query", "target", "negative") if s in batch]
-        keys = {"positive_keys": batch.get("target_keys"), "negative_keys": batch.get("negative_keys")}
+        keys = {
+            "positive_keys": batch.get("target_keys"),
+            "negative_keys": batch.get("negative_keys"),
+            "query_keys": batch.get("query_keys"),
+        }
         chunk_size = self.args.gc_chunk_size
         largest = max(batch[s]["input_ids"].shape[0] for s in sides)
         if chunk_size is None or chunk_size >= largest:

@@ -1,0 +1,86 @@
+"""Ablations on the embedded default, mirroring the paper's Tables 3-4: compression probability p, LM weight
+alpha_g, mean vs last-token pooling and the number N of chorus tokens. Stage 1 is trained once; every variant
+trains stage 2 from it.
+
+    python -m crem_hf.demo.ablation [--output-dir outputs/ablation] [--seed 0]
+
+Writes `ablation.md` (one table) and `ablation.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from typing import Any
+
+from ..io import write_json_atomically, write_text_atomically
+from .main import MainJobConfig, evaluate_base, prepare, train_stage1, train_stage2
+
+__all__ = ["VARIANTS", "main"]
+
+#: Stage-2 variants, each a change to the main job's settings (the first is CREM itself).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "CREM (p 0.5, alpha_g 0.5, mean, N 16)": {},
+    "p = 0 (never compressed)": {"compress_probability": 0.0},
+    "p = 1 (always compressed)": {"compress_probability": 1.0},
+    "alpha_g = 0 (retrieval only)": {"alpha_g": 0.0},
+    "last-token pooling": {"pooling": "last"},
+    "N = 1 chorus token": {"num_chorus_tokens": 1},
+    "N = 4 chorus tokens": {"num_chorus_tokens": 4},
+}
+#: The columns of the table: (heading, result key).
+COLUMNS = [
+    ("P@1 cls", "P@1 digits_cls"),
+    ("P@1 vqa", "P@1 digits_vqa"),
+    ("P@1 t2i", "P@1 digits_t2i"),
+    ("P@1 pairs i2t", "P@1 pairs_i2t"),
+    ("P@1 pairs t2i", "P@1 pairs_t2i"),
+    ("QA native", "QA single native"),
+    ("QA compressed", "QA single compressed"),
+    ("pairs QA compressed", "QA pairs compressed"),
+    ("swap", "swap accuracy"),
+]
+
+
+def table(rows: dict[str, dict[str, float]], base: dict[str, float]) -> str:
+    lines = [
+        "| variant | " + " | ".join(h for h, _ in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+        "| stage 1 base (no chorus) | "
+        + " | ".join(f"{100 * base[k]:.1f}" if k in base else "-" for _, k in COLUMNS)
+        + " |",
+    ]
+    for name, result in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * result[k]:.1f}" for _, k in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", default="outputs/ablation")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    started = time.time()
+    config = MainJobConfig(output_dir=args.output_dir, seed=args.seed)
+    workspace = prepare(config)
+    base, _ = train_stage1(workspace, config)
+    base_results = evaluate_base(base, workspace.processor(config.num_chorus_tokens), workspace.data, config)
+    rows = {}
+    for index, (name, change) in enumerate(VARIANTS.items()):
+        variant = dataclasses.replace(config, **change)
+        folder = os.path.join(args.output_dir, f"variant_{index}")
+        _, _, _, after, _ = train_stage2(workspace, base, variant, folder)
+        rows[name] = after
+        print(f"{name}: " + ", ".join(f"{h} {100 * after[k]:.1f}" for h, k in COLUMNS), flush=True)
+    markdown = table(rows, base_results)
+    write_text_atomically(os.path.join(args.output_dir, "ablation.md"), markdown)
+    summary = {"variants": VARIANTS, "base": base_results, "results": rows, "seconds": round(time.time() - started)}
+    write_json_atomically(os.path.join(args.output_dir, "ablation.json"), summary)
+    print("\n" + markdown)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

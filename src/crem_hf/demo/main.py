@@ -1,0 +1,322 @@
+"""The main job on the embedded default: train and evaluate a tiny CREM end to end, offline, on a CPU.
+
+    python -m crem_hf.demo.main [--output-dir outputs/main] [--seed 0]
+
+1. Build the digit data (real scans from scikit-learn) in the MMEB / LLaVA forms.
+2. Stage 1: train a tiny Qwen2-VL from scratch to answer questions about the images natively (plain chat prompt):
+   the stand-in for a pretrained VLM.
+3. Stage 2: convert it to CREM (16 chorus tokens) and train LoRA + chorus rows with 1 x InfoNCE + 0.5 x LM, each
+   generation sample compressed with p = 0.5.
+4. Evaluate stage 1, the converted model before stage 2, and after stage 2; print the table and write
+   `results.json`, `results.md`, `training.png` and the trained model (`model/`, LoRA merged, Hub remote code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ..evaluation import (
+    evaluate_compositional,
+    evaluate_generation,
+    evaluate_image_text_retrieval,
+    evaluate_mmeb,
+    load_caption_rows,
+)
+from ..io import write_json_atomically, write_text_atomically
+from ..modeling_crem import CREMForEmbeddingAndGeneration
+from ..processing_crem import CREMProcessor
+from ..tiny import make_tiny_qwen2vl, make_tiny_qwen2vl_processor, make_tiny_tokenizer
+from ..training import (
+    CREMCollator,
+    CREMTrainer,
+    CREMTrainingArguments,
+    MixedStepDataset,
+    apply_lora,
+    load_conversations,
+    load_retrieval_pairs,
+)
+from .digits import DIGIT_REGISTRY, PROMPT_CORPUS, SCAN_SIDE, DigitsData, build_digits_data
+
+__all__ = ["MainJobConfig", "Workspace", "main", "prepare", "run", "train_stage1", "train_stage2"]
+
+
+@dataclass
+class MainJobConfig:
+    """Settings of the main job (calibrated to reach the targets on 2 CPU cores in a few minutes)."""
+
+    output_dir: str = "outputs/main"
+    seed: int = 0
+    stage1_steps: int = 300
+    stage2_steps: int = 300
+    batch_size: int = 64
+    stage1_learning_rate: float = 1e-3
+    stage2_learning_rate: float = 1e-3
+    warmup_steps: int = 30
+    num_chorus_tokens: int = 16
+    compress_probability: float = 0.5
+    alpha_g: float = 0.5
+    pooling: str = "mean"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    vision_embed_dim: int = 64
+    vocab_size: int = 512
+    eval_batch_size: int = 120
+    lora: bool = True
+
+
+class PlainChatCollator:
+    """Stage 1: plain Qwen2-VL chat prompts (no chorus block) with labels on every answer."""
+
+    def __init__(self, processor: CREMProcessor):
+        self.processor = processor
+
+    def __call__(self, rows: list[dict]) -> dict:
+        conversations = []
+        for row in rows:
+            turns = row["turns"]
+            first = [{"type": "image", "image": row["image"]}, {"type": "text", "text": turns[0]}]
+            conversations.append(
+                [{"role": "user", "content": first}]
+                + [{"role": "assistant" if i % 2 else "user", "content": t} for i, t in enumerate(turns[1:], 1)]
+            )
+        batch = self.processor.process_chat(conversations, compress_layout=False, return_labels=True)
+        return dict(batch)
+
+
+def _history(state, key: str) -> list[tuple[int, float]]:
+    return [(entry["step"], entry[key]) for entry in state.log_history if key in entry]
+
+
+def _common_args(config: MainJobConfig, folder: str, steps: int, learning_rate: float) -> dict[str, Any]:
+    return {
+        "output_dir": folder,
+        "max_steps": steps,
+        "learning_rate": learning_rate,
+        "warmup_steps": config.warmup_steps,
+        "lr_scheduler_type": "cosine",
+        "weight_decay": 0.0,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "seed": config.seed,
+        "disable_tqdm": False,
+        "remove_unused_columns": False,
+    }
+
+
+def evaluate_crem(model, processor: CREMProcessor, data, config: MainJobConfig, folder: str) -> dict[str, Any]:
+    """Every CREM metric on the held-out digits: retrieval P@1, QA native/compressed, swap, caption recall."""
+    model.eval()
+    size = config.eval_batch_size
+    mmeb = evaluate_mmeb(model, processor, data.eval_folder, data.subsets, data.folder, folder, size, DIGIT_REGISTRY)
+    results: dict[str, Any] = {f"P@1 {k}": v["precision_at_1"] for k, v in mmeb["subsets"].items()}
+    for name, path in (("single", data.qa_single), ("pairs", data.qa_pairs)):
+        rows = load_caption_rows(path, ("question", "answer"), data.folder)
+        for mode in ("native", "compressed"):
+            scored = evaluate_generation(model, processor, rows, compress=mode == "compressed", batch_size=size)
+            results[f"QA {name} {mode}"] = scored["accuracy"]
+    results["swap accuracy"] = evaluate_compositional(
+        model, processor, load_caption_rows(data.swap, ("caption", "negative_caption"), data.folder), size
+    )["accuracy"]
+    recall = evaluate_image_text_retrieval(
+        model, processor, load_caption_rows(data.captions, ("captions",), data.folder), size
+    )
+    results["pairs t2i R@1"], results["pairs i2t R@1"] = recall["t2i_R@1"], recall["i2t_R@1"]
+    return results
+
+
+def evaluate_base(model, processor: CREMProcessor, data, config: MainJobConfig) -> dict[str, float]:
+    """Stage 1 answers natively on the plain chat prompt (it has no chorus tokens)."""
+    model.eval()
+    results = {}
+    for name, path in (("single", data.qa_single), ("pairs", data.qa_pairs)):
+        rows = load_caption_rows(path, ("question", "answer"), data.folder)
+        scored = evaluate_generation(
+            model, processor, rows, compress=False, batch_size=config.eval_batch_size, chorus=False
+        )
+        results[f"QA {name} native"] = scored["accuracy"]
+    return results
+
+
+def markdown_report(results: dict[str, dict[str, float]]) -> str:
+    columns = list(results)
+    metrics = list(dict.fromkeys(metric for column in results.values() for metric in column))
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for metric in metrics:
+        cells = [f"{100 * results[c][metric]:.1f}" if metric in results[c] else "-" for c in columns]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: str, histories: dict[str, list[tuple[int, float]]], results: dict[str, dict[str, float]]) -> None:
+    """Losses of both stages, and the metrics before / after stage 2, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (losses, metrics) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for name, points in histories.items():
+        if points:
+            losses.plot([s for s, _ in points], [v for _, v in points], label=name)
+    losses.set(xlabel="step", ylabel="loss", title="Training losses")
+    losses.legend()
+    names = [m for m in results["after stage 2"]]
+    positions = torch.arange(len(names)).float()
+    width = 0.4
+    for offset, column in ((-width / 2, "before stage 2"), (width / 2, "after stage 2")):
+        metrics.bar(positions + offset, [100 * results[column].get(n, 0.0) for n in names], width, label=column)
+    metrics.set_xticks(positions.tolist(), names, rotation=60, ha="right", fontsize=8)
+    metrics.set(ylabel="%", title="Held-out digits", ylim=(0, 100))
+    metrics.legend()
+    figure.tight_layout()
+    temporary = path + ".tmp.png"
+    figure.savefig(temporary, dpi=110)
+    os.replace(temporary, path)
+    plt.close(figure)
+
+
+@dataclass
+class Workspace:
+    """What both stages share: the written data, the read training rows and the tokenizer."""
+
+    data: DigitsData
+    tokenizer: Any
+    pairs: Any
+    conversations: Any
+    reports: list[dict]
+
+    def processor(self, num_chorus_tokens: int) -> CREMProcessor:
+        """A CREM processor with N chorus tokens on the shared tokenizer (the base vocabulary stays the same)."""
+        pixels = {"min_pixels": SCAN_SIDE * SCAN_SIDE, "max_pixels": 2 * SCAN_SIDE * SCAN_SIDE}  # a scan or a pair
+        base = make_tiny_qwen2vl_processor(self.tokenizer, **pixels)  # from_qwen2vl_processor copies it
+        return CREMProcessor.from_qwen2vl_processor(base, num_chorus_tokens=num_chorus_tokens)
+
+
+def prepare(config: MainJobConfig) -> Workspace:
+    data = build_digits_data(os.path.join(config.output_dir, "data"), seed=config.seed)
+    conversations, conversation_report = load_conversations(data.train_conversations, image_root=data.folder)
+    pairs, pair_report = load_retrieval_pairs(data.train_retrieval, image_root=data.folder)
+    tokenizer = make_tiny_tokenizer(config.vocab_size, corpus=PROMPT_CORPUS)
+    return Workspace(data, tokenizer, pairs, conversations, [pair_report.as_dict(), conversation_report.as_dict()])
+
+
+def train_stage1(workspace: Workspace, config: MainJobConfig):
+    """A tiny Qwen2-VL trained from scratch to answer natively. Returns the model and its loss history."""
+    base = make_tiny_qwen2vl(
+        workspace.tokenizer,
+        seed=config.seed,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        vision_embed_dim=config.vision_embed_dim,
+    ).train()
+    args = TrainingArguments(
+        per_device_train_batch_size=config.batch_size,
+        max_grad_norm=1.0,
+        **_common_args(
+            config, os.path.join(config.output_dir, "stage1"), config.stage1_steps, config.stage1_learning_rate
+        ),
+    )
+    collator = PlainChatCollator(workspace.processor(config.num_chorus_tokens))
+    trainer = Trainer(model=base, args=args, train_dataset=workspace.conversations, data_collator=collator)
+    trainer.train()
+    return base.eval(), _history(trainer.state, "loss")
+
+
+def train_stage2(workspace: Workspace, base, config: MainJobConfig, folder: str):
+    """
+    CREM from a copy of `base` (the base itself stays untouched): evaluated before training, trained (LoRA + chorus
+    rows unless `config.lora` is off), merged and evaluated again.
+
+    Returns:
+        `(model, processor, results before, results after, histories)`.
+    """
+    processor = workspace.processor(config.num_chorus_tokens)
+    crem = CREMForEmbeddingAndGeneration.from_qwen2vl(copy.deepcopy(base), processor)
+    crem.config.pooling = config.pooling
+    before = evaluate_crem(crem, processor, workspace.data, config, os.path.join(folder, "eval_before"))
+    model = (apply_lora(crem) if config.lora else crem).train()
+    args = CREMTrainingArguments(
+        retrieval_batch_size=config.batch_size,
+        generation_batch_size=config.batch_size,
+        gc_chunk_size=None,
+        alpha_g=config.alpha_g,
+        compress_probability=config.compress_probability,
+        **_common_args(config, os.path.join(folder, "stage2"), config.stage2_steps, config.stage2_learning_rate),
+    )
+    steps = MixedStepDataset(
+        workspace.pairs, workspace.conversations, config.batch_size, config.batch_size, config.seed, homogeneous=True
+    )
+    trainer = CREMTrainer(
+        model=model,
+        args=args,
+        train_dataset=steps,
+        data_collator=CREMCollator(processor, config.compress_probability, seed=config.seed),
+        processing_class=processor,
+    )
+    trainer.train()
+    trained = model.merge_and_unload() if config.lora else model
+    after = evaluate_crem(trained, processor, workspace.data, config, os.path.join(folder, "eval_after"))
+    histories = {
+        "stage 2 contrastive": _history(trainer.state, "contrastive_loss"),
+        "stage 2 LM": _history(trainer.state, "lm_loss"),
+    }
+    return trained, processor, before, after, histories
+
+
+def run(config: MainJobConfig) -> dict[str, Any]:
+    started = time.time()
+    out = config.output_dir
+    torch.manual_seed(config.seed)
+    workspace = prepare(config)
+    base, stage1_history = train_stage1(workspace, config)
+    results = {
+        "stage 1 (base)": evaluate_base(base, workspace.processor(config.num_chorus_tokens), workspace.data, config)
+    }
+    trained, processor, before, after, histories = train_stage2(workspace, base, config, out)
+    results["before stage 2"], results["after stage 2"] = before, after
+
+    trained.save_pretrained(os.path.join(out, "model"))
+    processor.save_pretrained(os.path.join(out, "model"))
+    histories = {"stage 1 LM": stage1_history, **histories}
+    plot(os.path.join(out, "training.png"), histories, results)
+    summary = {
+        "config": asdict(config),
+        "results": results,
+        "data": workspace.reports,
+        "histories": histories,
+        "seconds": round(time.time() - started, 1),
+    }
+    table = markdown_report(results)
+    write_text_atomically(os.path.join(out, "results.md"), table)
+    write_json_atomically(os.path.join(out, "results.json"), summary)
+    print("\n" + table)
+    print(f"Done in {summary['seconds']} s. Results: {out}/results.json, plot: {out}/training.png, model: {out}/model")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = MainJobConfig()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    return run(MainJobConfig(**vars(parser.parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()

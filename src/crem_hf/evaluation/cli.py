@@ -1,0 +1,70 @@
+"""`crem-eval`: evaluate a CREM model (a CREM folder, or a Qwen2-VL checkpoint converted on the fly).
+
+crem-eval mmeb --model out/ --data MMEB-eval/ --subsets ImageNet-1K N24News --image-root images/ --output-dir res/
+crem-eval retrieval --model out/ --data flickr_test.jsonl --image-root images/ --output res/flickr.json
+crem-eval compositional --model out/ --data sugarcrepe_swap.jsonl --output res/swap.json
+crem-eval generation --model out/ --data qa.jsonl --compress --output res/qa_compressed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from ..io import write_json_atomically
+from ..loading import load_crem
+from .generation import evaluate_generation
+from .mmeb import evaluate_mmeb, markdown_table
+from .retrieval import evaluate_compositional, evaluate_image_text_retrieval, load_caption_rows
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="crem-eval", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("mmeb", "retrieval", "compositional", "generation"):
+        command = commands.add_parser(name)
+        command.add_argument("--model", required=True, help="CREM folder or Qwen2-VL checkpoint")
+        command.add_argument("--data", required=True, help="file (or, for mmeb, a folder of <subset>.jsonl)")
+        command.add_argument("--image-root", default=None)
+        command.add_argument("--batch-size", type=int, default=32)
+        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        if name == "mmeb":
+            command.add_argument("--subsets", nargs="+", required=True)
+            command.add_argument("--output-dir", default=None)
+        else:
+            command.add_argument("--output", default=None, help="results JSON (written atomically)")
+        if name == "generation":
+            command.add_argument("--compress", action="store_true", help="answer from the compressed context")
+            command.add_argument("--max-new-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    model, processor = load_crem(args.model)
+    model = model.to(args.device).eval()
+    if args.command == "mmeb":
+        results = evaluate_mmeb(
+            model, processor, args.data, args.subsets, args.image_root, args.output_dir, args.batch_size
+        )
+        scores = {name: subset["precision_at_1"] for name, subset in results["subsets"].items()}
+        print(markdown_table(scores))
+        return results
+    if args.command == "retrieval":
+        rows = load_caption_rows(args.data, ("captions",), args.image_root)
+        results = evaluate_image_text_retrieval(model, processor, rows, args.batch_size)
+    elif args.command == "compositional":
+        rows = load_caption_rows(args.data, ("caption", "negative_caption"), args.image_root)
+        results = evaluate_compositional(model, processor, rows, args.batch_size)
+    else:
+        rows = load_caption_rows(args.data, ("question", "answer"), args.image_root)
+        results = evaluate_generation(model, processor, rows, args.compress, args.batch_size, args.max_new_tokens)
+    if args.output:
+        write_json_atomically(args.output, results)
+    print(json.dumps({k: v for k, v in results.items() if k != "predictions"}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""MMEB (v1) evaluation in the TIGER-Lab MMEB-eval form: Precision@1 per subset, meta-task and IND/OOD averages.
+
+Each row holds a query (`qry_text` with its instruction, `<|image_1|>` marking `qry_img_path`) and its own
+candidates (`tgt_text` / `tgt_img_path` lists, ground truth at index 0). A query is correct when the ground truth
+scores highest; as in the reference evaluation (an `argmax`), a tie with the ground truth counts for the ground
+truth, so exact duplicates of it among the candidates do not cost a point.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..formats import parse_side, read_rows
+from ..io import write_json_atomically, write_text_atomically
+from .encoding import encode_items
+
+__all__ = [
+    "MMEB_DATASETS",
+    "META_TASKS",
+    "MMEBRow",
+    "evaluate_mmeb",
+    "load_mmeb_subset",
+    "markdown_table",
+    "precision_at_1",
+    "summarize",
+]
+
+META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
+
+#: The 36 MMEB datasets: meta-task and whether they are out-of-distribution (not in MMEB-train).
+MMEB_DATASETS: dict[str, tuple[str, bool]] = {
+    **{name: ("Classification", False) for name in ("ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397")},
+    **{name: ("Classification", True) for name in ("Place365", "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211")},
+    **{name: ("VQA", False) for name in ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W")},
+    **{name: ("VQA", True) for name in ("ScienceQA", "VizWiz", "GQA", "TextVQA")},
+    **{
+        name: ("Retrieval", False)
+        for name in (
+            "VisDial",
+            "CIRR",
+            "VisualNews_t2i",
+            "VisualNews_i2t",
+            "MSCOCO_t2i",
+            "MSCOCO_i2t",
+            "NIGHTS",
+            "WebQA",
+        )
+    },  # fmt: skip
+    **{name: ("Retrieval", True) for name in ("FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS")},
+    "MSCOCO": ("Grounding", False),
+    **{name: ("Grounding", True) for name in ("RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing")},
+}
+
+
+@dataclass
+class MMEBRow:
+    """One parsed query: its text and image, and its candidates' texts and images (ground truth first)."""
+
+    query_text: str
+    query_image: str
+    candidate_texts: list[str]
+    candidate_images: list[str]
+
+
+def _parse_row(row: dict[str, Any], image_root: str | None, where: str) -> MMEBRow:
+    texts, images = row.get("tgt_text"), row.get("tgt_img_path")
+    if not isinstance(texts, list) or not isinstance(images, list):
+        raise ValueError(f"{where}: tgt_text and tgt_img_path must be lists.")
+    if not texts:
+        raise ValueError(f"{where}: empty candidate list.")
+    if len(texts) != len(images):
+        raise ValueError(f"{where}: {len(texts)} candidate texts but {len(images)} candidate images.")
+    query_text, query_image, problem = parse_side(row.get("qry_text"), row.get("qry_img_path"), image_root)
+    if problem:
+        raise ValueError(f"{where}: query: {problem} ({query_image or query_text!r}).")
+    candidate_texts, candidate_images = [], []
+    for k, (text, image) in enumerate(zip(texts, images, strict=True)):
+        text, image, problem = parse_side(text, image, image_root)
+        if problem:
+            label = "ground truth (candidate 0)" if k == 0 else f"candidate {k}"
+            raise ValueError(f"{where}: {label}: {problem} ({image or text!r}).")
+        candidate_texts.append(text)
+        candidate_images.append(image)
+    return MMEBRow(query_text, query_image, candidate_texts, candidate_images)
+
+
+def load_mmeb_subset(source: str | os.PathLike, subset: str, image_root: str | None = None) -> list[MMEBRow]:
+    """
+    Rows of one subset: a local json/jsonl/parquet file, or a folder holding `<subset>.jsonl` (or `.json`,
+    `.parquet`), or a Hub dataset (`TIGER-Lab/MMEB-eval`, split `test`; online only).
+
+    Raises:
+        ValueError: naming the subset and the row of a missing image, an empty candidate list, a missing ground
+            truth or candidate lists of different lengths.
+    """
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        candidates = [os.path.join(source, f"{subset}{suffix}") for suffix in (".jsonl", ".json", ".parquet")]
+        found = [path for path in candidates if os.path.exists(path)]
+        if not found:
+            raise ValueError(f"Subset {subset}: none of {candidates} exists.")
+        rows = read_rows(found[0])
+    elif os.path.exists(source):
+        rows = read_rows(source)
+    else:
+        rows = read_rows(source, split="test", subset=subset)
+    return [_parse_row(row, image_root, f"Subset {subset}, row {i}") for i, row in enumerate(rows)]
+
+
+def precision_at_1(query_embeddings: torch.Tensor, candidate_embeddings: torch.Tensor, candidates: list[list[int]]):
+    """
+    Fraction of queries whose first candidate (the ground truth) scores highest among their own candidates.
+
+    Args:
+        query_embeddings: `(num_queries, dim)`.
+        candidate_embeddings: `(num_unique_candidates, dim)`.
+        candidates: per query, the indices of its candidates into `candidate_embeddings`, ground truth first.
+    Returns:
+        `(precision, correct)`: the fraction and a per-query list of booleans.
+    """
+    correct = []
+    for query, index in zip(query_embeddings, candidates, strict=True):
+        scores = candidate_embeddings[index] @ query
+        correct.append(bool(scores.argmax() == 0))  # argmax takes the first maximum: ties go to the ground truth
+    return sum(correct) / max(len(correct), 1), correct
+
+
+def score_subset(model, processor, rows: list[MMEBRow], batch_size: int = 32, name: str = "") -> dict[str, Any]:
+    """P@1 of one subset; each unique candidate (text, image) is encoded once."""
+    unique: dict[tuple[str, str], int] = {}
+    candidates = []
+    for row in rows:
+        pairs = zip(row.candidate_texts, row.candidate_images, strict=True)
+        candidates.append([unique.setdefault(pair, len(unique)) for pair in pairs])
+    items = list(unique)
+    candidate_embeddings = encode_items(
+        model, processor, [t for t, _ in items], [i for _, i in items], batch_size=batch_size, desc=f"{name} candidates"
+    )
+    query_embeddings = encode_items(
+        model,
+        processor,
+        [r.query_text for r in rows],
+        [r.query_image for r in rows],
+        batch_size=batch_size,
+        desc=f"{name} queries",
+    )
+    precision, _ = precision_at_1(query_embeddings, candidate_embeddings, candidates)
+    return {"precision_at_1": precision, "num_queries": len(rows), "num_unique_candidates": len(items)}
+
+
+def summarize(scores: dict[str, float], registry: dict[str, tuple[str, bool]] | None = None) -> dict[str, float]:
+    """
+    Averages of per-subset scores: per meta-task, over IND and OOD subsets, and over all (each the plain mean of
+    the subsets it covers, as the paper computes them).
+    """
+    registry = registry if registry is not None else MMEB_DATASETS
+    unknown = sorted(set(scores) - set(registry))
+    if unknown:
+        raise ValueError(f"No meta-task known for subsets {unknown}; pass a registry for them.")
+
+    def mean(names: list[str]) -> float | None:
+        return sum(scores[n] for n in names) / len(names) if names else None
+
+    summary = {task: mean([n for n in scores if registry[n][0] == task]) for task in META_TASKS}
+    summary["IND"] = mean([n for n in scores if not registry[n][1]])
+    summary["OOD"] = mean([n for n in scores if registry[n][1]])
+    summary["Overall"] = mean(list(scores))
+    return {key: value for key, value in summary.items() if value is not None}
+
+
+def markdown_table(
+    scores: dict[str, float], registry: dict[str, tuple[str, bool]] | None = None, column: str = "CREM"
+) -> str:
+    """Per-subset scores (x100) grouped by meta-task with their averages, then All / IND / OOD (paper Table 6)."""
+    registry = registry if registry is not None else MMEB_DATASETS
+    summary = summarize(scores, registry)
+    lines = [f"| Dataset | {column} |", "| --- | --- |"]
+    for task in META_TASKS:
+        names = [n for n in scores if registry[n][0] == task]
+        if not names:
+            continue
+        lines += [f"| {n}{'°' if registry[n][1] else ''} | {100 * scores[n]:.1f} |" for n in names]
+        lines.append(f"| *All {task}* | {100 * summary[task]:.1f} |")
+    lines.append(f"| **All ({len(scores)})** | {100 * summary['Overall']:.1f} |")
+    for key in ("IND", "OOD"):
+        if key in summary:
+            lines.append(f"| All {key} | {100 * summary[key]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_mmeb(
+    model,
+    processor,
+    source: str | os.PathLike,
+    subsets: list[str],
+    image_root: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    registry: dict[str, tuple[str, bool]] | None = None,
+) -> dict[str, Any]:
+    """
+    Evaluate subsets and, with `output_dir`, write `mmeb_results.json` and `mmeb_results.md`. Every subset is read
+    and checked before any is scored; the files are written atomically at the end, so an interrupted or failed run
+    never overwrites finished results.
+    """
+    registry = registry if registry is not None else MMEB_DATASETS
+    unknown = [s for s in subsets if s not in registry]
+    if unknown:
+        raise ValueError(f"No meta-task known for subsets {unknown}; pass a registry for them.")
+    loaded = {subset: load_mmeb_subset(source, subset, image_root) for subset in subsets}
+    per_subset = {subset: score_subset(model, processor, rows, batch_size, subset) for subset, rows in loaded.items()}
+    scores = {subset: result["precision_at_1"] for subset, result in per_subset.items()}
+    results = {
+        "subsets": {s: {**r, "meta_task": registry[s][0], "ood": registry[s][1]} for s, r in per_subset.items()},
+        "summary": summarize(scores, registry),
+    }
+    if output_dir is not None:
+        write_json_atomically(os.path.join(output_dir, "mmeb_results.json"), results)
+        write_text_atomically(os.path.join(output_dir, "mmeb_results.md"), markdown_table(scores, registry))
+    return results

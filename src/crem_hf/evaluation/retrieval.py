@@ -1,0 +1,96 @@
+"""Zero-shot cross-domain retrieval (image-caption sets such as Flickr30K / COCO: Recall@1/5/10 both ways) and
+SugarCrepe-style compositional accuracy (the true caption must outscore a perturbed one)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..formats import image_problem, read_rows, resolve_path
+from .encoding import encode_items
+
+__all__ = [
+    "IMAGE_INSTRUCTION",
+    "I2T_INSTRUCTION",
+    "T2I_INSTRUCTION",
+    "evaluate_compositional",
+    "evaluate_image_text_retrieval",
+    "load_caption_rows",
+    "recall_at_k",
+]
+
+# MMEB's wordings for everyday images and captions (MSCOCO_t2i / MSCOCO_i2t).
+T2I_INSTRUCTION = "Find me an everyday image that matches the given caption:"
+I2T_INSTRUCTION = "Find an image caption describing the given everyday image."
+IMAGE_INSTRUCTION = "Represent the given image."
+RECALL_KS = (1, 5, 10)
+
+
+def load_caption_rows(source: str | os.PathLike, fields: tuple[str, ...], image_root: str | None = None) -> list[dict]:
+    """Rows of a json/jsonl/parquet file, checked: each needs an existing image and the non-empty `fields`."""
+    rows = []
+    for i, row in enumerate(read_rows(source)):
+        image = resolve_path(row.get("image"), image_root)
+        problem = image_problem(image) if image else "no image"
+        if problem:
+            raise ValueError(f"{source}, row {i}: {problem} ({image}).")
+        for name in fields:
+            value = row.get(name)
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(isinstance(v, str) and v.strip() for v in values):
+                raise ValueError(f"{source}, row {i}: empty or missing {name!r}.")
+        rows.append({**row, "image": image})
+    return rows
+
+
+def recall_at_k(scores: torch.Tensor, relevant: list[set[int]], ks=RECALL_KS) -> dict[int, float]:
+    """
+    Recall@k for queries scored against candidates: `scores` `(num_queries, num_candidates)`; a query counts when
+    one of its `relevant` candidates is among its k best (ties are broken towards lower candidate indices).
+    """
+    ranked = scores.argsort(dim=1, descending=True, stable=True)
+    out = {}
+    for k in ks:
+        top = ranked[:, :k].tolist()
+        out[k] = sum(bool(relevant[q] & set(top[q])) for q in range(len(relevant))) / max(len(relevant), 1)
+    return out
+
+
+def evaluate_image_text_retrieval(model, processor, rows: list[dict], batch_size: int = 32) -> dict[str, float]:
+    """
+    Rows `{"image": path, "captions": [str, ...]}`. Text-to-image: each caption against all images; image-to-text:
+    each image against all captions (any of its own counts). Returns `t2i_R@k` and `i2t_R@k` for k in 1, 5, 10.
+    """
+    captions = [c for row in rows for c in row["captions"]]
+    owner = [i for i, row in enumerate(rows) for _ in row["captions"]]
+    images = [row["image"] for row in rows]
+    caption_queries = encode_items(
+        model, processor, captions, [None] * len(captions), T2I_INSTRUCTION, batch_size, "t2i queries"
+    )
+    image_targets = encode_items(
+        model, processor, [None] * len(images), images, IMAGE_INSTRUCTION, batch_size, "t2i images"
+    )
+    image_queries = encode_items(
+        model, processor, [None] * len(images), images, I2T_INSTRUCTION, batch_size, "i2t queries"
+    )
+    caption_targets = encode_items(model, processor, captions, [None] * len(captions), None, batch_size, "i2t captions")
+    t2i = recall_at_k(caption_queries @ image_targets.T, [{o} for o in owner])
+    own = [{j for j, o in enumerate(owner) if o == i} for i in range(len(rows))]
+    i2t = recall_at_k(image_queries @ caption_targets.T, own)
+    return {**{f"t2i_R@{k}": v for k, v in t2i.items()}, **{f"i2t_R@{k}": v for k, v in i2t.items()}}
+
+
+def evaluate_compositional(model, processor, rows: list[dict], batch_size: int = 32) -> dict[str, Any]:
+    """Rows `{"image", "caption", "negative_caption"}`: the fraction where the caption outscores the negative."""
+    images = [row["image"] for row in rows]
+    image_queries = encode_items(model, processor, [None] * len(images), images, I2T_INSTRUCTION, batch_size, "images")
+    positives = encode_items(
+        model, processor, [r["caption"] for r in rows], [None] * len(rows), None, batch_size, "captions"
+    )
+    negatives = encode_items(
+        model, processor, [r["negative_caption"] for r in rows], [None] * len(rows), None, batch_size, "negatives"
+    )
+    wins = (image_queries * positives).sum(-1) > (image_queries * negatives).sum(-1)
+    return {"accuracy": float(wins.float().mean()), "num_rows": len(rows)}

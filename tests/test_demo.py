@@ -1,0 +1,59 @@
+"""The embedded default: the bundled digit data and a shrunken main job."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from crem_hf.demo.digits import DIGIT_REGISTRY, NUM_CANDIDATES, build_digits_data
+from crem_hf.formats import read_rows
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return build_digits_data(tmp_path_factory.mktemp("digits"), seed=0)
+
+
+def scans(text: str) -> set[int]:
+    """The source scans an image path (a scan or a pair of scans) was made from."""
+    return {int(n) for n in re.findall(r"(\d{4})", text)}
+
+
+def test_train_and_eval_share_no_scan(digits):
+    train = set()
+    for path in digits.train_retrieval:
+        for row in read_rows(path):
+            train |= scans(row["qry_image_path"]) | scans(row["pos_image_path"])
+    for row in json.load(open(digits.train_conversations)):
+        train |= scans(row["image"])
+    held_out = set()
+    for name in DIGIT_REGISTRY:
+        for row in read_rows(f"{digits.eval_folder}/{name}.jsonl"):
+            held_out |= scans(row["qry_img_path"]) | {s for p in row["tgt_img_path"] for s in scans(p)}
+    assert len(train) == 1437 and len(held_out) == 360
+    assert not train & held_out
+
+
+def test_eval_subsets_follow_the_mmeb_form(digits):
+    cls = read_rows(f"{digits.eval_folder}/digits_cls.jsonl")
+    assert len(cls) == 360
+    row = cls[0]
+    assert row["qry_text"].startswith("<|image_1|>") and row["qry_img_path"].endswith(".png")
+    assert len(row["tgt_text"]) == len(set(row["tgt_text"])) == NUM_CANDIDATES
+    pairs = read_rows(f"{digits.eval_folder}/pairs_i2t.jsonl")[0]
+    left, _, right = pairs["tgt_text"][0].partition(" left of ")
+    assert pairs["tgt_text"][1] == f"{right} left of {left}", "the swapped caption is the hardest distractor"
+    swap = read_rows(digits.swap)[0]
+    assert swap["negative_caption"] != swap["caption"] and sorted(swap["caption"].split()) == sorted(
+        swap["negative_caption"].split()
+    )
+
+
+def test_training_files_hold_every_task(digits):
+    assert [len(read_rows(p)) for p in digits.train_retrieval] == [1437] * 5
+    conversations = json.load(open(digits.train_conversations))
+    assert len(conversations) == 2 * 1437
+    assert conversations[-1]["conversations"][0]["value"].startswith("<image>\n")
+    assert len(conversations[-1]["conversations"]) == 4
