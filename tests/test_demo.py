@@ -57,3 +57,19 @@ def test_training_files_hold_every_task(digits):
     assert len(conversations) == 2 * 1437
     assert conversations[-1]["conversations"][0]["value"].startswith("<image>\n")
     assert len(conversations[-1]["conversations"]) == 4
+
+
+@pytest.mark.slow
+def test_shrunken_main_job_learns_clearly(tmp_path):
+    """The main job's whole loop with fewer steps: retrieval and compressed answers far above chance."""
+    from crem_hf.demo.main import MainJobConfig, run
+
+    config = MainJobConfig(output_dir=str(tmp_path), stage1_steps=120, stage2_steps=100, warmup_steps=10)
+    summary = run(config)
+    before, after = summary["results"]["before stage 2"], summary["results"]["after stage 2"]
+    assert after["P@1 digits_cls"] > 0.6, after  # chance: 0.1
+    assert after["QA single compressed"] > 0.5 > before["QA single compressed"], (before, after)
+    assert summary["results"]["stage 1 (base)"]["QA single native"] > 0.6
+    for name in ("results.json", "results.md", "training.png", "model/config.json", "model/modeling_crem.py"):
+        assert (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / "results.json").read_text())["data"][0]["kept"] == 5 * 1437
