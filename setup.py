@@ -15,6 +15,7 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    package_data={"crem_hf": ["model_card_template.md", "st_module.py"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -29,7 +30,9 @@ setup(
     extras_require={
         "train": ["peft>=0.17", "accelerate>=1.10", "datasets>=4.0"],
         "eval": ["datasets>=4.0", "matplotlib>=3.8", "scikit-learn>=1.5", "scikit-image>=0.24"],
+        "hub": ["sentence-transformers>=6.0"],
         "dev": [
+            "sentence-transformers>=6.0",
             "peft>=0.17",
             "accelerate>=1.10",
             "datasets>=4.0",
@@ -45,6 +48,7 @@ setup(
         "console_scripts": [
             "crem-quickstart=crem_hf.quickstart:main",
             "crem-eval=crem_hf.evaluation.cli:main",
+            "crem-export=crem_hf.hub:main",
         ]
     },
 )

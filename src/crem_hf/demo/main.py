@@ -58,7 +58,7 @@ class MainJobConfig:
     stage2_steps: int = 300
     batch_size: int = 64
     stage1_learning_rate: float = 1e-3
-    stage2_learning_rate: float = 1e-3
+    stage2_learning_rate: float = 2e-3
     warmup_steps: int = 30
     num_chorus_tokens: int = 16
     compress_probability: float = 0.5

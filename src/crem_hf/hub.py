@@ -1,0 +1,278 @@
+"""Export a complete Hugging Face Hub folder for a CREM model, and push it.
+
+The folder holds safetensors weights (LoRA merged by default, or the adapter alone), `config.json` with `auto_map`
+(AutoConfig, AutoModel, AutoModelForImageTextToText), the processor, tokenizer and chat template with `auto_map`
+for AutoProcessor, the three remote-code files, `generation_config.json`, a sentence-transformers module and a
+`README.md` model card whose code runs against the folder.
+
+    crem-export --model outputs/main/model --output-dir hub/crem-tiny --repo-id org/crem-tiny \\
+        --eval-results outputs/main/eval_after/mmeb_results.json [--push]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+
+from .configuration_crem import CREMConfig
+from .io import write_text_atomically
+from .modeling_crem import CREMForEmbeddingAndGeneration
+from .processing_crem import CREMProcessor
+
+__all__ = [
+    "CardInfo",
+    "export_hub_folder",
+    "load_for_export",
+    "main",
+    "merge_adapter",
+    "push_folder",
+    "render_model_card",
+]
+
+#: Files that may hold pickled objects; an exported folder never contains any.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+#: The sentence-transformers module shipped in the folder (see `st_module.py`).
+ST_MODULE_FILE = "custom_st.py"
+
+
+@dataclass
+class CardInfo:
+    """What the model card says besides the code: Hub id, lineage, data and results."""
+
+    repo_id: str = "org/crem"
+    base_model: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    license: str = "apache-2.0"
+    eval_results: dict[str, Any] | None = None  # an `mmeb_results.json` as written by `evaluate_mmeb`
+    training: str = ""  # a short description of how this checkpoint was trained
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def merge_adapter(model) -> CREMForEmbeddingAndGeneration:
+    """A plain CREM model from a peft model (LoRA merged into the weights, chorus rows written in); others pass."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def load_for_export(path: str | os.PathLike, base_model: str | os.PathLike | None = None, merge: bool = True):
+    """
+    `(model, processor)` from a CREM folder, or from a LoRA adapter folder (`adapter_config.json`) on a CREM base.
+
+    Raises:
+        ValueError: a missing processor, or an adapter that does not fit the base (chorus ids or shapes).
+    """
+    path = os.fspath(path)
+    adapter_config = os.path.join(path, "adapter_config.json")
+    if not os.path.exists(os.path.join(path, "processor_config.json")):
+        raise ValueError(f"{path} holds no processor (processor_config.json); save the processor with the model.")
+    processor = CREMProcessor.from_pretrained(path)
+    if not os.path.exists(adapter_config):
+        return CREMForEmbeddingAndGeneration.from_pretrained(path), processor
+    from peft import PeftModel
+
+    with open(adapter_config, encoding="utf-8") as handle:
+        settings = json.load(handle)
+    base_path = base_model or settings.get("base_model_name_or_path")
+    if not base_path:
+        raise ValueError(f"{adapter_config} names no base model; pass base_model.")
+    base = CREMForEmbeddingAndGeneration.from_pretrained(base_path)
+    adapter_chorus = (settings.get("trainable_token_indices") or {}).get("embed_tokens")
+    if adapter_chorus is not None and list(adapter_chorus) != list(base.config.chorus_token_ids):
+        raise ValueError(
+            f"The adapter trains chorus ids {adapter_chorus} but the base {base_path} has "
+            f"{base.config.chorus_token_ids}: the adapter does not belong to this base."
+        )
+    if processor.chorus_token_ids != base.config.chorus_token_ids:
+        raise ValueError("The adapter folder's processor and the base model disagree on the chorus ids.")
+    try:
+        model = PeftModel.from_pretrained(base, path)
+    except RuntimeError as error:  # size mismatches of LoRA matrices
+        raise ValueError(f"The adapter in {path} does not fit the base {base_path}: {error}") from error
+    return (merge_adapter(model) if merge else model), processor
+
+
+# ---------------------------------------------------------------------------------------------------- the card
+
+
+def _results_rows(eval_results: dict[str, Any] | None) -> str:
+    if not eval_results:
+        return "No evaluation results were given for this export."
+    lines = ["| subset | Precision@1 |", "| --- | --- |"]
+    lines += [f"| {name} | {100 * r['precision_at_1']:.1f} |" for name, r in eval_results["subsets"].items()]
+    lines += [f"| **{key}** | {100 * value:.1f} |" for key, value in eval_results.get("summary", {}).items()]
+    return "\n".join(lines)
+
+
+def render_model_card(config: CREMConfig, info: CardInfo):
+    """The model card (`huggingface_hub.ModelCard`): metadata, what CREM is, runnable usage, recipe, limitations."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    eval_results = []
+    for name, result in ((info.eval_results or {}).get("subsets") or {}).items():
+        eval_results.append(
+            EvalResult(
+                task_type="feature-extraction",
+                dataset_type="TIGER-Lab/MMEB-eval",
+                dataset_name=f"MMEB {name}",
+                dataset_config=name,
+                dataset_split="test",
+                metric_type="precision_at_1",
+                metric_name="Precision@1",
+                metric_value=round(100 * result["precision_at_1"], 2),
+            )
+        )
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license=info.license,
+        base_model=info.base_model,
+        datasets=info.datasets or None,
+        tags=["crem", "qwen2_vl", "multimodal-embedding", "retrieval", "sentence-transformers", "custom_code"],
+        model_name=info.repo_id.split("/")[-1],
+        eval_results=eval_results or None,
+    )
+    template = resources.files("crem_hf").joinpath("model_card_template.md").read_text(encoding="utf-8")
+    return ModelCard.from_template(
+        data,
+        template_str=template,
+        repo_id=info.repo_id,
+        num_chorus_tokens=config.num_chorus_tokens,
+        hidden_size=config.text_config.hidden_size,
+        results=_results_rows(info.eval_results),
+        training=info.training or "See the crem-hf repository for the training recipe.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def _check_target(output_dir: str, overwrite: bool) -> None:
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"{output_dir} exists and is not a folder.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise ValueError(f"{output_dir} is not empty; pass overwrite=True (--overwrite) to replace it.")
+
+
+def export_hub_folder(
+    model,
+    processor: CREMProcessor,
+    output_dir: str | os.PathLike,
+    info: CardInfo | None = None,
+    merge: bool = True,
+    overwrite: bool = False,
+) -> str:
+    """
+    Write a complete Hub folder for `model` (a CREM model or a peft model on one) and `processor`.
+
+    The folder is assembled under a temporary name beside `output_dir` and renamed into place at the end, so an
+    interrupted export never leaves a folder that looks complete, and an existing folder is replaced only by a
+    finished one.
+
+    Args:
+        merge: merge LoRA into the weights (default); `False` writes the adapter alone (its base must be on the
+            Hub: the card loads it with peft).
+        overwrite: replace a non-empty `output_dir`.
+    Returns:
+        The folder's path.
+    """
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    _check_target(output_dir, overwrite)
+    info = info or CardInfo()
+    if not isinstance(processor, CREMProcessor):
+        raise ValueError("A CREMProcessor is needed to export a usable folder (the processor builds every prompt).")
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.incomplete-", dir=parent)
+    try:
+        exported = merge_adapter(model) if merge else model
+        config = exported.config if merge else exported.get_base_model().config
+        exported.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+        if merge:
+            _write_sentence_transformers_files(staging)
+        render_model_card(config, info).save(os.path.join(staging, "README.md"))
+        pickles = [name for name in os.listdir(staging) if name.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise RuntimeError(f"The export wrote pickle files {pickles}; refusing to publish them.")
+        if os.path.exists(output_dir):
+            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)
+            os.replace(output_dir, os.path.join(retired, "folder"))
+            os.replace(staging, output_dir)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, output_dir)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+    return output_dir
+
+
+def _write_sentence_transformers_files(folder: str) -> None:
+    """The custom sentence-transformers module and the files that point at it."""
+    source = resources.files("crem_hf").joinpath("st_module.py").read_text(encoding="utf-8")
+    write_text_atomically(os.path.join(folder, ST_MODULE_FILE), source)
+    # One module: get_embedding already L2-normalises (config.normalize_embeddings), so no Normalize module.
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "custom_st.CREMSentenceEmbedding"}]
+    write_text_atomically(os.path.join(folder, "modules.json"), json.dumps(modules, indent=2) + "\n")
+    settings = {
+        "model_type": "SentenceTransformer",
+        "prompts": {"query": "", "document": ""},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    }
+    write_text_atomically(
+        os.path.join(folder, "config_sentence_transformers.json"), json.dumps(settings, indent=2) + "\n"
+    )
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Create `repo_id` if needed and upload the exported folder. Returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=os.fspath(folder), repo_id=repo_id, commit_message="Upload CREM model")
+    return str(commit)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(prog="crem-export", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="CREM folder or LoRA adapter folder (with its processor)")
+    parser.add_argument("--base-model", default=None, help="base CREM folder of an adapter (default: its config's)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--adapter-only", action="store_true", help="export the adapter instead of merged weights")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--repo-id", default="org/crem")
+    parser.add_argument("--card-base-model", default=None, help="the `base_model` of the card's metadata")
+    parser.add_argument("--datasets", nargs="*", default=[])
+    parser.add_argument("--eval-results", default=None, help="an mmeb_results.json for the card's model-index")
+    parser.add_argument("--push", action="store_true", help="upload to --repo-id after exporting")
+    parser.add_argument("--private", action="store_true")
+    args = parser.parse_args(argv)
+    model, processor = load_for_export(args.model, args.base_model, merge=not args.adapter_only)
+    eval_results = None
+    if args.eval_results:
+        with open(args.eval_results, encoding="utf-8") as handle:
+            eval_results = json.load(handle)
+    info = CardInfo(args.repo_id, args.card_base_model, args.datasets, eval_results=eval_results)
+    with torch.no_grad():
+        folder = export_hub_folder(
+            model, processor, args.output_dir, info, merge=not args.adapter_only, overwrite=args.overwrite
+        )
+    print(f"Exported {folder}")
+    if args.push:
+        print(push_folder(folder, args.repo_id, private=args.private))
+    return folder
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Hub export: a complete folder whose remote code, model card demos and sentence-transformers module work."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import outputs_of, random_image
+
+from crem_hf.hub import CardInfo, export_hub_folder, load_for_export, main, render_model_card
+from crem_hf.tiny import make_tiny_crem
+from crem_hf.training import apply_lora
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MMEB_RESULTS = {
+    "subsets": {"ImageNet-1K": {"precision_at_1": 0.5, "num_queries": 2}, "N24News": {"precision_at_1": 0.75}},
+    "summary": {"Classification": 0.625, "Overall": 0.625},
+}
+
+
+def trained_adapter(processor):
+    """A peft model on a tiny CREM whose LoRA and chorus rows are not the identity."""
+    model = apply_lora(make_tiny_crem(processor, seed=5), dropout=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(processor, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hub") / "crem-tiny"
+    model = trained_adapter(processor)
+    reference = outputs_of(model, processor)
+    info = CardInfo(repo_id="org/crem-tiny", base_model="Qwen/Qwen2-VL-2B-Instruct", datasets=["TIGER-Lab/MMEB-train"],
+                    eval_results=MMEB_RESULTS)  # fmt: skip
+    export_hub_folder(model, processor, folder, info)
+    return folder, reference
+
+
+def run_clean(code: str, *args, timeout=600) -> subprocess.CompletedProcess:
+    """Python in a fresh process, offline, where crem_hf cannot be imported."""
+    prelude = f"import sys; sys.modules['crem_hf'] = None; sys.path.insert(0, {HERE!r})\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code, *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def test_folder_is_complete_and_pickle_free(exported):
+    folder, _ = exported
+    names = set(os.listdir(folder))
+    expected = {
+        "config.json", "generation_config.json", "model.safetensors", "configuration_crem.py", "modeling_crem.py",
+        "processing_crem.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+        "README.md", "custom_st.py", "modules.json", "config_sentence_transformers.json",
+    }  # fmt: skip
+    assert expected <= names, expected - names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"))]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_crem.CREMConfig",
+        "AutoModel": "modeling_crem.CREMForEmbeddingAndGeneration",
+        "AutoModelForImageTextToText": "modeling_crem.CREMForEmbeddingAndGeneration",
+    }
+    assert json.loads((folder / "processor_config.json").read_text())["auto_map"] == {
+        "AutoProcessor": "processing_crem.CREMProcessor"
+    }
+
+
+REMOTE = textwrap.dedent(
+    """
+    import json
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+    from helpers import outputs_of
+    folder = sys.argv[1]
+    assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "CREMConfig"
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    results = []
+    for auto in (AutoModel, AutoModelForImageTextToText):
+        model = auto.from_pretrained(folder, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        results.append(outputs_of(model, processor))
+    print(json.dumps(results))
+    """
+)
+
+
+def close(a, b, tolerance=1e-5) -> bool:
+    return torch.allclose(torch.tensor(a), torch.tensor(b), atol=tolerance)
+
+
+def test_clean_process_loads_the_folder_and_matches(exported):
+    folder, reference = exported
+    result = run_clean(REMOTE, str(folder))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for remote in json.loads(result.stdout.strip().splitlines()[-1]):
+        assert close(remote["embeddings"], reference["embeddings"])
+        assert remote["native"] == reference["native"] and remote["compressed"] == reference["compressed"]
+
+
+def test_every_card_code_block_runs_against_the_folder(exported):
+    folder, _ = exported
+    card = (folder / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert len(blocks) >= 4
+    program = "\n".join(block.replace("org/crem-tiny", str(folder)) for block in blocks)
+    result = run_clean(program)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "tensor(" in result.stdout and "(3, 64)" in result.stdout
+
+
+def test_card_metadata_validates(exported):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    folder, _ = exported
+    card = ModelCard.load(folder / "README.md")
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-text-to-text"
+    assert data.base_model == "Qwen/Qwen2-VL-2B-Instruct" and data.datasets == ["TIGER-Lab/MMEB-train"]
+    assert {"crem", "custom_code"} <= set(data.tags)
+    name, results = model_index_to_eval_results(data.to_dict()["model-index"])
+    assert name == "crem-tiny"
+    assert sorted((r.dataset_config, r.metric_value) for r in results) == [("ImageNet-1K", 50.0), ("N24News", 75.0)]
+    assert "| **Overall** | 62.5 |" in card.text
+
+
+def test_sentence_transformers_vectors_equal_get_embedding(exported):
+    folder, _ = exported
+    code = textwrap.dedent(
+        """
+        import json, torch
+        from sentence_transformers import SentenceTransformer
+        from transformers import AutoModel, AutoProcessor
+        from helpers import random_image
+        folder = sys.argv[1]
+        st = SentenceTransformer(folder, trust_remote_code=True, device="cpu")
+        image = random_image(56, 84, 3)
+        vectors = st.encode(["a cat", image, {"text": "a dog", "image": image}], convert_to_tensor=True)
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        with torch.no_grad():
+            reference = torch.cat([
+                model.get_embedding(**processor.process_embedding_inputs(texts=["a cat"])),
+                model.get_embedding(**processor.process_embedding_inputs(images=[image])),
+                model.get_embedding(**processor.process_embedding_inputs(images=[image], texts=["a dog"])),
+            ])
+        print(json.dumps(float((vectors.cpu() - reference).abs().max())))
+        """
+    )
+    result = run_clean(code, str(folder))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+def test_merged_equals_adapter_on_base_and_adapter_export(processor, tmp_path):
+    base_folder = tmp_path / "base"
+    make_tiny_crem(processor, seed=5).save_pretrained(base_folder)  # the base the adapter was trained on
+    processor.save_pretrained(base_folder)
+    model = trained_adapter(processor)
+    adapter_folder = tmp_path / "adapter"
+    model.save_pretrained(adapter_folder)
+    processor.save_pretrained(adapter_folder)
+    merged, loaded_processor = load_for_export(adapter_folder, base_model=base_folder)
+    on_base, _ = load_for_export(adapter_folder, base_model=base_folder, merge=False)
+    a, b = outputs_of(merged.eval(), loaded_processor), outputs_of(on_base.eval(), loaded_processor)
+    assert close(a["embeddings"], b["embeddings"]) and a["native"] == b["native"]
+    adapter_only = export_hub_folder(on_base, loaded_processor, tmp_path / "adapter-export", merge=False)
+    assert "adapter_model.safetensors" in os.listdir(adapter_only)
+    assert not [n for n in os.listdir(adapter_only) if n.endswith((".bin", ".pt", ".pkl"))]
+
+
+def test_export_refuses_bad_requests_and_never_leaves_a_half_folder(processor, tmp_path, monkeypatch):
+    model = make_tiny_crem(processor, seed=6)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        export_hub_folder(model, processor, target)
+    with pytest.raises(ValueError, match="CREMProcessor"):
+        export_hub_folder(model, processor.tokenizer, tmp_path / "other")
+
+    def broken_card(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr("crem_hf.hub.render_model_card", broken_card)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        export_hub_folder(model, processor, target, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(target) == ["keep.txt"], "the old folder stays"
+    with pytest.raises(RuntimeError):
+        export_hub_folder(model, processor, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_missing_processor_and_mismatched_adapter(processor, tmp_path):
+    from crem_hf.tiny import make_tiny_processor
+
+    bare = tmp_path / "bare"
+    make_tiny_crem(processor).save_pretrained(bare)
+    with pytest.raises(ValueError, match="no processor"):
+        load_for_export(bare)
+    adapter = tmp_path / "adapter"
+    trained_adapter(processor).save_pretrained(adapter)
+    processor.save_pretrained(adapter)
+    other = make_tiny_processor(num_chorus_tokens=4)
+    other_base = tmp_path / "other-base"
+    make_tiny_crem(other).save_pretrained(other_base)
+    with pytest.raises(ValueError, match="does not belong to this base"):
+        load_for_export(adapter, base_model=other_base)
+
+
+def test_cli_exports_a_trained_folder(model, processor, tmp_path):
+    source = tmp_path / "trained"
+    model.save_pretrained(source)
+    processor.save_pretrained(source)
+    results = tmp_path / "mmeb_results.json"
+    results.write_text(json.dumps(MMEB_RESULTS))
+    folder = main(["--model", str(source), "--output-dir", str(tmp_path / "hub"), "--eval-results", str(results)])
+    assert os.path.exists(os.path.join(folder, "README.md"))
+    with pytest.raises(ValueError, match="not empty"):
+        main(["--model", str(source), "--output-dir", str(tmp_path / "hub")])
+    card = render_model_card(model.config, CardInfo(repo_id="me/x"))
+    assert "No evaluation results" in card.text and 'from_pretrained("me/x"' in card.text
+    assert random_image(28, 28, 0).size == (28, 28)
