@@ -272,3 +272,21 @@ def test_flash_attention_cannot_compress(processor):
     ids = torch.tensor([model.config.chorus_token_ids + [5]])
     with pytest.raises(ValueError, match="4-D mask"):
         model.build_compression_mask(ids)
+
+
+def test_compress_once_answer_many_equals_compressed_generation(model, processor, images):
+    questions = ["What is in the image?", "Which digit is shown? Answer in one word, please."]
+    context = model.compress(**processor.process_embedding_inputs(images=images[1:]))
+    assert context.cache.get_seq_length() == context.input_ids.shape[1]
+    followups = processor.process_followups(questions)
+    answers = model.generate(context=context, **followups, max_new_tokens=6, do_sample=False)
+    assert torch.equal(answers[:, : followups["input_ids"].shape[1]], followups["input_ids"])
+    for row, question in enumerate(questions):
+        batch = processor.process_generation_inputs(questions=[question], images=images[1:])
+        full = model.generate(**batch, compress=True, max_new_tokens=6, do_sample=False)
+        assert torch.equal(answers[row, followups["input_ids"].shape[1] :], full[0, batch["input_ids"].shape[1] :])
+    again = model.generate(context=context, **followups, max_new_tokens=6, do_sample=False)
+    assert torch.equal(again, answers), "the context is reusable"
+    two_contexts = model.compress(**processor.process_embedding_inputs(images=images))
+    with pytest.raises(ValueError, match="context of batch 2"):
+        model.generate(context=two_contexts, input_ids=followups["input_ids"][:1].repeat(3, 1), max_new_tokens=2)

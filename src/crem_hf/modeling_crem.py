@@ -555,9 +555,13 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         Prefill a prompt under compression-aware attention and keep only its kept slots (kept prefix, chorus block,
         tail) in the KV cache, at their original positions.
 
+        A prompt that ends with the chorus block (`CREMProcessor.process_embedding_inputs`) gives a reusable context:
+        `generate(context=..., **processor.process_followups(questions))` then answers any number of questions from
+        it without running the image again.
+
         Args:
-            input_ids: `(batch_size, sequence_length)`, left padded, each row holding the chorus block followed by at
-                least one token (the generation prompt).
+            input_ids: `(batch_size, sequence_length)`, left padded, each row holding the chorus block (followed by
+                at least one token when `prefill_last=False`).
             attention_mask: `(batch_size, sequence_length)` 2-D padding mask.
             pixel_values, image_grid_thw, mm_token_type_ids: as the processor returns them.
             prefill_last: also run the last token. With `False` the cache holds every kept slot but the last, which
@@ -574,10 +578,11 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             raise ValueError("KV-cache pruning supports full-attention layers only (no sliding window).")
         length = input_ids.shape[1]
         layout = self.chorus_layout(input_ids, attention_mask)
-        if bool((layout.chorus_end >= length).any()):
+        if not prefill_last and bool((layout.chorus_end >= length).any()):
             raise ValueError(
                 "Compressed generation needs a generation prompt after the chorus block, but some rows end with it. "
-                "Build inputs with CREMProcessor.process_generation_inputs."
+                "Build inputs with CREMProcessor.process_generation_inputs, or compress the context first "
+                "(model.compress) and ask questions with generate(context=...)."
             )
         position_ids = self.compute_position_ids(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
         mask = self.build_compression_mask(input_ids, attention_mask, True, layout)
@@ -613,6 +618,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         compress: bool = False,
+        context: CREMCompressedContext | None = None,
         **kwargs,
     ) -> torch.LongTensor | GenerateOutput:
         """
@@ -628,6 +634,9 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             input_ids: `(batch_size, sequence_length)`, left padded.
             attention_mask: `(batch_size, sequence_length)` 2-D padding mask.
             compress: answer from the compressed context.
+            context: a context from `compress` (a prompt ending with the chorus block, of batch 1 or of the
+                questions' batch size); `input_ids` / `attention_mask` are then the follow-up turns
+                (`CREMProcessor.process_followups`), left padded, and the result holds only them and the answers.
             **kwargs: as `transformers.GenerationMixin.generate` (`pixel_values`, `image_grid_thw`,
                 `mm_token_type_ids`, `max_new_tokens`, `do_sample`, ...).
         Returns:
@@ -635,6 +644,8 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             `GenerateOutput` whose `sequences` are laid out the same way.
         """
         kwargs = self._chorus_suppressed(kwargs)
+        if context is not None:
+            return self._generate_from_context(context, input_ids, attention_mask, **kwargs)
         if not compress:
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
@@ -667,14 +678,71 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             cache=context.cache,
             **kwargs,
         )
-        # Give back the original prompt in front of the new tokens, as native generation does.
+        return self._with_prompt(outputs, context, input_ids)
+
+    def _with_prompt(self, outputs, context: CREMCompressedContext, prompt: torch.LongTensor):
+        """Swap the kept slots generate() saw for the caller's prompt in front of the new tokens."""
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
         new_tokens = sequences[:, context.input_ids.shape[1] :]
-        prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+        prompt = prompt.repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
         sequences = torch.cat([prompt, new_tokens], dim=1)
         if isinstance(outputs, torch.Tensor):
             return sequences
         outputs.sequences = sequences
+        return outputs
+
+    def _generate_from_context(
+        self,
+        context: CREMCompressedContext,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Answer follow-up turns `(num_questions, length)` from a compressed context (see `generate`)."""
+        if input_ids is None or input_ids.ndim != 2:
+            raise ValueError("generate(context=...) needs the follow-up turns as input_ids (num_questions, length).")
+        if context.cache.get_seq_length() != context.input_ids.shape[1]:
+            raise ValueError("The context must be fully prefilled: build it with model.compress(**inputs).")
+        rows, contexts = input_ids.shape[0], context.input_ids.shape[0]
+        if contexts not in (1, rows):
+            raise ValueError(f"A context of batch {contexts} cannot answer {rows} questions (give 1 or {rows}).")
+        attention_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("Follow-up turns must be left padded (every row ends with a real token).")
+        if kwargs.get("num_beams", 1) > 1 or kwargs.get("num_return_sequences", 1) > 1:
+            raise ValueError("generate(context=...) supports greedy and sampling with one sequence per question.")
+        if kwargs.pop("pixel_values", None) is not None:
+            raise ValueError("Follow-up turns hold no images: the image lives in the context.")
+        kwargs.pop("image_grid_thw", None)
+        kwargs.pop("mm_token_type_ids", None)
+        # The cache is read, never written: generate() gets a copy per call, so the context serves many calls.
+        cache = DynamicCache(config=self.config)
+        for source, layer in zip(context.cache.layers, cache.layers, strict=True):
+            repeat = rows // contexts
+            layer.lazy_initialization(source.keys, source.values)
+            layer.keys = source.keys.repeat_interleave(repeat, dim=0)
+            layer.values = source.values.repeat_interleave(repeat, dim=0)
+        expand = rows // contexts
+        ctx_ids = context.input_ids.repeat_interleave(expand, dim=0)
+        ctx_mask = context.attention_mask.repeat_interleave(expand, dim=0)
+        ctx_positions = context.position_ids.repeat_interleave(expand, dim=1)
+        # Follow-up tokens continue after the context's last position; their padding sits between the two.
+        next_position = ctx_positions[..., -1:] + 1
+        offsets = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = next_position + offsets[None]
+        full_ids = torch.cat([ctx_ids, input_ids], dim=1)
+        outputs = super().generate(
+            input_ids=full_ids,
+            attention_mask=torch.cat([ctx_mask, attention_mask.long()], dim=1),
+            position_ids=torch.cat([ctx_positions, positions], dim=2),
+            cache=cache,
+            **kwargs,
+        )
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        answers = torch.cat([input_ids, sequences[:, full_ids.shape[1] :]], dim=1)
+        if isinstance(outputs, torch.Tensor):
+            return answers
+        outputs.sequences = answers
         return outputs
 
 

@@ -398,6 +398,22 @@ class CREMProcessor(Qwen2VLProcessor):
             specs.append(spec)
         return self._encode(specs, add_generation_prompt=answers is None, labels=answers is not None, **kwargs)
 
+    def process_followups(self, questions: Sequence[str], **kwargs) -> BatchFeature:
+        """
+        Follow-up turns for a compressed context (`model.compress` of embedding inputs): each question exactly as it
+        would follow the chorus block in a generation prompt, then the assistant header.
+
+        Returns:
+            `BatchFeature` with `input_ids` and `attention_mask` `(num_questions, length)`, left padded.
+        """
+        tails = []
+        chorus = "".join(self.chorus_tokens)
+        for i, question in enumerate(questions):
+            spec = PromptSpec(question=self._text(question, f"questions[{i}]"))
+            text = self.build_prompt(spec, add_generation_prompt=True)
+            tails.append(text[text.index(chorus) + len(chorus) :])
+        return BatchFeature(dict(self.tokenizer(tails, padding=True, return_tensors="pt", **kwargs)))
+
     def process_chat(
         self,
         conversations: Sequence[Sequence[dict]],

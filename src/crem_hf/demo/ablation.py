@@ -61,9 +61,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="outputs/ablation")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stage2-steps", type=int, default=MainJobConfig.stage2_steps)
     args = parser.parse_args(argv)
     started = time.time()
-    config = MainJobConfig(output_dir=args.output_dir, seed=args.seed)
+    config = MainJobConfig(output_dir=args.output_dir, seed=args.seed, stage2_steps=args.stage2_steps)
     workspace = prepare(config)
     base, _ = train_stage1(workspace, config)
     base_results = evaluate_base(base, workspace.processor(config.num_chorus_tokens), workspace.data, config)
@@ -71,12 +72,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for index, (name, change) in enumerate(VARIANTS.items()):
         variant = dataclasses.replace(config, **change)
         folder = os.path.join(args.output_dir, f"variant_{index}")
-        _, _, _, after, _ = train_stage2(workspace, base, variant, folder)
+        _, _, _, after, _ = train_stage2(workspace, base, variant, folder, evaluate_before=False)
         rows[name] = after
         print(f"{name}: " + ", ".join(f"{h} {100 * after[k]:.1f}" for h, k in COLUMNS), flush=True)
     markdown = table(rows, base_results)
     write_text_atomically(os.path.join(args.output_dir, "ablation.md"), markdown)
-    summary = {"variants": VARIANTS, "base": base_results, "results": rows, "seconds": round(time.time() - started)}
+    summary = {
+        "variants": VARIANTS,
+        "stage2_steps": args.stage2_steps,
+        "base": base_results,
+        "results": rows,
+        "seconds": round(time.time() - started),
+    }
     write_json_atomically(os.path.join(args.output_dir, "ablation.json"), summary)
     print("\n" + markdown)
     return summary

@@ -55,7 +55,7 @@ class MainJobConfig:
     output_dir: str = "outputs/main"
     seed: int = 0
     stage1_steps: int = 300
-    stage2_steps: int = 300
+    stage2_steps: int = 360
     batch_size: int = 64
     stage1_learning_rate: float = 1e-3
     stage2_learning_rate: float = 2e-3
@@ -234,18 +234,22 @@ def train_stage1(workspace: Workspace, config: MainJobConfig):
     return base.eval(), _history(trainer.state, "loss")
 
 
-def train_stage2(workspace: Workspace, base, config: MainJobConfig, folder: str):
+def train_stage2(workspace: Workspace, base, config: MainJobConfig, folder: str, evaluate_before: bool = True):
     """
     CREM from a copy of `base` (the base itself stays untouched): evaluated before training, trained (LoRA + chorus
     rows unless `config.lora` is off), merged and evaluated again.
 
     Returns:
-        `(model, processor, results before, results after, histories)`.
+        `(model, processor, results before (empty unless `evaluate_before`), results after, histories)`.
     """
     processor = workspace.processor(config.num_chorus_tokens)
     crem = CREMForEmbeddingAndGeneration.from_qwen2vl(copy.deepcopy(base), processor)
     crem.config.pooling = config.pooling
-    before = evaluate_crem(crem, processor, workspace.data, config, os.path.join(folder, "eval_before"))
+    before = (
+        evaluate_crem(crem, processor, workspace.data, config, os.path.join(folder, "eval_before"))
+        if evaluate_before
+        else {}
+    )
     model = (apply_lora(crem) if config.lora else crem).train()
     args = CREMTrainingArguments(
         retrieval_batch_size=config.batch_size,

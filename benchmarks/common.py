@@ -1,0 +1,104 @@
+"""Shared helpers of the benchmarks: timing, models of a given size, images of a given token count, reports.
+
+Every benchmark measures its variants side by side in one run (these machines are noisy) and prints ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from crem_hf.io import write_json_atomically, write_text_atomically  # noqa: E402
+from crem_hf.tiny import make_tiny_crem, make_tiny_processor  # noqa: E402
+
+# Qwen2-VL-2B's language model: 28 layers, 12 heads of 128, 2 key/value heads, hidden 1536, vocabulary 151,936.
+QWEN2VL_2B = {"num_layers": 28, "hidden_size": 1536, "num_heads": 12, "num_kv_heads": 2, "head_dim": 128}
+BF16_BYTES = 2
+PIXELS_PER_TOKEN = 28  # one merged image token covers 28 x 28 px
+
+
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark shares: output folder, device, dtype, attention kernel, repeats."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--output-dir", default="outputs/benchmarks")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--repeats", type=int, default=3)
+    return parser
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_seconds(run: Callable[[], object], repeats: int, device: str, warmup: int = 1) -> float:
+    """Median wall time of `run` over `repeats` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def image_with_tokens(num_tokens: int, seed: int = 0) -> Image.Image:
+    """A noise image whose side lengths give exactly `num_tokens` merged tokens (a near-square grid)."""
+    height = int(num_tokens**0.5)
+    while num_tokens % height:
+        height -= 1
+    width = num_tokens // height
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height * PIXELS_PER_TOKEN, width * PIXELS_PER_TOKEN, 3), generator=generator)
+    return Image.fromarray(pixels.to(torch.uint8).numpy())
+
+
+def build(hidden_size: int, num_layers: int, real_vocabulary: bool, max_image_tokens: int, args, num_heads: int = 8):
+    """A CREM model of the given language-model size (tiny vision tower) and its processor, on the device."""
+    processor = make_tiny_processor(
+        real_tokenizer=real_vocabulary,
+        min_pixels=PIXELS_PER_TOKEN**2,
+        max_pixels=max_image_tokens * PIXELS_PER_TOKEN**2,
+    )
+    model = make_tiny_crem(
+        processor, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, attn_implementation=args.attn
+    )
+    return model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval(), processor
+
+
+def report(name: str, args, rows: list[dict], notes: str = "") -> str:
+    """Print a markdown table of `rows` and write it with the JSON under `--output-dir`."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for row in rows:
+        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = f"### {name}\n\nMachine: {machine()}; dtype {args.dtype}; attention {args.attn}.\n\n" + "\n".join(lines)
+    table += f"\n\n{notes}\n" if notes else "\n"
+    print(table)
+    os.makedirs(args.output_dir, exist_ok=True)
+    write_text_atomically(os.path.join(args.output_dir, f"{name}.md"), table)
+    payload = {"name": name, "machine": machine(), "args": vars(args), "rows": rows, "notes": notes}
+    write_json_atomically(os.path.join(args.output_dir, f"{name}.json"), json.loads(json.dumps(payload, default=str)))
+    return table
