@@ -28,8 +28,16 @@ def reference_compressed_logits(model, batch, new_tokens: torch.Tensor) -> torch
     return out.logits[:, prompt - 1 : prompt - 1 + new_tokens.shape[1]]
 
 
-def test_compressed_generation_equals_masked_forward(any_attention_model, generation_batch):
+@pytest.mark.parametrize("tails", ["different", "equal"])
+def test_compressed_generation_equals_masked_forward(any_attention_model, processor, images, generation_batch, tails):
+    """Rows whose chorus blocks end at different slots take the 4-D-mask prefill; equal tails the two-phase one."""
     model = any_attention_model
+    if tails == "equal":
+        generation_batch = processor.process_generation_inputs(
+            questions=["What is shown?"] * 2, images=images, texts=["a cat", None]
+        )
+    layout = model.chorus_layout(generation_batch["input_ids"], generation_batch["attention_mask"])
+    assert bool((layout.chorus_end == layout.chorus_end[0]).all()) == (tails == "equal")
     assert generation_batch["attention_mask"][0, 0] == 0, "the fixture must exercise left padding"
     out = model.generate(
         **generation_batch,

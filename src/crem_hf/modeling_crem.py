@@ -142,6 +142,15 @@ def _pack_left(keep: torch.BoolTensor) -> tuple[torch.LongTensor, torch.BoolTens
     return order, keep.gather(1, order)
 
 
+def _select_slots(cache: DynamicCache, index: torch.LongTensor) -> None:
+    """Keep, in every layer of `cache`, the slots `index` `(batch_size, num_slots)` of each row, in that order."""
+    for layer in cache.layers:
+        if not isinstance(layer, DynamicLayer):
+            raise ValueError(f"Cannot prune a {type(layer).__name__} cache layer.")
+        gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+
+
 class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
     """
     Qwen2-VL with N learnable chorus tokens: a multimodal embedding model (`get_embedding`) and a chat model that
@@ -585,26 +594,53 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
                 "(model.compress) and ask questions with generate(context=...)."
             )
         position_ids = self.compute_position_ids(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
-        mask = self.build_compression_mask(input_ids, attention_mask, True, layout)
         stop = length if prefill_last else length - 1
+        images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
         cache = DynamicCache(config=self.config)
+        split = int(layout.chorus_end[0])
+        if bool((layout.chorus_end == split).all()):
+            # Every row's chorus block ends at `split`: prefill up to it with plain causal attention (no L x L mask),
+            # prune, then run the tail over the kept slots only, which is what the compression mask would allow.
+            index, kept = _pack_left(attention_mask.bool()[:, :split] & ~layout.compressed_span(split))
+            self.model(
+                input_ids=input_ids[:, :split],
+                attention_mask=attention_mask[:, :split],
+                position_ids=position_ids[..., :split],
+                cache=cache,
+                use_cache=True,
+                **images,
+            )
+            _select_slots(cache, index)
+            tail = slice(split, stop)
+            if stop > split:
+                self.model(
+                    input_ids=input_ids[:, tail],
+                    attention_mask=torch.cat([kept.long(), attention_mask[:, tail].long()], 1),
+                    position_ids=position_ids[..., tail],
+                    cache=cache,
+                    use_cache=True,
+                )
+            return CREMCompressedContext(
+                cache=cache,
+                input_ids=torch.cat([input_ids.gather(1, index), input_ids[:, split:]], 1),
+                attention_mask=torch.cat([kept.long(), attention_mask[:, split:].long()], 1),
+                position_ids=torch.cat(
+                    [position_ids.gather(2, index[None].expand(3, -1, -1)), position_ids[..., split:]], 2
+                ),
+            )
+        # Rows end their chorus blocks at different slots: one prefill under the compression mask, then prune.
+        mask = self.build_compression_mask(input_ids, attention_mask, True, layout)
         self.model(
             input_ids=input_ids[:, :stop],
             attention_mask=mask[..., :stop, :stop],
             position_ids=position_ids[..., :stop],
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
             cache=cache,
             use_cache=True,
+            **images,
         )
         # The last token is kept in every row, so after packing it is the last slot of every row.
         index, kept = _pack_left(attention_mask.bool() & ~layout.compressed_span(length))
-        cached = index if prefill_last else index[:, :-1]
-        for layer in cache.layers:
-            if not isinstance(layer, DynamicLayer):
-                raise ValueError(f"Cannot prune a {type(layer).__name__} cache layer.")
-            gather = cached[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-            layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+        _select_slots(cache, index if prefill_last else index[:, :-1])
         return CREMCompressedContext(
             cache=cache,
             input_ids=input_ids.gather(1, index),
