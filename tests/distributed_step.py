@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import mixed_batch  # noqa: E402
+from helpers import mixed_batch, randomize_lora_b  # noqa: E402
 
 from crem_hf.tiny import make_tiny_crem, make_tiny_processor  # noqa: E402
 from crem_hf.training import CREMTrainer, CREMTrainingArguments, apply_lora  # noqa: E402
@@ -29,11 +29,7 @@ COMPRESS = [True, False, True, True]
 def build_model(processor, lora: bool, dtype: torch.dtype):
     model = make_tiny_crem(processor, seed=1).to(dtype)
     if lora:
-        model = apply_lora(model, dropout=0.0)
-        torch.manual_seed(0)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data.normal_(0, 0.05)
+        model = randomize_lora_b(apply_lora(model, dropout=0.0))
     return model.train()
 
 

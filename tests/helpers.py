@@ -116,3 +116,12 @@ def mixed_batch(processor, rows, generation_rows, compress) -> dict:
         },
         "generation": generation,
     }
+
+
+def randomize_lora_b(model, std: float = 0.05, seed: int = 0):
+    """LoRA's B matrices start at zero; give them values so that every LoRA gradient is non-trivial."""
+    torch.manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, std)
+    return model

@@ -231,3 +231,24 @@ def test_cli_exports_a_trained_folder(model, processor, tmp_path):
     card = render_model_card(model.config, CardInfo(repo_id="me/x"))
     assert "No evaluation results" in card.text and 'from_pretrained("me/x"' in card.text
     assert random_image(28, 28, 0).size == (28, 28)
+
+
+def test_push_uploads_the_exported_folder(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", folder_path, repo_id))
+            return "https://huggingface.co/me/crem/commit/abc"
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    from crem_hf.hub import push_folder
+
+    assert push_folder(tmp_path, "me/crem", private=True, token="t").endswith("/commit/abc")
+    assert calls == [("init", "t"), ("create", "me/crem", True, True), ("upload", str(tmp_path), "me/crem")]

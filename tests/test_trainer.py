@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import colour_image, mixed_batch, write_colour_data
+from helpers import colour_image, mixed_batch, randomize_lora_b, write_colour_data
 
 from crem_hf.tiny import make_tiny_crem, make_tiny_qwen2vl, make_tiny_qwen2vl_processor
 from crem_hf.training import (
@@ -59,12 +59,7 @@ def step_gradients(model, tmp_path, batch, **overrides) -> tuple[float, dict[str
 def test_gradient_cache_equals_full_batch_gradient(processor, tmp_path, lora):
     model = make_tiny_crem(processor, seed=1)
     if lora:
-        model = apply_lora(model, dropout=0.0)
-        # LoRA B starts at zero; give it values so that every LoRA gradient is non-trivial.
-        torch.manual_seed(0)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data.normal_(0, 0.05)
+        model = randomize_lora_b(apply_lora(model, dropout=0.0))
     model.train()
     batch = mixed_batch(processor, rows=range(6), generation_rows=range(4), compress=[True, False, True, False])
     plain_loss, plain = step_gradients(model, tmp_path, batch, gc_chunk_size=None)
