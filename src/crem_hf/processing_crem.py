@@ -294,13 +294,16 @@ class CREMProcessor(Qwen2VLProcessor):
             spec.input_text = self.tokenizer.decode(ids[: len(ids) - excess])
             text = self.build_prompt(spec, add_generation_prompt)
 
-    def _encode(self, specs: list[PromptSpec], add_generation_prompt: bool, labels: bool, **kwargs) -> BatchFeature:
+    def _encode(
+        self, specs: list[PromptSpec], add_generation_prompt: bool, answers_per_row: list[int] | None, **kwargs
+    ) -> BatchFeature:
+        """Tokenise the rendered rows (and images); with `answers_per_row`, add labels on that many answers a row."""
         texts = [self._fit(spec, i, add_generation_prompt) for i, spec in enumerate(specs)]
         images = [image for spec in specs for image in spec.images]
         size = self._size_kwargs(kwargs.pop("min_pixels", None), kwargs.pop("max_pixels", None))
         batch = self(images=images or None, text=texts, **size, **kwargs)
-        if labels:
-            batch["labels"] = self._answer_labels(batch["input_ids"], [1 + len(s.later_turns) // 2 for s in specs])
+        if answers_per_row is not None:
+            batch["labels"] = self._answer_labels(batch["input_ids"], answers_per_row)
         return batch
 
     def _size_kwargs(self, min_pixels: int | None, max_pixels: int | None) -> dict[str, Any]:
@@ -364,7 +367,7 @@ class CREMProcessor(Qwen2VLProcessor):
         for i, (image, text, inst) in enumerate(zip(images, texts, instructions, strict=True)):
             spec = self._input_spec(image, text, inst, i)
             specs.append(spec)
-        return self._encode(specs, add_generation_prompt=False, labels=False, **kwargs)
+        return self._encode(specs, add_generation_prompt=False, answers_per_row=None, **kwargs)
 
     def process_generation_inputs(
         self,
@@ -396,7 +399,8 @@ class CREMProcessor(Qwen2VLProcessor):
             if answers is not None:
                 spec.answer = self._text(answers[i], f"answers[{i}]")
             specs.append(spec)
-        return self._encode(specs, add_generation_prompt=answers is None, labels=answers is not None, **kwargs)
+        answers_per_row = [1] * len(specs) if answers is not None else None
+        return self._encode(specs, add_generation_prompt=answers is None, answers_per_row=answers_per_row, **kwargs)
 
     def process_followups(self, questions: Sequence[str], **kwargs) -> BatchFeature:
         """
@@ -454,8 +458,6 @@ class CREMProcessor(Qwen2VLProcessor):
             spec = PromptSpec(images=loaded, question=first_text, with_chorus=compress_layout)
             if compress_layout and loaded:
                 spec.input_text = self.image_instruction
-            if not compress_layout:
-                spec.question = first_text
             if turns and turns[0][0] == "assistant":
                 spec.answer = turns.pop(0)[1]
             spec.later_turns = turns
@@ -464,11 +466,8 @@ class CREMProcessor(Qwen2VLProcessor):
             for i, spec in enumerate(specs):
                 if spec.answer is None:
                     raise ValueError(f"conversations[{i}]: return_labels needs at least one assistant turn.")
-        batch = self._encode(specs, add_generation_prompt=not return_labels, labels=False, **kwargs)
-        if return_labels:
-            expected = [1 + sum(role == "assistant" for role, _ in spec.later_turns) for spec in specs]
-            batch["labels"] = self._answer_labels(batch["input_ids"], expected)
-        return batch
+        answers = [1 + sum(role == "assistant" for role, _ in s.later_turns) for s in specs] if return_labels else None
+        return self._encode(specs, add_generation_prompt=not return_labels, answers_per_row=answers, **kwargs)
 
     # ------------------------------------------------------------------ helpers
 
