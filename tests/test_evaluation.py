@@ -138,3 +138,22 @@ def test_encoding_is_order_independent(model, processor):
         [encode_items(model, processor, [t], [i], show_progress=False) for t, i in zip(texts, images, strict=True)]
     )
     assert torch.allclose(together, one_by_one, atol=1e-5)
+
+
+def test_cli_runs_mmeb_and_generation(model, processor, eval_folder, tmp_path):
+    from crem_hf.evaluation.cli import main
+
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    out = tmp_path / "res"
+    common = ["--model", str(folder), "--image-root", str(eval_folder), "--device", "cpu"]
+    results = main(["mmeb", *common, "--data", str(eval_folder), "--subsets", "ImageNet-1K", "--output-dir", str(out)])
+    assert (out / "mmeb_results.md").exists() and results["subsets"]["ImageNet-1K"]["num_queries"] == 3
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(
+        "".join(json.dumps({"image": f"{c}.png", "question": "Colour?", "answer": c}) + "\n" for c in ("red", "blue"))
+    )
+    scored = main(["generation", *common, "--data", str(qa), "--compress", "--output", str(tmp_path / "qa.json")])
+    assert scored["num_rows"] == 2 and len(scored["predictions"]) == 2
+    assert json.loads((tmp_path / "qa.json").read_text())["num_rows"] == 2
