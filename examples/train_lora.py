@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if trainer.is_world_process_zero():
         write_json_atomically(os.path.join(training_args.output_dir, "run_summary.json"), summary)
+    # Every process leaves together: one that exits while another still talks to the group gets aborted by gloo.
+    trainer.accelerator.wait_for_everyone()
     return summary
 
 

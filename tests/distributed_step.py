@@ -67,8 +67,11 @@ def main() -> None:
     if rank == 0:
         torch.save({"loss": loss, "grads": grads, "world": world}, options.out)
     if world > 1:
+        # Wait for the file, then leave without tearing gloo down: destroy_process_group once hung the last rank
+        # under load, and a rank that exits while the other still holds the group is aborted by gloo.
         dist.barrier()
-        dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
