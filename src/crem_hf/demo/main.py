@@ -40,6 +40,7 @@ from ..training import (
     CREMTrainingArguments,
     MixedStepDataset,
     apply_lora,
+    conversation_messages,
     load_conversations,
     load_retrieval_pairs,
 )
@@ -80,14 +81,7 @@ class PlainChatCollator:
         self.processor = processor
 
     def __call__(self, rows: list[dict]) -> dict:
-        conversations = []
-        for row in rows:
-            turns = row["turns"]
-            first = [{"type": "image", "image": row["image"]}, {"type": "text", "text": turns[0]}]
-            conversations.append(
-                [{"role": "user", "content": first}]
-                + [{"role": "assistant" if i % 2 else "user", "content": t} for i, t in enumerate(turns[1:], 1)]
-            )
+        conversations = [conversation_messages(row["image"], row["turns"]) for row in rows]
         batch = self.processor.process_chat(conversations, compress_layout=False, return_labels=True)
         return dict(batch)
 

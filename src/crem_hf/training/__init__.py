@@ -1,6 +1,6 @@
 """CREM training: data readers, collator, losses, LoRA and the Trainer (`pip install crem-hf[train]`)."""
 
-from .collator import CREMCollator, content_key
+from .collator import CREMCollator, content_key, conversation_messages
 from .data import MixedStepDataset, SkipReport, load_conversations, load_retrieval_pairs, read_rows
 from .lora import LORA_TARGET_MODULES, apply_lora
 from .losses import ContrastiveOutput, InfoNCELoss
@@ -17,6 +17,7 @@ __all__ = [
     "SkipReport",
     "apply_lora",
     "content_key",
+    "conversation_messages",
     "load_conversations",
     "load_retrieval_pairs",
     "read_rows",

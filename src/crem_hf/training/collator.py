@@ -9,7 +9,7 @@ import torch
 
 from ..processing_crem import CREMProcessor
 
-__all__ = ["CREMCollator", "content_key"]
+__all__ = ["CREMCollator", "content_key", "conversation_messages"]
 
 # Keeps the per-step seeds of the compress draws apart from each other.
 _SEED_STRIDE = 1_000_003
@@ -19,6 +19,13 @@ def content_key(text: str, image: str) -> int:
     """A stable int64 key of one target's content (the same on every process, unlike `hash`)."""
     digest = hashlib.blake2b(f"{image}\x00{text}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
+
+
+def conversation_messages(image: str, turns: list[str]) -> list[dict]:
+    """A read conversation (`load_conversations` row) as chat messages: the image in the first user turn."""
+    first = [{"type": "image", "image": image}, {"type": "text", "text": turns[0]}]
+    later = [{"role": "assistant" if i % 2 else "user", "content": text} for i, text in enumerate(turns[1:], 1)]
+    return [{"role": "user", "content": first}, *later]
 
 
 class CREMCollator:
@@ -91,14 +98,7 @@ class CREMCollator:
 
     def generation_batch(self, rows: dict[str, list], step: int) -> dict[str, Any]:
         """Conversations with labels on every answer, and the per-sample compress flags."""
-        conversations = []
-        for image, turns in zip(rows["image"], rows["turns"], strict=True):
-            first = [{"type": "image", "image": image}, {"type": "text", "text": turns[0]}]
-            messages = [{"role": "user", "content": first}]
-            messages += [
-                {"role": "assistant" if i % 2 else "user", "content": text} for i, text in enumerate(turns[1:], 1)
-            ]
-            conversations.append(messages)
+        conversations = [conversation_messages(i, t) for i, t in zip(rows["image"], rows["turns"], strict=True)]
         batch = dict(self.processor.process_chat(conversations, return_labels=True))
         batch["compress"] = self.compress_flags(len(conversations), step)
         return batch
