@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 
 from crem_hf.io import write_json_atomically
 from crem_hf.loading import load_crem
@@ -35,6 +35,7 @@ from crem_hf.training import (
     apply_lora,
     load_conversations,
     load_retrieval_pairs,
+    whole_run_loss,
 )
 
 logger = logging.getLogger("train_lora")
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not data_args.retrieval_data and not data_args.generation_data:
         parser.error("give --retrieval_data, --generation_data or both")
 
+    # Everything the script builds (chorus rows, LoRA matrices, data order, compress flags) follows --seed.
+    set_seed(training_args.seed)
     model, processor = load_crem(
         model_args.model,
         num_chorus_tokens=model_args.num_chorus_tokens,
@@ -148,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "model": asdict(model_args),
         "data": [report.as_dict() for report in reports],
-        "train": result.metrics,
+        # The Trainer's train_loss covers the steps since the last resume; the summary's covers the whole run.
+        "train": {**result.metrics, "train_loss": whole_run_loss(trainer.state.log_history)},
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():

@@ -45,6 +45,8 @@ _MASKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
 # each row a typical token. Much less noise leaves 16 near-identical rows whose states ignore the input, and the
 # contrastive loss then collapses every embedding to one point, where its gradient vanishes (seen with LoRA).
 _CHORUS_INIT_NOISE = 1.0
+# The chorus rows' noise has its own seed, so that converting the same base twice gives the same model.
+_CHORUS_INIT_SEED = 0
 # Qwen2VLConfig keys that describe the class, not the model.
 _CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version")
 
@@ -213,17 +215,29 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         return model
 
     def _init_chorus_rows(self) -> None:
-        """Resize the embeddings if the chorus ids do not fit, then set the chorus rows to mean + noise."""
+        """
+        Resize the embeddings if the chorus ids do not fit, then set the chorus rows to mean + noise. Deterministic:
+        the same base gives the same rows on every load (the noise has its own seed), and rows that resizing adds
+        to an untied `lm_head` start at zero rather than at a fresh random draw (chorus ids are never generated, so
+        those rows never train; a random draw would differ on every load and break resuming a run).
+        """
         ids = self.config.chorus_token_ids
         embeddings = self.get_input_embeddings()
-        if max(ids) >= embeddings.num_embeddings:
+        old_rows = embeddings.num_embeddings
+        if max(ids) >= old_rows:
             self.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
             embeddings = self.get_input_embeddings()
         with torch.no_grad():
-            existing = embeddings.weight[: min(ids)].float()
-            noise = torch.randn(len(ids), existing.shape[1]) * existing.std(0) * _CHORUS_INIT_NOISE
-            rows = existing.mean(0) + noise.to(existing.device)
+            existing = embeddings.weight[: min(min(ids), old_rows)].float()
+            mean = existing.mean(0)
+            generator = torch.Generator().manual_seed(_CHORUS_INIT_SEED)
+            noise = torch.randn(len(ids), existing.shape[1], generator=generator) * existing.std(0).cpu()
+            embeddings.weight[old_rows:] = mean.to(embeddings.weight.dtype)
+            rows = mean + (noise * _CHORUS_INIT_NOISE).to(existing.device)
             embeddings.weight[torch.tensor(ids)] = rows.to(embeddings.weight.dtype)
+            head = self.get_output_embeddings()
+            if head is not None and head.weight is not embeddings.weight:
+                head.weight[old_rows:] = 0
 
     # ------------------------------------------------------------------ layout and masks
 

@@ -4,6 +4,7 @@ from .collator import CREMCollator, content_key, conversation_messages
 from .data import MixedStepDataset, SkipReport, load_conversations, load_retrieval_pairs, read_rows
 from .lora import LORA_TARGET_MODULES, apply_lora
 from .losses import ContrastiveOutput, InfoNCELoss
+from .run_log import whole_run_loss
 from .trainer import CREMTrainer, CREMTrainingArguments, split_embedding_batch
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "load_retrieval_pairs",
     "read_rows",
     "split_embedding_batch",
+    "whole_run_loss",
 ]

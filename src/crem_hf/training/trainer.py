@@ -13,6 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from .distributed import all_reduce_sum, world_size
 from .losses import InfoNCELoss
+from .run_log import LogAtCheckpointsCallback
 
 __all__ = ["CREMTrainer", "CREMTrainingArguments", "split_embedding_batch"]
 
@@ -142,6 +143,8 @@ class CREMTrainer(Trainer):
         self.accelerator.unwrap_model(self.model).config.contrastive_temperature = self.args.temperature
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_steps = 0
+        # Log entries at every checkpoint and at the end, so the log history gives the whole run's loss.
+        self.add_callback(LogAtCheckpointsCallback)
 
     # ------------------------------------------------------------------ loss
 
