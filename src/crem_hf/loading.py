@@ -1,16 +1,25 @@
-"""Load a CREM model and processor from a CREM folder or a plain Qwen2-VL checkpoint (converted on the fly)."""
+"""Load a CREM model and processor: the one place that understands CREM folders, LoRA adapter folders (as
+`examples/train_lora.py` writes them) and plain Qwen2-VL checkpoints (converted on the fly). Every load is exact.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
-from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, Qwen2VLProcessor
+from transformers import AutoProcessor, PreTrainedConfig, Qwen2VLProcessor
+from transformers.utils import cached_file
+from transformers.utils.peft_utils import find_adapter_config_file
 
 from .configuration_crem import CREMConfig
 from .modeling_crem import CREMForEmbeddingAndGeneration
 from .processing_crem import CREMProcessor
 
-__all__ = ["Qwen2VLImageOnlyProcessor", "load_crem", "load_qwen2vl_processor"]
+__all__ = ["Qwen2VLImageOnlyProcessor", "checkpoint_kind", "load_crem", "load_qwen2vl_processor"]
+
+# What a usable chat template renders for a system, a user and an assistant turn (as the -Instruct template does).
+_PROBE = {"system": "crem-probe-system", "user": "crem-probe-user", "assistant": "crem-probe-assistant"}
 
 
 class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
@@ -22,39 +31,158 @@ class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
         )
 
 
+def _check_chat_template(processor: Qwen2VLProcessor, name_or_path: str | os.PathLike) -> None:
+    """Refuse a chat template that does not lay out system, user and assistant turns (e.g. the base model's)."""
+    messages = [
+        {"role": role, "content": [{"type": "text", "text": text}] if role == "user" else text}
+        for role, text in _PROBE.items()
+    ]
+    rendered = ""
+    if processor.chat_template:
+        try:
+            rendered = processor.apply_chat_template(messages, tokenize=False)
+        except Exception:  # any template that cannot render these turns is unusable alike
+            rendered = ""
+    turns = [f"<|im_start|>{role}\n" for role in _PROBE]
+    if not all(turn in rendered for turn in turns) or not all(text in rendered for text in _PROBE.values()):
+        state = "has no chat template" if not processor.chat_template else "has a chat template without turns"
+        raise ValueError(
+            f"{name_or_path} {state}: CREM needs a chat template that renders system, user and assistant turns "
+            "(<|im_start|>role ... <|im_end|>), as Qwen2-VL-Instruct's does. Put one in the folder as "
+            "chat_template.jinja or chat_template.json (the base model's template lays out no turns)."
+        )
+
+
 def load_qwen2vl_processor(name_or_path: str | os.PathLike) -> Qwen2VLProcessor:
     """
-    A Qwen2-VL checkpoint's processor; without torchvision (no video processor) it is assembled from the image
-    processor, the tokenizer and the chat template alone.
+    A Qwen2-VL checkpoint's processor. Without torchvision (no video processor) it is assembled from the image
+    processor, the tokenizer and the chat template alone; either way the folder's `chat_template.jinja` /
+    `chat_template.json` takes precedence over the tokenizer's template, as in transformers.
+
+    Raises:
+        ValueError: the checkpoint has no chat template that lays out system, user and assistant turns.
     """
     processor = None
     try:
         processor = AutoProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError, ImportError, AttributeError):
         pass  # e.g. the video processor needs torchvision: fall back to the image-only parts below
-    if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
-        return processor
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    return Qwen2VLImageOnlyProcessor(
-        image_processor=AutoImageProcessor.from_pretrained(name_or_path),
-        tokenizer=tokenizer,
-        chat_template=getattr(processor, "chat_template", None) or tokenizer.chat_template,
-    )
+    if not (hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")):
+        processor = Qwen2VLImageOnlyProcessor.from_pretrained(name_or_path)
+    if not processor.chat_template:
+        processor.chat_template = processor.tokenizer.chat_template
+    _check_chat_template(processor, name_or_path)
+    return processor
+
+
+def _has_file(name_or_path: str, filename: str) -> bool:
+    return cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False) is not None
+
+
+def checkpoint_kind(name_or_path: str | os.PathLike) -> str:
+    """
+    What a folder or Hub id holds: `"adapter"` (a LoRA adapter, `adapter_config.json`), `"crem"` (a CREM model) or
+    `"qwen2_vl"` (a plain Qwen2-VL checkpoint).
+
+    Raises:
+        ValueError: any other model type.
+    """
+    name_or_path = os.fspath(name_or_path)
+    if find_adapter_config_file(name_or_path) is not None:
+        return "adapter"
+    kind = PreTrainedConfig.get_config_dict(name_or_path)[0].get("model_type")
+    if kind not in (CREMConfig.model_type, "qwen2_vl"):
+        raise ValueError(
+            f"{name_or_path} is a {kind!r} model; expected a CREM folder, a LoRA adapter folder on a CREM or "
+            "Qwen2-VL base, or a Qwen2-VL checkpoint."
+        )
+    return kind
+
+
+def _saved_processor(name_or_path: str) -> CREMProcessor:
+    if not _has_file(name_or_path, "processor_config.json"):
+        raise ValueError(
+            f"{name_or_path} holds no processor (processor_config.json); save the processor with the model."
+        )
+    return CREMProcessor.from_pretrained(name_or_path)
 
 
 def load_crem(
-    name_or_path: str | os.PathLike, num_chorus_tokens: int = 16, **from_pretrained_kwargs
-) -> tuple[CREMForEmbeddingAndGeneration, CREMProcessor]:
+    name_or_path: str | os.PathLike,
+    num_chorus_tokens: int = 16,
+    base_model: str | os.PathLike | None = None,
+    merge: bool = True,
+    **from_pretrained_kwargs,
+) -> tuple[Any, CREMProcessor]:
     """
-    `(model, processor)` from a CREM folder, or from a Qwen2-VL checkpoint (the processor gains N chorus tokens and
-    the model is converted with `CREMForEmbeddingAndGeneration.from_qwen2vl`).
+    `(model, processor)` from any checkpoint CREM meets, loaded exactly (a weight that does not load is an error):
+
+    * a CREM folder (either key layout): `CREMForEmbeddingAndGeneration.from_pretrained` and its processor;
+    * a LoRA adapter folder with its processor (what `examples/train_lora.py` writes): its base (`base_model`, or
+      the adapter's `base_model_name_or_path`), a CREM folder or the Qwen2-VL checkpoint it was trained from
+      (converted with the adapter folder's processor, so the chorus ids agree), with the adapter loaded on it and
+      merged (`merge=False` returns the peft model);
+    * a Qwen2-VL checkpoint: the processor gains `num_chorus_tokens` chorus tokens and the model is converted with
+      `CREMForEmbeddingAndGeneration.from_qwen2vl` (new chorus rows; `num_chorus_tokens` applies only here).
+
+    Args:
+        **from_pretrained_kwargs: for the model's `from_pretrained` (`dtype`, `attn_implementation`, ...).
+    Raises:
+        ValueError: a missing processor, an adapter that does not fit its base, an unusable chat template, another
+            model type, or weights that do not load exactly.
     """
-    config = AutoConfig.from_pretrained(name_or_path)
-    if config.model_type == CREMConfig.model_type:
-        model = CREMForEmbeddingAndGeneration.from_pretrained(name_or_path, **from_pretrained_kwargs)
-        return model, CREMProcessor.from_pretrained(name_or_path)
-    if config.model_type != "qwen2_vl":
-        raise ValueError(f"{name_or_path} is a {config.model_type!r} model; expected a Qwen2-VL or a CREM checkpoint.")
-    processor = CREMProcessor.from_qwen2vl_processor(load_qwen2vl_processor(name_or_path), num_chorus_tokens)
-    model = CREMForEmbeddingAndGeneration.from_qwen2vl(name_or_path, processor, **from_pretrained_kwargs)
-    return model, processor
+    name_or_path = os.fspath(name_or_path)
+    kind = checkpoint_kind(name_or_path)
+    if kind == CREMConfig.model_type:
+        processor = _saved_processor(name_or_path)
+        return CREMForEmbeddingAndGeneration.from_pretrained(name_or_path, **from_pretrained_kwargs), processor
+    if kind == "qwen2_vl":
+        processor = CREMProcessor.from_qwen2vl_processor(load_qwen2vl_processor(name_or_path), num_chorus_tokens)
+        model = CREMForEmbeddingAndGeneration.from_qwen2vl(name_or_path, processor, **from_pretrained_kwargs)
+        return model, processor
+    return _load_adapter(name_or_path, base_model, merge, from_pretrained_kwargs)
+
+
+def _load_adapter(path: str, base_model: str | os.PathLike | None, merge: bool, from_pretrained_kwargs: dict):
+    """A LoRA adapter folder on its base (see `load_crem`)."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    processor = _saved_processor(path)
+    with open(find_adapter_config_file(path), encoding="utf-8") as handle:
+        settings = json.load(handle)
+    base_path = os.fspath(base_model) if base_model is not None else settings.get("base_model_name_or_path")
+    if not base_path:
+        raise ValueError(f"The adapter in {path} names no base model; pass base_model (--base-model).")
+    base_kind = checkpoint_kind(base_path)
+    if base_kind == "adapter":
+        raise ValueError(f"The base {base_path} of the adapter in {path} is itself an adapter; pass its base model.")
+    if base_kind == "qwen2_vl":
+        base = CREMForEmbeddingAndGeneration.from_qwen2vl(base_path, processor, **from_pretrained_kwargs)
+    else:
+        base = CREMForEmbeddingAndGeneration.from_pretrained(base_path, **from_pretrained_kwargs)
+    adapter_chorus = (settings.get("trainable_token_indices") or {}).get("embed_tokens")
+    if adapter_chorus is not None and list(adapter_chorus) != list(base.config.chorus_token_ids):
+        raise ValueError(
+            f"The adapter trains chorus ids {adapter_chorus} but the base {base_path} has "
+            f"{base.config.chorus_token_ids}: the adapter does not belong to this base."
+        )
+    if processor.chorus_token_ids != base.config.chorus_token_ids:
+        raise ValueError(
+            f"The processor in {path} (chorus ids {processor.chorus_token_ids}) and the base {base_path} "
+            f"({base.config.chorus_token_ids}) disagree on the chorus ids."
+        )
+    try:
+        model = PeftModel.from_pretrained(base, path)
+    except RuntimeError as error:  # size mismatches of LoRA matrices
+        raise ValueError(f"The adapter in {path} does not fit the base {base_path}: {error}") from error
+    # peft only warns about adapter weights it could not place: compare what was saved with what the model holds.
+    saved, held = load_peft_weights(path), get_peft_model_state_dict(model)
+    missing, unexpected = sorted(set(held) - set(saved)), sorted(set(saved) - set(held))
+    differ = sorted(k for k in set(saved) & set(held) if not saved[k].to(held[k]).equal(held[k]))
+    if missing or unexpected or differ:
+        raise ValueError(
+            f"The adapter in {path} does not load exactly on {base_path}: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}, not loaded {differ[:4]}."
+        )
+    return (model.merge_and_unload() if merge else model), processor

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, Qwen2VLForConditionalGeneration
+from transformers import DynamicCache, PreTrainedConfig, Qwen2VLForConditionalGeneration
 from transformers.cache_utils import DynamicLayer
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.generation.utils import GenerateOutput
 from transformers.utils import ModelOutput
 
@@ -49,6 +50,29 @@ _CHORUS_INIT_NOISE = 1.0
 _CHORUS_INIT_SEED = 0
 # Qwen2VLConfig keys that describe the class, not the model.
 _CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version")
+# from_pretrained keywords that say where a config is read from (what reading it a second time needs).
+_CONFIG_SOURCE_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
+_CONVERT_HINT = (
+    "convert it with crem_hf.load_crem(path) or CREMForEmbeddingAndGeneration.from_qwen2vl(path, processor) "
+    "(a CREMProcessor with the chorus tokens)"
+)
+
+
+def _raise_on_inexact_load(info: dict[str, list], source: Any) -> None:
+    """Refuse a load that left any weight missing, unexpected or of the wrong shape (transformers only warns)."""
+    problems = {
+        "missing": info.get("missing_keys") or [],
+        "unexpected": info.get("unexpected_keys") or [],
+        "mismatched": [key[0] if isinstance(key, tuple) else key for key in info.get("mismatched_keys") or []],
+        "failed": info.get("error_msgs") or [],
+    }
+    found = {kind: sorted(map(str, keys)) for kind, keys in problems.items() if keys}
+    if found:
+        listed = "; ".join(
+            f"{len(keys)} {kind} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+            for kind, keys in found.items()
+        )
+        raise ValueError(f"Loading {source} is not exact: {listed}. The weights do not belong to this model.")
 
 
 @dataclass
@@ -185,11 +209,24 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             model_or_path: a `Qwen2VLForConditionalGeneration` or a path/Hub id of one (old and new key layouts).
             processor: the `CREMProcessor` that will feed the model.
             **from_pretrained_kwargs: passed to `Qwen2VLForConditionalGeneration.from_pretrained` for a path.
+        Raises:
+            ValueError: a checkpoint whose weights do not all load exactly (missing, unexpected or mismatched keys),
+                a CREM model or folder (its chorus rows would be replaced: load it with `from_pretrained`), or a
+                processor whose special-token ids differ from the model's.
         """
         if isinstance(model_or_path, (str, os.PathLike)):
-            base = Qwen2VLForConditionalGeneration.from_pretrained(model_or_path, **from_pretrained_kwargs)
+            base, info = Qwen2VLForConditionalGeneration.from_pretrained(
+                model_or_path, output_loading_info=True, **from_pretrained_kwargs
+            )
+            _raise_on_inexact_load(info, model_or_path)
         else:
             base = model_or_path
+        if isinstance(base, CREMForEmbeddingAndGeneration) or getattr(base.config, "chorus_token_ids", None):
+            raise ValueError(
+                f"{model_or_path if isinstance(model_or_path, (str, os.PathLike)) else 'The model'} is already a CREM "
+                "model (it has chorus tokens): load a CREM folder with CREMForEmbeddingAndGeneration.from_pretrained "
+                "or crem_hf.load_crem; from_qwen2vl would replace its chorus rows."
+            )
         updates = processor.model_config_updates()
         for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
             if getattr(base.config, key) != updates[key]:
@@ -213,6 +250,50 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         model.train(base.training)
         model._init_chorus_rows()
         return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs):
+        """
+        Load a saved CREM folder (weights in either key layout: `model.language_model.*` / `model.visual.*`, or the
+        older `model.*` / `visual.*` of Hub Qwen2-VL checkpoints). As `PreTrainedModel.from_pretrained`, but exact:
+        a missing, unexpected or mismatched weight is an error, not a warning.
+
+        Raises:
+            ValueError: a plain Qwen2-VL checkpoint (it has no chorus tokens: convert it with
+                `crem_hf.load_crem(path)` or `CREMForEmbeddingAndGeneration.from_qwen2vl(path, processor)`), another
+                model type, or weights that do not load exactly.
+        """
+        config = kwargs.get("config")
+        if isinstance(config, PreTrainedConfig):
+            kind, chorus_ids = config.model_type, getattr(config, "chorus_token_ids", None)
+        elif pretrained_model_name_or_path is not None:
+            source = {k: kwargs[k] for k in _CONFIG_SOURCE_KWARGS if k in kwargs}
+            values, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **source)
+            kind, chorus_ids = values.get("model_type"), values.get("chorus_token_ids")
+        else:
+            kind, chorus_ids = CREMConfig.model_type, True  # a state_dict and no config: nothing to check up front
+        if kind != CREMConfig.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a {kind!r} checkpoint, not a CREM folder. A Qwen2-VL checkpoint "
+                f"has no chorus tokens: {_CONVERT_HINT}."
+            )
+        if not chorus_ids:
+            raise ValueError(f"{pretrained_model_name_or_path} has no chorus_token_ids in its config: {_CONVERT_HINT}.")
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        _raise_on_inexact_load(info, pretrained_model_name_or_path)
+        return (model, info) if return_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """
+        As `PreTrainedModel.save_pretrained`, in this model's own key layout (`model.language_model.*`) by default:
+        the older layout that transformers writes for Qwen2-VL would not reload through code that reads the
+        weights by name (the Trainer's resume of a full fine-tuning run). Both layouts load.
+        """
+        kwargs.setdefault("save_original_format", False)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_chorus_rows(self) -> None:
         """
@@ -797,3 +878,11 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
 
 
 CREMForEmbeddingAndGeneration.register_for_auto_class("AutoModel")
+# transformers renames Qwen2-VL's older key layout (`model.layers.*`, `visual.*`) while loading, but not for classes
+# defined outside it unless their name is registered. Registering here also covers the Hub remote-code copy, so CREM
+# folders in either layout load exactly on every path.
+register_checkpoint_conversion_mapping(
+    CREMForEmbeddingAndGeneration.__name__,
+    get_checkpoint_conversion_mapping("Qwen2VLForConditionalGeneration"),
+    overwrite=True,
+)

@@ -124,7 +124,8 @@ class CREMProcessor(Qwen2VLProcessor):
         self.image_instruction = image_instruction
         self.max_length = max_length
         self.upscale_small_images = upscale_small_images
-        missing = [t for t in self.chorus_tokens if t not in tokenizer.get_vocab()]
+        vocabulary = tokenizer.get_vocab()  # one copy: a real vocabulary has 151k entries
+        missing = [t for t in self.chorus_tokens if t not in vocabulary]
         if missing:
             raise ValueError(
                 f"The tokenizer lacks the chorus tokens {missing[:3]}...; build the processor with "

