@@ -324,14 +324,26 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
 
     def chorus_layout(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> ChorusLayout:
         """
-        Find the chorus block and the compressed span of every row.
+        Find the chorus block, the kept prefix and the compressed span of every row, from the prompt's structure.
+
+        The rule, which is the layout `CREMProcessor` builds (it tokenises user content as text, so the only special
+        ids in a row are the template's and the chorus block's):
+
+        * the chorus block is the one run of the N chorus ids, complete, contiguous and in order;
+        * with `compression_keep_prefix`, the kept prefix ends with the header of the turn that holds the chorus
+          block: the last `<|im_start|>` (`turn_start_token_id`) before the block and the `turn_header_length`
+          tokens after it (`user`, `\\n`). The compressed span runs from there to the block. Without it, the span
+          is everything before the block.
+
+        A row that breaks the rule is refused, never given another span.
 
         Args:
             input_ids: `(batch_size, sequence_length)`.
             attention_mask: `(batch_size, sequence_length)` 2-D padding mask (1 = token), optional.
         Raises:
-            ValueError: when a row lacks the complete chorus block (in order, contiguous) or the config has no
-                chorus ids.
+            ValueError: the config has no chorus ids; a row lacks the complete chorus block (in order, contiguous) or
+                holds extra chorus ids; with `compression_keep_prefix`, a row has no `<|im_start|>` before its
+                chorus block, or its turn header runs into the chorus block or holds image, vision or chorus tokens.
         """
         chorus_ids = self.config.chorus_token_ids
         if not chorus_ids:
@@ -344,32 +356,52 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
                 "input_ids of shape (batch_size, sequence_length) are required to locate the chorus block."
             )
         length = input_ids.shape[1]
+        device = input_ids.device
         n = len(chorus_ids)
-        chorus = torch.tensor(chorus_ids, device=input_ids.device)
-        is_chorus = torch.isin(input_ids, chorus)
-        if attention_mask is not None:
-            is_chorus &= attention_mask.bool()
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        chorus = torch.tensor(chorus_ids, device=device)
+        is_chorus = torch.isin(input_ids, chorus) & real
         counts = is_chorus.sum(1)
         start = torch.where(counts > 0, is_chorus.to(torch.int8).argmax(1), torch.zeros_like(counts))
-        window = (start[:, None] + torch.arange(n, device=input_ids.device)).clamp(max=length - 1)
+        window = (start[:, None] + torch.arange(n, device=device)).clamp(max=length - 1)
         in_order = (input_ids.gather(1, window) == chorus[None]).all(1)
         bad = ((counts != n) | ~in_order).nonzero().flatten().tolist()
         if bad:
             raise ValueError(
                 f"Rows {bad} do not hold the {n} chorus tokens as one contiguous block in order (found "
-                f"{counts[bad].tolist()} chorus tokens). Build inputs with CREMProcessor; with truncation, make sure "
-                "max_length leaves room for the chorus block."
+                f"{counts[bad].tolist()} chorus tokens). Build inputs with CREMProcessor, which tokenises user text "
+                "as text (it cannot add chorus ids); with truncation, make sure max_length leaves room for the block."
             )
         end = start + n
-        if self.config.compression_keep_prefix:
-            idx = torch.arange(length, device=input_ids.device)
-            turn_starts = (input_ids == self.config.turn_start_token_id) & (idx[None] < start[:, None])
-            last_turn = torch.where(turn_starts, idx[None], torch.full_like(input_ids, -1)).max(1).values
-            header_end = last_turn + 1 + self.config.turn_header_length
-            span_start = torch.where(last_turn >= 0, header_end.clamp(max=start), torch.zeros_like(start))
-        else:
-            span_start = torch.zeros_like(start)
-        return ChorusLayout(chorus_start=start, chorus_end=end, span_start=span_start)
+        if not self.config.compression_keep_prefix:
+            return ChorusLayout(chorus_start=start, chorus_end=end, span_start=torch.zeros_like(start))
+        idx = torch.arange(length, device=device)
+        turn_starts = (input_ids == self.config.turn_start_token_id) & real & (idx[None] < start[:, None])
+        last_turn = torch.where(turn_starts, idx[None], torch.full_like(input_ids, -1)).max(1).values
+        header_end = last_turn + 1 + self.config.turn_header_length
+        # The header must be plain text of the turn (e.g. `user`, `\\n`): no structure token, and before the block.
+        structure = [self.config.turn_start_token_id, self.config.image_token_id, self.config.video_token_id]
+        structure += [self.config.vision_start_token_id, self.config.vision_end_token_id, *chorus_ids]
+        header = (last_turn[:, None] + 1 + torch.arange(self.config.turn_header_length, device=device)).clamp(
+            min=0, max=length - 1
+        )
+        header_ok = ~torch.isin(input_ids.gather(1, header), torch.tensor(structure, device=device)).any(1)
+        no_turn = (last_turn < 0).nonzero().flatten().tolist()
+        broken = ((last_turn >= 0) & ((header_end > start) | ~header_ok)).nonzero().flatten().tolist()
+        if no_turn or broken:
+            raise ValueError(
+                f"Rows {no_turn or broken} "
+                + (
+                    f"have no turn start (id {self.config.turn_start_token_id}, <|im_start|>) before the chorus block"
+                    if no_turn
+                    else f"have a turn header of {self.config.turn_header_length} tokens after their last "
+                    "<|im_start|> that runs into the chorus block or holds image, vision or chorus tokens"
+                )
+                + ", so the kept prefix cannot be located. Build inputs with CREMProcessor and a role-based chat "
+                "template (Qwen2-VL-Instruct's), or set config.compression_keep_prefix=False to compress everything "
+                "before the chorus block."
+            )
+        return ChorusLayout(chorus_start=start, chorus_end=end, span_start=header_end)
 
     def build_compression_mask(
         self,
