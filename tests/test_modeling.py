@@ -223,12 +223,13 @@ def test_forward_returns_embeddings_and_sparse_lm_loss(model, processor, images)
         questions=["What is it?", "And this?"], images=images, answers=["a cat", "two"]
     )
     with torch.no_grad():
-        out = model(**batch, compress=torch.tensor([True, False]), return_embeddings=True)
+        out = model(**batch, compress=torch.tensor([True, False]), return_embeddings=True, supervised_logits_only=True)
         reference = model.get_embedding(**{k: v for k, v in batch.items() if k != "labels"})
         compressed = model(**batch, compress=True)
         native = model(**batch, compress=False)
     supervised = int((batch["labels"][:, 1:] != -100).sum())
-    assert out.logits.shape == (supervised, model.config.text_config.vocab_size)
+    assert out.supervised_logits.shape == (supervised, model.config.text_config.vocab_size)
+    assert out.logits is None
     assert torch.allclose(out.embeddings, reference, atol=1e-6)
     # A mixed batch is the compressed row's loss and the native row's loss combined.
     assert not torch.allclose(compressed.loss, native.loss)

@@ -136,9 +136,9 @@ def test_compressed_samples_use_the_compression_mask(model, processor, data):
     batch = collator.generation_batch(generation[:4], step=step)
     flags = batch.pop("compress")
     with torch.no_grad():
-        mixed = model(**batch, compress=flags).logits
-        compressed = model(**batch, compress=True).logits
-        native = model(**batch, compress=False).logits
+        mixed = model(**batch, compress=flags, supervised_logits_only=True).supervised_logits
+        compressed = model(**batch, compress=True, supervised_logits_only=True).supervised_logits
+        native = model(**batch, compress=False, supervised_logits_only=True).supervised_logits
     rows = torch.arange(4).repeat_interleave((batch["labels"][:, 1:] != -100).sum(1))
     for row in range(4):
         expected = compressed if flags[row] else native

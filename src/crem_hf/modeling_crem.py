@@ -15,16 +15,21 @@ Terms used below, per sample (one row of ``input_ids``, left padded)::
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedConfig, Qwen2VLForConditionalGeneration
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.generation.configuration_utils import GenerationConfig
 from transformers.generation.utils import GenerateOutput
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_crem import CREMConfig
 
@@ -76,38 +81,46 @@ def _raise_on_inexact_load(info: dict[str, list], source: Any) -> None:
 
 
 @dataclass
-class CREMOutput(ModelOutput):
+class CREMOutput(MultimodalCausalLMOutputWithPast):
     """
-    Output of [`CREMForEmbeddingAndGeneration.forward`].
+    Output of [`CREMForEmbeddingAndGeneration.forward`]: every field of Qwen2-VL's
+    `MultimodalCausalLMOutputWithPast`, with the same meaning, then CREM's own fields. As a tuple
+    (`return_dict=False`) the non-`None` fields come in this order, so Qwen2-VL's come first.
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*):
-            The LM loss (same value as `lm_loss`), returned when `labels` is given.
-        lm_loss (`torch.FloatTensor` of shape `()`, *optional*):
-            Mean cross-entropy over the supervised (label != -100) tokens, or their sum divided by
-            `num_items_in_batch` when that is given.
-        logits (`torch.FloatTensor`):
-            Without `labels`: `(batch_size, kept_length, vocab_size)`, where `kept_length` follows `logits_to_keep`.
-            With `labels`: `(num_supervised_tokens, vocab_size)`, the logits of the supervised positions only, in
-            row-major order (no full `batch x length x vocab` tensor is built).
-        embeddings (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
-            Pooled chorus embeddings (as `get_embedding`), returned when `return_embeddings=True`.
+            The LM loss, returned when `labels` is given: next-token cross-entropy over the labelled (label != -100)
+            positions, their mean, or their sum divided by `num_items_in_batch` when that is given (Qwen2-VL's loss).
+        logits (`torch.FloatTensor` of shape `(batch_size, kept_length, vocab_size)`, *optional*):
+            LM-head scores, `kept_length` following `logits_to_keep` (as Qwen2-VL), with or without `labels`. `None`
+            on the embedding-only path (`return_embeddings=True` without labels) and with
+            `supervised_logits_only=True`.
         cache (`transformers.Cache`, *optional*):
-            Key/value cache, when `use_cache=True`.
+            Key/value cache: as Qwen2-VL when no row is compressed; with `compress`, `return_embeddings` or
+            `supervised_logits_only` only when `use_cache=True`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Per-layer hidden states `(batch_size, sequence_length, hidden_size)`, when `output_hidden_states=True`.
         attentions (`tuple(torch.FloatTensor)`, *optional*):
             Per-layer attention weights `(batch_size, num_heads, sequence_length, sequence_length)`, when
             `output_attentions=True` (eager attention only).
+        image_outputs (`BaseModelOutputWithPooling`, *optional*):
+            The vision encoder's output, when images were encoded.
+        video_outputs (`BaseModelOutputWithPooling`, *optional*):
+            The vision encoder's output for videos, when videos were encoded.
+        audio_outputs (*optional*):
+            Always `None` (Qwen2-VL has no audio encoder).
+        lm_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            The same tensor as `loss` (CREM's forward computes no other loss), under the name the trainer logs.
+        supervised_logits (`torch.FloatTensor` of shape `(num_supervised_tokens, vocab_size)`, *optional*):
+            With `supervised_logits_only=True`: the logits of the positions whose next token is labelled, in
+            row-major order. No full `batch x length x vocab` tensor is built.
+        embeddings (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
+            Pooled chorus embeddings (as `get_embedding`), returned when `return_embeddings=True`.
     """
 
-    loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
+    supervised_logits: torch.FloatTensor | None = None
     embeddings: torch.FloatTensor | None = None
-    cache: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -188,6 +201,10 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
 
     config_class = CREMConfig
     config: CREMConfig
+    #: Most query tokens one forward of a compressed prefill (`compress`, `generate(compress=...)`,
+    #: `generate(context=...)`) runs; longer prompts run in chunks of this size, so the attention mask and scores are
+    #: `chunk x keys` rather than `length x length`. Set it on an instance to trade speed for memory.
+    prefill_chunk_size: int = 1024
 
     # ------------------------------------------------------------------ construction
 
@@ -409,6 +426,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         attention_mask: torch.Tensor | None = None,
         compress: bool | torch.Tensor = True,
         layout: ChorusLayout | None = None,
+        queries: slice | None = None,
     ) -> torch.Tensor:
         """
         The compression-aware attention mask: causal and padding-aware, and in compressed rows the tokens after the
@@ -419,9 +437,12 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             attention_mask: `(batch_size, sequence_length)` 2-D padding mask, optional.
             compress: `True`/`False` for every row, or a bool tensor `(batch_size,)`.
             layout: the rows' [`ChorusLayout`], computed when not given.
+            queries: only the mask rows of these query positions `[start, stop)`, over the keys `[0, stop)` (what
+                a chunked prefill needs: memory `chunk x stop`, not `length x length`). Default: all positions.
         Returns:
-            Additive float mask `(batch_size, 1, sequence_length, sequence_length)` in the model's dtype: 0 where
-            attention is allowed, the dtype's minimum elsewhere (the form both eager and sdpa attention take).
+            Additive float mask `(batch_size, 1, num_queries, num_keys)` in the model's dtype (both
+            `sequence_length` by default): 0 where attention is allowed, the dtype's minimum elsewhere (the form both
+            eager and sdpa attention take).
         """
         if self.config._attn_implementation not in _MASKABLE_ATTENTION:
             raise ValueError(
@@ -431,16 +452,18 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         batch, length = input_ids.shape
         device = input_ids.device
         layout = layout if layout is not None else self.chorus_layout(input_ids, attention_mask)
-        compress = torch.as_tensor(compress, dtype=torch.bool, device=device).expand(batch)
-        idx = torch.arange(length, device=device)
-        allowed = (idx[:, None] >= idx[None, :])[None].expand(batch, length, length)
+        compress = self._compress_flags(compress, batch, device)
+        start, stop, _ = (queries or slice(0, length)).indices(length)
+        rows = torch.arange(start, stop, device=device)
+        keys = torch.arange(stop, device=device)
+        allowed = (rows[:, None] >= keys[None, :])[None].expand(batch, -1, -1)
         if attention_mask is not None:
-            allowed = allowed & attention_mask.bool()[:, None, :]
-        after_chorus = idx[None, :, None] >= layout.chorus_end[:, None, None]
-        hidden_keys = layout.compressed_span(length)[:, None, :]
+            allowed = allowed & attention_mask.bool()[:, None, :stop]
+        after_chorus = rows[None, :, None] >= layout.chorus_end[:, None, None]
+        hidden_keys = layout.compressed_span(stop)[:, None, :]
         allowed = allowed & ~(compress[:, None, None] & after_chorus & hidden_keys)
         # Every row keeps itself, so padding rows never see an all-masked row.
-        allowed = allowed | torch.eye(length, dtype=torch.bool, device=device)[None]
+        allowed = allowed | (rows[:, None] == keys[None, :])[None]
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
         return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[:, None]
 
@@ -536,16 +559,45 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             image_grid_thw=image_grid_thw,
             mm_token_type_ids=mm_token_type_ids,
             return_embeddings=True,
+            return_dict=True,
         ).embeddings
 
     # ------------------------------------------------------------------ forward
 
+    @staticmethod
+    def _compress_flags(
+        compress: bool | torch.Tensor | None, batch_size: int, device: torch.device | None = None
+    ) -> torch.BoolTensor | None:
+        """
+        Check `compress` and give it as one flag per row: `None` stays `None`; a `bool` or a bool tensor of shape
+        `(batch_size,)` becomes a bool tensor `(batch_size,)`. Anything else (strings, ints, other shapes or dtypes)
+        is a TypeError/ValueError: a truthy non-bool must not silently switch compression on.
+        """
+        if compress is None:
+            return None
+        if isinstance(compress, bool):
+            return torch.full((batch_size,), compress, dtype=torch.bool, device=device)
+        if not isinstance(compress, torch.Tensor) or compress.dtype != torch.bool:
+            described = f"a tensor of dtype {compress.dtype}" if isinstance(compress, torch.Tensor) else repr(compress)
+            raise TypeError(
+                f"compress must be None, a bool, or a bool tensor of shape (batch_size,) = ({batch_size},); got "
+                f"{described} ({type(compress).__name__})."
+            )
+        if tuple(compress.shape) != (batch_size,):
+            raise ValueError(
+                f"compress must be a bool tensor of shape (batch_size,) = ({batch_size},), one flag per row; got "
+                f"shape {tuple(compress.shape)}."
+            )
+        return compress.to(device) if device is not None else compress
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -555,30 +607,42 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         video_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict | None = None,
         compress: bool | torch.Tensor | None = None,
         return_embeddings: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-        **kwargs,
-    ) -> CREMOutput:
+        supervised_logits_only: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | CREMOutput:
         """
-        Qwen2-VL's forward, plus compression-aware attention, sparse LM logits and the chorus embedding.
+        Qwen2-VL's forward, plus compression-aware attention, the chorus embedding and sparse LM logits.
+
+        Without `compress` (or with no row compressed), `return_embeddings` and `supervised_logits_only` this is
+        exactly `Qwen2VLForConditionalGeneration.forward`: same loss, logits, cache and other outputs.
 
         Args:
             compress (`bool` or `torch.BoolTensor` of shape `(batch_size,)`, *optional*):
                 Compress these rows: tokens after the chorus block may not attend to the image or the input text
-                (the rows need the chorus block). `None` or `False`: plain causal attention.
+                (the rows need the chorus block). `None` or `False`: plain causal attention. Other types are refused.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                Next-token targets (-100 = no loss). Logits are computed only at supervised positions.
+                Next-token targets (-100 = no loss), as Qwen2-VL: `loss` is its loss and `logits` stays
+                `(batch_size, kept_length, vocab_size)`.
             return_embeddings (`bool`): return the pooled chorus embedding (`embeddings`). Without `labels` this is the
                 embedding path of `get_embedding`: it stops at the chorus block and computes no logits.
-            num_items_in_batch: divide the summed token loss by this count (gradient accumulation) instead of the
-                number of supervised tokens.
+            supervised_logits_only (`bool`): with `labels`, compute the LM head only at the labelled positions and
+                return those logits as `supervised_logits` `(num_supervised_tokens, vocab_size)` (`logits` is then
+                `None`): the training path, which never builds the `batch x length x vocab` tensor.
+            **kwargs: as Qwen2-VL (`output_attentions`, `output_hidden_states`, `num_items_in_batch` (the loss is
+                then the summed token loss divided by it), `return_dict`, ...).
             Other arguments: as `Qwen2VLForConditionalGeneration.forward`.
         Returns:
-            [`CREMOutput`].
+            [`CREMOutput`], or its tuple with `return_dict=False`.
         """
-        plain = compress is None and labels is None and not return_embeddings
-        if plain:
+        if supervised_logits_only and labels is None:
+            raise ValueError("supervised_logits_only=True needs labels: it returns the logits of labelled positions.")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        flags = self._compress_flags(compress, reference.shape[0] if reference is not None else 0)
+        compressing = flags is not None and bool(flags.any())
+        if not (compressing or return_embeddings or supervised_logits_only):
             # Exactly Qwen2-VL (the path `generate` takes).
             out = super().forward(
                 input_ids=input_ids,
@@ -586,6 +650,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
                 position_ids=position_ids,
                 cache=cache,
                 inputs_embeds=inputs_embeds,
+                labels=labels,
                 use_cache=use_cache,
                 pixel_values=pixel_values,
                 pixel_values_videos=pixel_values_videos,
@@ -593,26 +658,32 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
                 video_grid_thw=video_grid_thw,
                 mm_token_type_ids=mm_token_type_ids,
                 logits_to_keep=logits_to_keep,
+                mm_encoder_outputs=mm_encoder_outputs,
+                return_dict=True,
                 **kwargs,
             )
-            return CREMOutput(
-                logits=out.logits, cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions
-            )
+            return CREMOutput(**out, lm_loss=out.loss)
         if input_ids is None:
-            raise ValueError("compress, labels and return_embeddings need input_ids (to find the chorus block).")
+            raise ValueError(
+                "compress, return_embeddings and supervised_logits_only need input_ids (to find the chorus block); "
+                "inputs_embeds alone are not enough."
+            )
         if pixel_values_videos is not None:
-            raise ValueError("CREM does not support video inputs with compress, labels or return_embeddings.")
+            raise ValueError(
+                "CREM does not support video inputs with compress, return_embeddings or supervised_logits_only."
+            )
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("forward with compress/labels starts from an empty cache; use generate(compress=True).")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.ndim != 2:
             raise ValueError("attention_mask must be the 2-D padding mask; the 4-D mask is built from `compress`.")
-        self._check_images(input_ids, pixel_values, image_grid_thw)
+        if mm_encoder_outputs is None:
+            self._check_images(input_ids, pixel_values, image_grid_thw)
         use_cache = bool(use_cache)  # no cache unless asked: this path serves training and embedding
         embedding_only = return_embeddings and labels is None and not use_cache
         # The chorus rows are causal, so the embedding is the same under any mask: no 4-D mask is needed for it.
-        compressing = not embedding_only and compress is not None and bool(torch.as_tensor(compress).any())
+        compressing = compressing and not embedding_only
         layout = self.chorus_layout(input_ids, attention_mask) if compressing or return_embeddings else None
         if position_ids is None:
             position_ids = self.compute_position_ids(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
@@ -623,9 +694,8 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             if not (input_ids[:, stop:] == self.config.image_token_id).any():
                 input_ids, attention_mask = input_ids[:, :stop], attention_mask[:, :stop]
                 position_ids = position_ids[..., :stop]
-        mask = (
-            self.build_compression_mask(input_ids, attention_mask, compress, layout) if compressing else attention_mask
-        )
+                inputs_embeds = inputs_embeds[:, :stop] if inputs_embeds is not None else None
+        mask = self.build_compression_mask(input_ids, attention_mask, flags, layout) if compressing else attention_mask
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -635,35 +705,49 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             use_cache=use_cache,
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
+            mm_encoder_outputs=mm_encoder_outputs,
+            return_dict=True,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
-        loss = None
-        logits = None
-        if labels is not None:
-            logits, loss = self._supervised_logits_and_loss(hidden, labels, num_items_in_batch)
+        loss = logits = supervised_logits = None
+        if supervised_logits_only:
+            supervised_logits, loss = self._supervised_logits_and_loss(hidden, labels, kwargs.get("num_items_in_batch"))
         elif not embedding_only:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep])
+            if labels is not None:
+                loss = self.loss_function(
+                    logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                )
         return CREMOutput(
             loss=loss,
-            lm_loss=loss,
             logits=logits,
-            embeddings=self.pool_chorus(hidden, layout) if return_embeddings else None,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
+            lm_loss=loss,
+            supervised_logits=supervised_logits,
+            embeddings=self.pool_chorus(hidden, layout) if return_embeddings else None,
         )
 
     def _supervised_logits_and_loss(
         self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: torch.Tensor | int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits `(num_supervised, vocab)` at the positions whose next token is labelled, and the LM loss."""
-        targets = labels[:, 1:]
+        """
+        Logits `(num_supervised, vocab)` at the positions whose next token is labelled, and the LM loss: the same
+        value as Qwen2-VL's loss (the summed token cross-entropy in float32, over the number of labelled tokens or
+        `num_items_in_batch`), except that no labelled token at all gives 0 rather than NaN.
+        """
+        targets = labels[:, 1:].to(hidden.device)
         supervised = targets != IGNORE_INDEX
         logits = self.lm_head(hidden[:, :-1][supervised])
         total = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
         denominator = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp(min=1)
+        if isinstance(denominator, torch.Tensor):
+            denominator = denominator.to(total.device)
         return logits, total / denominator
 
     # ------------------------------------------------------------------ generation
@@ -686,6 +770,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         image_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         prefill_last: bool = True,
+        rows: torch.BoolTensor | None = None,
     ) -> CREMCompressedContext:
         """
         Prefill a prompt under compression-aware attention and keep only its kept slots (kept prefix, chorus block,
@@ -695,6 +780,9 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         `generate(context=..., **processor.process_followups(questions))` then answers any number of questions from
         it without running the image again.
 
+        The prompt runs in chunks of at most `prefill_chunk_size` query tokens, so memory grows linearly with its
+        length (no `length x length` mask or attention scores); the result is the same as one pass.
+
         Args:
             input_ids: `(batch_size, sequence_length)`, left padded, each row holding the chorus block (followed by
                 at least one token when `prefill_last=False`).
@@ -702,6 +790,8 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             pixel_values, image_grid_thw, mm_token_type_ids: as the processor returns them.
             prefill_last: also run the last token. With `False` the cache holds every kept slot but the last, which
                 `generate` then runs itself to produce the first new token.
+            rows: `(batch_size,)` bool, the rows to compress; the others keep every slot (native attention).
+                Default: all rows.
         Returns:
             [`CREMCompressedContext`].
         """
@@ -712,7 +802,8 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         self._check_images(input_ids, pixel_values, image_grid_thw)
         if any(layer_type != "full_attention" for layer_type in self.config.text_config.layer_types):
             raise ValueError("KV-cache pruning supports full-attention layers only (no sliding window).")
-        length = input_ids.shape[1]
+        batch, length = input_ids.shape
+        flags = self._compress_flags(True if rows is None else rows, batch, input_ids.device)
         layout = self.chorus_layout(input_ids, attention_mask)
         if not prefill_last and bool((layout.chorus_end >= length).any()):
             raise ValueError(
@@ -720,53 +811,49 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
                 "Build inputs with CREMProcessor.process_generation_inputs, or compress the context first "
                 "(model.compress) and ask questions with generate(context=...)."
             )
+        hidden_span = layout.compressed_span(length) & flags[:, None]
         position_ids = self.compute_position_ids(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
         stop = length if prefill_last else length - 1
-        images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
         cache = DynamicCache(config=self.config)
         split = int(layout.chorus_end[0])
         if bool((layout.chorus_end == split).all()):
             # Every row's chorus block ends at `split`: prefill up to it with plain causal attention (no L x L mask),
             # prune, then run the tail over the kept slots only, which is what the compression mask would allow.
-            index, kept = _pack_left(attention_mask.bool()[:, :split] & ~layout.compressed_span(split))
-            self.model(
-                input_ids=input_ids[:, :split],
-                attention_mask=attention_mask[:, :split],
-                position_ids=position_ids[..., :split],
-                cache=cache,
-                use_cache=True,
-                **images,
+            self._prefill_chunked(
+                cache,
+                position_ids[..., :split],
+                lambda start, end: attention_mask[:, :end],
+                inputs_embeds=self._prompt_embeddings(input_ids[:, :split], pixel_values, image_grid_thw),
             )
+            index, kept = _pack_left(attention_mask.bool()[:, :split] & ~hidden_span[:, :split])
             _select_slots(cache, index)
-            tail = slice(split, stop)
-            if stop > split:
-                self.model(
-                    input_ids=input_ids[:, tail],
-                    attention_mask=torch.cat([kept.long(), attention_mask[:, tail].long()], 1),
-                    position_ids=position_ids[..., tail],
-                    cache=cache,
-                    use_cache=True,
-                )
+            kept_and_tail = torch.cat([kept.long(), attention_mask[:, split:].long()], 1)
+            self._prefill_chunked(
+                cache,
+                position_ids[..., split:stop],
+                lambda start, end: kept_and_tail[:, : kept.shape[1] + end],
+                input_ids=input_ids[:, split:stop],
+            )
             return CREMCompressedContext(
                 cache=cache,
                 input_ids=torch.cat([input_ids.gather(1, index), input_ids[:, split:]], 1),
-                attention_mask=torch.cat([kept.long(), attention_mask[:, split:].long()], 1),
+                attention_mask=kept_and_tail,
                 position_ids=torch.cat(
                     [position_ids.gather(2, index[None].expand(3, -1, -1)), position_ids[..., split:]], 2
                 ),
             )
-        # Rows end their chorus blocks at different slots: one prefill under the compression mask, then prune.
-        mask = self.build_compression_mask(input_ids, attention_mask, True, layout)
-        self.model(
-            input_ids=input_ids[:, :stop],
-            attention_mask=mask[..., :stop, :stop],
-            position_ids=position_ids[..., :stop],
-            cache=cache,
-            use_cache=True,
-            **images,
+        # Rows end their chorus blocks at different slots: prefill under the compression mask (built chunk by chunk,
+        # never whole), then prune.
+        self._prefill_chunked(
+            cache,
+            position_ids[..., :stop],
+            lambda start, end: self.build_compression_mask(
+                input_ids, attention_mask, flags, layout, queries=slice(start, end)
+            ),
+            inputs_embeds=self._prompt_embeddings(input_ids[:, :stop], pixel_values, image_grid_thw),
         )
         # The last token is kept in every row, so after packing it is the last slot of every row.
-        index, kept = _pack_left(attention_mask.bool() & ~layout.compressed_span(length))
+        index, kept = _pack_left(attention_mask.bool() & ~hidden_span)
         _select_slots(cache, index if prefill_last else index[:, :-1])
         return CREMCompressedContext(
             cache=cache,
@@ -775,53 +862,141 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             position_ids=position_ids.gather(2, index[None].expand(3, -1, -1)),
         )
 
+    def _prompt_embeddings(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.LongTensor | None,
+    ) -> torch.Tensor:
+        """
+        Input embeddings `(batch_size, length, hidden_size)` with the image features in the image-token slots, so a
+        prompt can run in chunks that cut through an image.
+        """
+        embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds
+        features = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
+        features = torch.cat(features, 0).to(embeds.device, embeds.dtype)
+        return embeds.masked_scatter((input_ids == self.config.image_token_id)[..., None], features)
+
+    def _prefill_chunked(
+        self,
+        cache: DynamicCache,
+        position_ids: torch.LongTensor,
+        mask_for: Callable[[int, int], torch.Tensor],
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> None:
+        """
+        Run a stretch of a prompt into `cache`, at most `prefill_chunk_size` query tokens per forward: the attention
+        mask and scores are then `chunk x keys`, never `length x length`, and memory stays linear in the length.
+
+        Args:
+            cache: the cache to extend; it holds every key that comes before the stretch.
+            position_ids: `(3, batch_size, length)` of the stretch.
+            mask_for: `mask_for(start, end)`, the attention mask of the stretch's queries `[start, end)` over every
+                key so far (the cached ones and the stretch's first `end`): a 2-D padding mask or a 4-D mask.
+            input_ids: `(batch_size, length)`, or
+            inputs_embeds: `(batch_size, length, hidden_size)`.
+        """
+        chunk = self.prefill_chunk_size
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise ValueError(f"prefill_chunk_size must be a positive int, got {chunk!r}.")
+        length = position_ids.shape[-1]
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            self.model(
+                input_ids=input_ids[:, start:end] if input_ids is not None else None,
+                inputs_embeds=inputs_embeds[:, start:end] if inputs_embeds is not None else None,
+                attention_mask=mask_for(start, end),
+                position_ids=position_ids[..., start:end],
+                cache=cache,
+                use_cache=True,
+                return_dict=True,
+            )
+
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        compress: bool = False,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
+        compress: bool | torch.Tensor | None = None,
         context: CREMCompressedContext | None = None,
         **kwargs,
     ) -> torch.LongTensor | GenerateOutput:
         """
-        Generate an answer natively (`compress=False`: exactly Qwen2-VL's `generate`) or from the chorus tokens
-        alone (`compress=True`).
+        Generate natively (no row compressed: Qwen2-VL's `generate`) or from the chorus tokens alone
+        (`compress=True`).
 
-        With `compress=True` the prompt is prefilled under compression-aware attention, the KV cache is pruned to
-        the kept prefix, the chorus block and the tail (the question), and decoding continues at the original MRoPE
-        positions; the result equals a full forward under the compression mask. Greedy, sampling, beam search and
-        the other `generate` options work in both modes. Chorus ids are never generated.
+        What differs from `Qwen2VLForConditionalGeneration.generate`:
+
+        * The chorus ids are added to `suppress_tokens` in every mode (they are inputs, never outputs). Otherwise,
+          with `compress` unset or `False`, the call and its result are exactly Qwen2-VL's: same arguments, same
+          outputs, same `GenerateOutput` fields.
+        * Only `inputs` and `generation_config` may be passed by position; every other argument is a keyword.
+        * `compress=True` (or a bool tensor `(batch_size,)` choosing rows): the rows' prompts are prefilled under
+          compression-aware attention (in chunks of `prefill_chunk_size` tokens, so memory grows linearly with the
+          prompt), the KV cache is pruned to the kept prefix, the chorus block and the tail (the question), and
+          decoding continues at the original MRoPE positions; the result equals a full forward under the
+          compression mask. Rows whose flag is `False` keep their whole prompt (native attention) in the same call.
+          Greedy, sampling, beam search, `num_return_sequences`, `output_scores`/`output_logits` and
+          `return_dict_in_generate` work; `sequences` start with the caller's prompt. The prompt is prefilled before
+          the generation loop, so the loop's first step runs only the prompt's last token: its
+          `attentions`/`hidden_states` cover that token, over the kept slots, and the returned cache holds the kept
+          slots only. Needs `input_ids` (not `inputs_embeds`), images only (no video, no `mm_encoder_outputs`),
+          left padding, and no `cache` of the caller's. `max_length` counts the original prompt.
+        * `context=` (from [`compress`]): answer follow-up turns from a compressed context, greedy or sampling with
+          one sequence per question; the result holds the follow-up turns and the answers. `compress` is then unset
+          or `True`; a row flagged `False` is refused.
+        * `compress` is `None`, a `bool` or a bool tensor of shape `(batch_size,)`; anything else (a string, an int,
+          another shape or dtype) raises a TypeError/ValueError.
 
         Args:
-            input_ids: `(batch_size, sequence_length)`, left padded.
-            attention_mask: `(batch_size, sequence_length)` 2-D padding mask.
-            compress: answer from the compressed context.
+            inputs: the prompt `(batch_size, sequence_length)`, left padded (or pass `input_ids=`).
+            generation_config: as `GenerationMixin.generate`.
+            compress: `None`/`False` (native), `True` (every row) or a bool tensor `(batch_size,)` (those rows).
             context: a context from `compress` (a prompt ending with the chorus block, of batch 1 or of the
                 questions' batch size); `input_ids` / `attention_mask` are then the follow-up turns
                 (`CREMProcessor.process_followups`), left padded, and the result holds only them and the answers.
-            **kwargs: as `transformers.GenerationMixin.generate` (`pixel_values`, `image_grid_thw`,
-                `mm_token_type_ids`, `max_new_tokens`, `do_sample`, ...).
+            **kwargs: as `transformers.GenerationMixin.generate` (`input_ids`, `attention_mask`, `pixel_values`,
+                `image_grid_thw`, `mm_token_type_ids`, `max_new_tokens`, `do_sample`, ...).
         Returns:
             As `generate`: the prompt followed by the new tokens, `(batch_size * num_return_sequences, length)`, or a
             `GenerateOutput` whose `sequences` are laid out the same way.
         """
+        if generation_config is not None:
+            kwargs["generation_config"] = generation_config
         kwargs = self._chorus_suppressed(kwargs)
+        if inputs is not None and kwargs.get("input_ids") is not None and (compress is not None or context is not None):
+            raise ValueError("Give the prompt once: as `inputs` or as `input_ids`, not both.")
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if context is not None:
-            return self._generate_from_context(context, input_ids, attention_mask, **kwargs)
-        if not compress:
-            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        if input_ids is None:
-            raise ValueError("generate(compress=True) needs input_ids.")
-        if kwargs.get("pixel_values_videos") is not None:
-            raise ValueError("generate(compress=True) does not support video inputs.")
+            flags = self._compress_flags(compress, input_ids.shape[0] if input_ids is not None else 0)
+            if flags is not None and not bool(flags.all()):
+                raise ValueError(
+                    "generate(context=...) answers from a compressed context: leave compress unset (or True)."
+                )
+            kwargs.pop("input_ids", None)
+            return self._generate_from_context(context, input_ids, kwargs.pop("attention_mask", None), **kwargs)
+        reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        flags = self._compress_flags(compress, reference.shape[0] if reference is not None else 0)
+        if flags is None or not bool(flags.any()):
+            return super().generate(inputs, **kwargs)
+        if input_ids is None or input_ids.ndim != 2:
+            raise ValueError("generate(compress=...) needs input_ids (batch_size, sequence_length) to find the chorus.")
+        for key in ("inputs_embeds", "pixel_values_videos", "mm_encoder_outputs", "cache", "past_key_values"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"generate(compress=...) does not take {key}: it builds the compressed cache itself.")
+        kwargs.pop("input_ids", None)
         context = self.compress(
             input_ids,
-            attention_mask,
+            kwargs.pop("attention_mask", None),
             pixel_values=kwargs.pop("pixel_values", None),
             image_grid_thw=kwargs.pop("image_grid_thw", None),
             mm_token_type_ids=kwargs.pop("mm_token_type_ids", None),
             prefill_last=False,
+            rows=None if bool(flags.all()) else flags,
         )
         generation_config = kwargs.get("generation_config", self.generation_config)
         max_length = kwargs.pop("max_length", None)
@@ -892,14 +1067,20 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         # Follow-up tokens continue after the context's last position; their padding sits between the two.
         next_position = ctx_positions[..., -1:] + 1
         offsets = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        positions = next_position + offsets[None]
+        positions = torch.cat([ctx_positions, next_position + offsets[None]], dim=2)
+        full_mask = torch.cat([ctx_mask, attention_mask.long()], dim=1)
+        # All follow-up tokens but the last run here in chunks (linear memory for a long question); generate() runs
+        # the last one itself to produce the first new token.
+        cached = ctx_ids.shape[1]
+        self._prefill_chunked(
+            cache,
+            positions[..., cached:-1],
+            lambda start, end: full_mask[:, : cached + end],
+            input_ids=input_ids[:, :-1],
+        )
         full_ids = torch.cat([ctx_ids, input_ids], dim=1)
         outputs = super().generate(
-            input_ids=full_ids,
-            attention_mask=torch.cat([ctx_mask, attention_mask.long()], dim=1),
-            position_ids=torch.cat([ctx_positions, positions], dim=2),
-            cache=cache,
-            **kwargs,
+            input_ids=full_ids, attention_mask=full_mask, position_ids=positions, cache=cache, **kwargs
         )
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
         answers = torch.cat([input_ids, sequences[:, full_ids.shape[1] :]], dim=1)

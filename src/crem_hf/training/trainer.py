@@ -207,7 +207,8 @@ class CREMTrainer(Trainer):
         supervised = (batch["labels"][:, 1:] != -100).sum()
         # Normalise by the global token count, scaled so that DDP's mean over processes gives the global mean.
         denominator = all_reduce_sum(supervised).clamp(min=1) / world_size()
-        out = model(**batch, compress=compress, num_items_in_batch=denominator)
+        # Sparse logits: the LM head runs on the answer tokens only, never on the whole batch x length.
+        out = model(**batch, compress=compress, num_items_in_batch=denominator, supervised_logits_only=True)
         self._record("compressed_fraction", compress.float().mean())
         return out.loss
 
