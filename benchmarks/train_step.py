@@ -1,0 +1,126 @@
+"""Compressed LM training step: peak memory and time of forward + backward, compressed vs uncompressed.
+
+Every generation row is compressed (the tail may not see the image or the input text) or none is; a third variant
+runs the same compressed step under the dense `batch x L x L` compression mask (the oracle the tests compare with,
+and what training used before compression became pruning). Each configuration runs in its own process, so that the
+process's peak resident memory (`ru_maxrss`, above the level before the step) belongs to that step alone.
+
+    python benchmarks/train_step.py [--device cuda --dtype bfloat16 --attn flash_attention_2]
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from common import arguments, build, image_with_tokens, report
+
+IMAGE_TOKENS = (1280, 4096)
+BATCHES = (4, 8)
+VARIANTS = ("uncompressed", "compressed", "dense mask")
+
+
+def one_step(image_tokens: int, batch_size: int, variant: str, args) -> dict:
+    """Runs in the child process: build, warm up on a small batch, then one forward + backward."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model, processor = build(128, 2, False, image_tokens, args, num_heads=4)
+    model.train()
+
+    def make_batch(size: int, tokens: int) -> dict:
+        images = [image_with_tokens(tokens, seed=i) for i in range(size)]
+        batch = processor.process_generation_inputs(
+            questions=["Which digit is shown?"] * size,
+            images=images,
+            texts=[f"photo {i}" for i in range(size)],
+            answers=["seven"] * size,
+        )
+        return {k: v.to(args.device) for k, v in batch.items()}
+
+    def step(batch: dict) -> None:
+        if variant == "dense mask":
+            inner = {k: v for k, v in batch.items() if k not in ("labels", "attention_mask")}
+            position_ids = model.compute_position_ids(
+                batch["input_ids"], batch["attention_mask"], batch.get("image_grid_thw"), batch["mm_token_type_ids"]
+            )
+            mask = model.build_compression_mask(batch["input_ids"], batch["attention_mask"], True)
+            hidden = model.model(**inner, attention_mask=mask, position_ids=position_ids).last_hidden_state
+            targets = batch["labels"][:, 1:]
+            supervised = targets != -100
+            loss = F.cross_entropy(model.lm_head(hidden[:, :-1][supervised]).float(), targets[supervised])
+        else:
+            compress = True if variant == "compressed" else None
+            loss = model(**batch, compress=compress, supervised_logits_only=True).loss  # the trainer's LM path
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step(make_batch(1, 16))  # warm-up: allocator and kernels
+    batch = make_batch(batch_size, image_tokens)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before_cuda = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    step(batch)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if args.device.startswith("cuda"):
+        peak = (torch.cuda.max_memory_allocated() - before_cuda) / 2**20
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
+    return {"seconds": seconds, "peak_mib": peak, "length": int(batch["input_ids"].shape[1])}
+
+
+def main() -> None:
+    parser = arguments(__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=3, metavar=("IMAGE_TOKENS", "BATCH", "VARIANT"), default=None)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    args = parser.parse_args()
+    if args.child:
+        tokens, batch, variant = int(args.child[0]), int(args.child[1]), args.child[2]
+        print(json.dumps(one_step(tokens, batch, variant, args)))
+        return
+    rows = []
+    shared = ["--device", args.device, "--dtype", args.dtype, "--attn", args.attn]
+    for tokens in IMAGE_TOKENS:
+        for batch in BATCHES:
+            row = {"image tokens": tokens, "batch": batch}
+            for variant in args.variants:
+                out = subprocess.run(
+                    [sys.executable, __file__, *shared, "--child", str(tokens), str(batch), variant],
+                    capture_output=True,
+                    text=True,
+                )
+                if out.returncode != 0:
+                    row[f"{variant} peak MiB"] = row[f"{variant} step s"] = "failed"
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    continue
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                row["length"] = result["length"]
+                row[f"{variant} peak MiB"] = result["peak_mib"]
+                row[f"{variant} step s"] = result["seconds"]
+            for variant in args.variants[1:]:
+                if isinstance(row.get(f"{variant} peak MiB"), float) and isinstance(
+                    row.get("uncompressed peak MiB"), float
+                ):
+                    row[f"{variant} / uncompressed memory"] = row[f"{variant} peak MiB"] / row["uncompressed peak MiB"]
+                    row[f"{variant} / uncompressed time"] = row[f"{variant} step s"] / row["uncompressed step s"]
+            rows.append(row)
+            print(row, flush=True)
+    notes = (
+        "One LM training step (forward + backward, labels on the answer) on the tiny model's vision tower and a "
+        "h128, 2-layer language model; every row compressed, or none. Peak = resident-memory high-water mark above "
+        "the level before the step (CPU) or peak allocated memory (CUDA). Targets: compressed <= 1.05x memory and "
+        "<= 1.1x time of the uncompressed step."
+    )
+    report("train_step", args, rows, notes)
+
+
+if __name__ == "__main__":
+    main()
