@@ -63,10 +63,18 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     retrieval_data: list[str] | None = field(
-        default=None, metadata={"help": "MMEB-train json/jsonl/parquet or Hub name."}
+        default=None,
+        metadata={
+            "help": "MMEB-train json/jsonl/parquet file(s), a local copy of MMEB-train (a folder of "
+            "<subset>/original-*.parquet) or a Hub name."
+        },
     )
-    retrieval_subset: str | None = None
-    retrieval_split: str = "original"
+    retrieval_subset: list[str] | None = field(
+        default=None, metadata={"help": "Subset(s) of a --retrieval_data folder (default: all) or Hub dataset."}
+    )
+    retrieval_split: str = field(
+        default="original", metadata={"help": "MMEB-train split: original or diverse_instruction."}
+    )
     retrieval_image_root: str | None = None
     generation_data: list[str] | None = field(
         default=None, metadata={"help": "LLaVA-form json/jsonl/parquet or Hub name."}
@@ -77,6 +85,10 @@ class DataArguments:
         default=False, metadata={"help": "Each step's retrieval rows come from one --retrieval_data file (subset)."}
     )
     on_bad_row: str = field(default="skip", metadata={"help": "skip (counted, with a warning) or raise."})
+    allow_paths_outside_image_root: bool = field(
+        default=False,
+        metadata={"help": "Accept image paths that leave the image root (absolute, or with ../); else bad rows."},
+    )
     preprocessing_num_proc: int | None = None
 
 
@@ -110,14 +122,18 @@ def main(argv: list[str] | None = None) -> dict:
         model.enable_input_require_grads()
 
     reports, retrieval, generation = [], None, None
-    read = {"on_bad_row": data_args.on_bad_row, "num_proc": data_args.preprocessing_num_proc}
+    read = {
+        "on_bad_row": data_args.on_bad_row,
+        "num_proc": data_args.preprocessing_num_proc,
+        "allow_outside_root": data_args.allow_paths_outside_image_root,
+    }
     with training_args.main_process_first(desc="reading data"):
         if data_args.retrieval_data:
             retrieval, report = load_retrieval_pairs(
                 _source(data_args.retrieval_data),
                 image_root=data_args.retrieval_image_root,
                 split=data_args.retrieval_split,
-                subset=data_args.retrieval_subset,
+                subset=_source(data_args.retrieval_subset) if data_args.retrieval_subset else None,
                 **read,
             )
             reports.append(report)
@@ -139,11 +155,14 @@ def main(argv: list[str] | None = None) -> dict:
         seed=training_args.seed,
         homogeneous=data_args.homogeneous_batches,
     )
+    collator = CREMCollator(
+        processor, training_args.compress_probability, seed=training_args.seed, on_bad_row=data_args.on_bad_row
+    )
     trainer = CREMTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        data_collator=CREMCollator(processor, training_args.compress_probability, seed=training_args.seed),
+        data_collator=collator,
         processing_class=processor,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -151,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "model": asdict(model_args),
         "data": [report.as_dict() for report in reports],
+        # Rows the processor could not build, left out while training (counted by this process).
+        "skipped_while_collating": dict(collator.skipped),
         # The Trainer's train_loss covers the steps since the last resume; the summary's covers the whole run.
         "train": {**result.metrics, "train_loss": whole_run_loss(trainer.state.log_history)},
         "log_history": trainer.state.log_history,

@@ -157,3 +157,12 @@ def test_cli_runs_mmeb_and_generation(model, processor, eval_folder, tmp_path):
     scored = main(["generation", *common, "--data", str(qa), "--compress", "--output", str(tmp_path / "qa.json")])
     assert scored["num_rows"] == 2 and len(scored["predictions"]) == 2
     assert json.loads((tmp_path / "qa.json").read_text())["num_rows"] == 2
+
+
+def test_exact_duplicates_of_the_ground_truth_tie_exactly():
+    """A candidate repeated in a row is one embedding: its copies must score exactly alike (no rounding tie-break)."""
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(50, 64, generator=generator), dim=-1)
+    candidates = torch.nn.functional.normalize(torch.randn(50, 64, generator=generator), dim=-1)
+    precision, correct = precision_at_1(queries, candidates, [[i, i, i] for i in range(50)])
+    assert precision == 1.0 and all(correct)

@@ -152,3 +152,122 @@ def test_content_key_is_stable():
     assert content_key("red", "") != content_key("red", "a.png")
     assert isinstance(content_key("x", "y"), int)
     assert colour_image("red", 0).size == (56, 56)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jsonl", "", "is empty"),
+        ("empty.json", "", "is empty"),
+        ("blank.json", "[]", "holds no rows"),
+        ("broken.jsonl", '{"image": "a.png", "conversations": [\n', "Cannot read .*broken.jsonl as json"),
+        ("prose.json", "not json at all", "Cannot read .*prose.json as json"),
+    ],
+)
+def test_unreadable_data_files_are_named(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    for reader in (load_conversations, load_retrieval_pairs):
+        with pytest.raises(ValueError, match=message) as caught:
+            reader(str(path), image_root=str(tmp_path))
+        assert str(path) in str(caught.value)
+
+
+def test_llava_turns_that_are_strings_are_bad_rows(data):
+    with open(data["generation"]) as handle:
+        rows = json.load(handle)
+    path = data["image_root"] + "/strings.json"
+    with open(path, "w") as handle:
+        json.dump([{"image": rows[0]["image"], "conversations": ["What colour?", "red"]}], handle)
+    kept, report = load_conversations([data["generation"], path], image_root=data["image_root"])
+    assert report.total == 13 and report.skipped == {"malformed turn": 1} and len(kept) == 12
+    with pytest.raises(ValueError, match=r"strings\.json, row 0: malformed turn"):
+        load_conversations(path, image_root=data["image_root"], on_bad_row="raise")
+
+
+def test_image_paths_outside_the_image_root_are_bad_rows(data, tmp_path):
+    root = data["image_root"]
+    inside = tmp_path / "images" / "red_0.png"
+    escapes = ["../" + tmp_path.name + "/images/red_0.png", str(inside), "images/../../x/../" + tmp_path.name]
+    good = {"qry": "<|image_1|>\nRepresent it.", "qry_image_path": "images/red_0.png", "pos_text": "red"}
+    pairs = tmp_path / "escapes.jsonl"
+    append_jsonl(pairs, [{**good, "qry_image_path": path} for path in escapes])
+    append_jsonl(pairs, [{**good, "neg_text": "", "neg_image_path": escapes[0]}, good])
+    kept, report = load_retrieval_pairs(str(pairs), image_root=root)
+    assert report.skipped == {"image path outside the image root": 4} and report.kept == 1
+    allowed, report = load_retrieval_pairs(str(pairs), image_root=root, allow_outside_root=True)
+    assert report.kept == 4 and report.skipped == {"missing image": 1}  # the last escape names a folder
+    assert allowed["query_image"][1] == str(inside)
+
+    conversation = {"conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]}
+    conversations = tmp_path / "escapes.json"
+    conversations.write_text(json.dumps([{**conversation, "image": path} for path in escapes[:2]]))
+    _, report = load_conversations(str(conversations), image_root=root)
+    assert report.skipped == {"image path outside the image root": 2}
+    _, report = load_conversations(str(conversations), image_root=root, allow_outside_root=True)
+    assert report.kept == 2
+
+
+def test_train_lora_has_the_data_flags(monkeypatch):
+    import importlib.util
+    import os
+    import sys
+
+    from transformers import HfArgumentParser
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_lora.py")
+    spec = importlib.util.spec_from_file_location("train_lora_flags", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    (args,) = HfArgumentParser(module.DataArguments).parse_args_into_dataclasses(
+        ["--retrieval_data", "MMEB-train", "--retrieval_subset", "A", "B", "--allow_paths_outside_image_root"]
+    )
+    assert args.allow_paths_outside_image_root is True and args.retrieval_subset == ["A", "B"]
+    (default,) = HfArgumentParser(module.DataArguments).parse_args_into_dataclasses([])
+    assert default.allow_paths_outside_image_root is False and default.retrieval_split == "original"
+
+
+@pytest.fixture
+def tiny_image_data(data, tmp_path):
+    """The colour data plus one retrieval row and one conversation whose image the processor refuses (10 x 10 px)."""
+    colour_image("red", 0, size=10).save(tmp_path / "images" / "tiny.png")
+    append_jsonl(
+        data["retrieval"],
+        [{"qry": "<|image_1|>\nRepresent it.", "qry_image_path": "images/tiny.png", "pos_text": "red"}],
+    )
+    with open(data["generation"]) as handle:
+        rows = json.load(handle)
+    rows.append({**rows[0], "image": "images/tiny.png"})
+    with open(data["generation"], "w") as handle:
+        json.dump(rows, handle)
+    return data
+
+
+def test_collator_names_and_skips_rows_the_processor_cannot_build(processor, tiny_image_data):
+    data = tiny_image_data
+    retrieval, _ = load_retrieval_pairs(data["retrieval"], image_root=data["image_root"])
+    generation, _ = load_conversations(data["generation"], image_root=data["image_root"])
+    assert retrieval["source_row"][-1] == 12 and retrieval["source"][-1] == data["retrieval"]
+    item = {
+        "step": 0,
+        "retrieval": retrieval.select([0, 12, 1, 2])[:],
+        "generation": generation.select([12, 0, 1])[:],
+    }
+    strict = CREMCollator(processor, on_bad_row="raise")
+    with pytest.raises(ValueError, match=r"retrieval data .*retrieval\.jsonl, row 12: the processor cannot build"):
+        strict([item])
+    with pytest.raises(ValueError, match=r"generation data .*conversations\.json, row 12: the processor cannot"):
+        strict([{"step": 0, "generation": item["generation"]}])
+
+    collator = CREMCollator(processor, on_bad_row="skip")
+    batch = collator([item])
+    assert collator.skipped == {
+        "retrieval row the processor cannot build": 1,
+        "generation row the processor cannot build": 1,
+    }
+    query = batch["retrieval"]["query"]
+    assert query["input_ids"].shape[0] == 4, "the retrieval batch keeps its size (a good row stands in)"
+    keys = batch["retrieval"]["query_keys"].tolist()
+    assert keys[1] == keys[0] and (query["input_ids"][1] == query["input_ids"][0]).all()
+    assert batch["generation"]["input_ids"].shape[0] == 2 and batch["generation"]["compress"].shape == (2,)

@@ -4,6 +4,10 @@ Each row holds a query (`qry_text` with its instruction, `<|image_1|>` marking `
 candidates (`tgt_text` / `tgt_img_path` lists, ground truth at index 0). A query is correct when the ground truth
 scores highest; as in the reference evaluation (an `argmax`), a tie with the ground truth counts for the ground
 truth, so exact duplicates of it among the candidates do not cost a point.
+
+A local copy of the data is read in the Hub layout (`<folder>/<subset>/test-00000-of-00001.parquet`, as
+`huggingface-cli download TIGER-Lab/MMEB-eval` leaves it; the images come in `images.zip`, to unzip into the image
+root) or the flat one (`<folder>/<subset>.jsonl`, `.json` or `.parquet`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..formats import parse_side, read_rows
+from ..formats import OUTSIDE_ROOT, locate_subset, parse_side, read_rows
 from ..io import write_json_atomically, write_text_atomically
 from .encoding import encode_items
 
@@ -66,49 +70,102 @@ class MMEBRow:
     candidate_images: list[str]
 
 
-def _parse_row(row: dict[str, Any], image_root: str | None, where: str) -> MMEBRow:
+#: The columns of an MMEB-eval row.
+MMEB_EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+_OUTSIDE_ROOT_HINT = (
+    " Under an image root, image paths must stay inside it (no absolute paths, no ../); without an image root"
+    " they are used as they are."
+)
+
+
+def _parse_row(row: dict[str, Any], image_root: str | None, where: str, missing_hint: str = "") -> MMEBRow:
     texts, images = row.get("tgt_text"), row.get("tgt_img_path")
+    if isinstance(images, list) and texts in (None, ""):
+        # Some copies give image-only candidates as one empty tgt_text; VLM2Vec pairs it with every image.
+        texts = [""] * len(images)
+    elif isinstance(texts, str) and isinstance(images, list):
+        raise ValueError(
+            f"{where}: tgt_text is one string ({texts[:60]!r}) beside a list of {len(images)} tgt_img_path; expected "
+            'a list with one text per candidate (or "" for image-only candidates).'
+        )
     if not isinstance(texts, list) or not isinstance(images, list):
         raise ValueError(f"{where}: tgt_text and tgt_img_path must be lists.")
     if not texts:
         raise ValueError(f"{where}: empty candidate list.")
     if len(texts) != len(images):
         raise ValueError(f"{where}: {len(texts)} candidate texts but {len(images)} candidate images.")
+    hints = {"missing image": missing_hint, OUTSIDE_ROOT: _OUTSIDE_ROOT_HINT}
     query_text, query_image, problem = parse_side(row.get("qry_text"), row.get("qry_img_path"), image_root)
     if problem:
-        raise ValueError(f"{where}: query: {problem} ({query_image or query_text!r}).")
+        raise ValueError(f"{where}: query: {problem} ({query_image or query_text!r}).{hints.get(problem, '')}")
     candidate_texts, candidate_images = [], []
     for k, (text, image) in enumerate(zip(texts, images, strict=True)):
         text, image, problem = parse_side(text, image, image_root)
         if problem:
             label = "ground truth (candidate 0)" if k == 0 else f"candidate {k}"
-            raise ValueError(f"{where}: {label}: {problem} ({image or text!r}).")
+            raise ValueError(f"{where}: {label}: {problem} ({image or text!r}).{hints.get(problem, '')}")
         candidate_texts.append(text)
         candidate_images.append(image)
     return MMEBRow(query_text, query_image, candidate_texts, candidate_images)
 
 
+def _subset_named_by(path: str) -> str | None:
+    """The MMEB subset a file's name says it holds (`ImageNet-1K.jsonl`, `ImageNet-1K/test-....parquet`), if any."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if stem in MMEB_DATASETS:
+        return stem
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return folder if stem.startswith("test-") and folder in MMEB_DATASETS else None
+
+
+def _missing_image_hint(source: str, image_root: str | None) -> str:
+    """What to do about a missing image, naming MMEB-eval's `images.zip` when it lies beside the data."""
+    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+    zips = [os.path.normpath(os.path.join(folder, up, "images.zip")) for up in ("", "..")]
+    zips = [path for path in zips if os.path.isfile(path)]
+    root = f"the image root ({image_root})" if image_root is not None else "no image root (--image-root)"
+    if zips:
+        return f" MMEB-eval keeps its images in {zips[0]}: unzip it and give that folder as the image root; got {root}."
+    return f" Got {root}: it must be the folder the rows' image paths are relative to."
+
+
 def load_mmeb_subset(source: str | os.PathLike, subset: str, image_root: str | None = None) -> list[MMEBRow]:
     """
-    Rows of one subset: a local json/jsonl/parquet file, or a folder holding `<subset>.jsonl` (or `.json`,
-    `.parquet`), or a Hub dataset (`TIGER-Lab/MMEB-eval`, split `test`; online only).
+    Rows of one subset: from a local folder in the Hub layout (`<source>/<subset>/test-*.parquet`) or the flat one
+    (`<source>/<subset>.jsonl`, `.json` or `.parquet`), from one local json/jsonl/parquet file (which holds this
+    subset only), or from a Hub dataset (`TIGER-Lab/MMEB-eval`, split `test`; online only).
 
     Raises:
-        ValueError: naming the subset and the row of a missing image, an empty candidate list, a missing ground
-            truth or candidate lists of different lengths.
+        ValueError: naming the subset, the file and the row of a missing image, an empty candidate list, a missing
+            ground truth or candidate lists of different lengths; naming the file when it lacks a column, or when
+            its name says it holds another MMEB subset.
     """
     source = os.fspath(source)
     if os.path.isdir(source):
-        candidates = [os.path.join(source, f"{subset}{suffix}") for suffix in (".jsonl", ".json", ".parquet")]
-        found = [path for path in candidates if os.path.exists(path)]
-        if not found:
-            raise ValueError(f"Subset {subset}: none of {candidates} exists.")
-        rows = read_rows(found[0])
+        files = locate_subset(source, subset, "test")
     elif os.path.exists(source):
-        rows = read_rows(source)
+        named = _subset_named_by(source)
+        if named is not None and named != subset:
+            raise ValueError(f"{source} holds the {named} subset, not {subset}.")
+        files = [source]
     else:
-        rows = read_rows(source, split="test", subset=subset)
-    return [_parse_row(row, image_root, f"Subset {subset}, row {i}") for i, row in enumerate(rows)]
+        files = None
+    hint = _missing_image_hint(source, image_root) if files is not None else ""
+    if files is not None:
+        parts = [(path, read_rows(path)) for path in files]
+    else:
+        parts = [(source, read_rows(source, "test", subset))]
+    parsed = []
+    for path, rows in parts:
+        missing = [column for column in MMEB_EVAL_COLUMNS if column not in rows.column_names]
+        if missing:
+            raise ValueError(f"Subset {subset}: {path} has no column {missing} (it has {rows.column_names}).")
+        for i, row in enumerate(rows):
+            try:
+                parsed.append(_parse_row(row, image_root, f"Subset {subset}, row {i}", hint))
+            except ValueError as error:
+                raise ValueError(f"{error} (file: {path})") from None
+    return parsed
 
 
 def precision_at_1(query_embeddings: torch.Tensor, candidate_embeddings: torch.Tensor, candidates: list[list[int]]):
@@ -124,7 +181,10 @@ def precision_at_1(query_embeddings: torch.Tensor, candidate_embeddings: torch.T
     """
     correct = []
     for query, index in zip(query_embeddings, candidates, strict=True):
-        scores = candidate_embeddings[index] @ query
+        # Each distinct candidate is scored once and its score shared by its duplicates: a matrix product may sum
+        # the rows of a repeated embedding in different orders, which would break an exact tie by rounding.
+        unique, inverse = torch.tensor(index).unique(return_inverse=True)
+        scores = (candidate_embeddings[unique] @ query)[inverse]
         correct.append(bool(scores.argmax() == 0))  # argmax takes the first maximum: ties go to the ground truth
     return sum(correct) / max(len(correct), 1), correct
 
@@ -211,6 +271,11 @@ def evaluate_mmeb(
     unknown = [s for s in subsets if s not in registry]
     if unknown:
         raise ValueError(f"No meta-task known for subsets {unknown}; pass a registry for them.")
+    if os.path.isfile(source) and len(subsets) != 1:
+        raise ValueError(
+            f"{os.fspath(source)} is one file, so it holds one subset, but {len(subsets)} subsets were asked for "
+            f"({subsets}); give the folder that holds one file (or Hub-layout folder) per subset."
+        )
     loaded = {subset: load_mmeb_subset(source, subset, image_root) for subset in subsets}
     per_subset = {subset: score_subset(model, processor, rows, batch_size, subset) for subset, rows in loaded.items()}
     scores = {subset: result["precision_at_1"] for subset, result in per_subset.items()}

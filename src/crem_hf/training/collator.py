@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
+from functools import partial
 from typing import Any
 
 import torch
 
 from ..processing_crem import CREMProcessor
+from .data import build_step_rows
 
 __all__ = ["CREMCollator", "content_key", "conversation_messages"]
 
@@ -41,14 +44,23 @@ class CREMCollator:
         processor: the `CREMProcessor` (builds every prompt).
         compress_probability: p, the chance that a generation sample is trained compressed (the paper's 0.5).
         seed: seed of the compress draws.
+        on_bad_row: a row the processor cannot build raises, named by its file and row (`"raise"`), or is left out,
+            logged and counted in `skipped` (`"skip"`; see [`build_step_rows`]: a bad retrieval row is replaced by a
+            copy of a good one of its step, so the batch keeps its size).
     """
 
-    def __init__(self, processor: CREMProcessor, compress_probability: float = 0.5, seed: int = 0):
+    def __init__(
+        self, processor: CREMProcessor, compress_probability: float = 0.5, seed: int = 0, on_bad_row: str = "skip"
+    ):
         if not 0.0 <= compress_probability <= 1.0:
             raise ValueError(f"compress_probability must be in [0, 1], got {compress_probability}.")
+        if on_bad_row not in ("skip", "raise"):
+            raise ValueError(f"on_bad_row must be 'skip' or 'raise', got {on_bad_row!r}.")
         self.processor = processor
         self.compress_probability = compress_probability
         self.seed = seed
+        self.on_bad_row = on_bad_row
+        self.skipped: Counter = Counter()  # rows left out while collating (in this process), by reason
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         if len(items) != 1:
@@ -58,10 +70,12 @@ class CREMCollator:
             )
         item = items[0]
         batch: dict[str, Any] = {}
+        checked = partial(build_step_rows, on_bad_row=self.on_bad_row, skipped=self.skipped)
         if "retrieval" in item:
-            batch["retrieval"] = self.retrieval_batch(item["retrieval"])
+            batch["retrieval"] = checked(self.retrieval_batch, item["retrieval"], "retrieval", keep_size=True)
         if "generation" in item:
-            batch["generation"] = self.generation_batch(item["generation"], step=item["step"])
+            build = partial(self.generation_batch, step=item["step"])
+            batch["generation"] = checked(build, item["generation"], "generation")
         return batch
 
     def _embedding_inputs(self, texts: list[str], images: list[str]) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
 """Training data readers: MMEB-train retrieval pairs and LLaVA / ShareGPT4V conversations, validated up front.
 
-Bad rows (missing or unreadable images, empty texts or answers, unknown image placeholders, uneven negative lists,
-conversations without an image) are skipped and counted by reason, with a warning, or raise when `on_bad_row="raise"`.
-Nothing is dropped silently: every reader returns a [`SkipReport`].
+Bad rows (missing or unreadable images, image paths outside the image root, empty texts or answers, unknown image
+placeholders, uneven negative lists, malformed or image-less conversations) are skipped and counted by reason, with a
+warning, or raise when `on_bad_row="raise"`. Nothing is dropped silently: every reader returns a [`SkipReport`].
+Every kept row remembers its origin (`source`: the file, or the Hub dataset; `source_row`: its index there), so that
+a row that fails later, when the collator builds it, is named by file and row too (see [`build_step_rows`]).
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import datasets
 import torch
@@ -20,15 +23,20 @@ from ..formats import (
     ANY_PLACEHOLDER,
     LLAVA_IMAGE_PLACEHOLDER,
     MMEB_IMAGE_PLACEHOLDER,
+    OUTSIDE_ROOT,
     image_problem,
+    locate_subset,
+    outside_root,
     parse_side,
     read_rows,
     resolve_path,
+    subset_names,
 )
 
 __all__ = [
     "MixedStepDataset",
     "SkipReport",
+    "build_step_rows",
     "load_conversations",
     "load_retrieval_pairs",
     "read_rows",
@@ -37,6 +45,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BadRowPolicy = Literal["skip", "raise"]
+_Built = TypeVar("_Built")
 
 
 @dataclass
@@ -65,25 +74,38 @@ def _as_list(value: Any) -> list[str]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _normalise_pair(row: dict[str, Any], image_root: str | None) -> dict[str, Any]:
-    query_text, query_image, problem = parse_side(
-        row.get("qry"), row.get("qry_image_path"), image_root, MMEB_IMAGE_PLACEHOLDER
-    )
-    pos_text, pos_image, pos_problem = parse_side(
-        row.get("pos_text"), row.get("pos_image_path"), image_root, MMEB_IMAGE_PLACEHOLDER
-    )
+def _negatives(texts: Any, images: Any) -> tuple[list, list, str | None]:
+    """
+    A row's hard negatives as parallel `(texts, images)` lists, and a problem or None. Two strings are VLM2Vec's form
+    (one negative, either side may be empty: an image-only negative is kept); lists pair up item by item, an empty
+    or missing side meaning no text (or no image) for every negative.
+    """
+    if not isinstance(texts, (list, tuple)) and not isinstance(images, (list, tuple)):
+        return ([texts or ""], [images or ""], None) if (texts or images) else ([], [], None)
+    texts, images = _as_list(texts), _as_list(images)
+    texts, images = texts or [""] * len(images), images or [""] * len(texts)
+    if len(texts) != len(images):
+        return [], [], "uneven negative lists"
+    return texts, images, None
+
+
+def _normalise_pair(
+    row: dict[str, Any], index: int, image_root: str | None, allow_outside_root: bool
+) -> dict[str, Any]:
+    def side(text, image):
+        return parse_side(text, image, image_root, MMEB_IMAGE_PLACEHOLDER, allow_outside_root=allow_outside_root)
+
+    query_text, query_image, problem = side(row.get("qry"), row.get("qry_image_path"))
+    pos_text, pos_image, pos_problem = side(row.get("pos_text"), row.get("pos_image_path"))
     problem = problem or pos_problem
-    neg_texts_raw, neg_images_raw = _as_list(row.get("neg_text")), _as_list(row.get("neg_image_path"))
+    neg_texts_raw, neg_images_raw, neg_problem = _negatives(row.get("neg_text"), row.get("neg_image_path"))
+    problem = problem or neg_problem
     neg_texts, neg_images = [], []
-    if neg_images_raw and len(neg_images_raw) != len(neg_texts_raw):
-        problem = problem or "uneven negative lists"
-    else:
-        for i, text in enumerate(neg_texts_raw):
-            image = neg_images_raw[i] if neg_images_raw else None
-            text, image, neg_problem = parse_side(text, image, image_root, MMEB_IMAGE_PLACEHOLDER)
-            problem = problem or neg_problem
-            neg_texts.append(text)
-            neg_images.append(image)
+    for text, image in zip(neg_texts_raw, neg_images_raw, strict=True):
+        text, image, neg_problem = side(text, image)
+        problem = problem or neg_problem
+        neg_texts.append(text)
+        neg_images.append(image)
     return {
         "query_text": query_text,
         "query_image": query_image,
@@ -92,14 +114,25 @@ def _normalise_pair(row: dict[str, Any], image_root: str | None) -> dict[str, An
         "neg_texts": neg_texts,
         "neg_images": neg_images,
         "problem": problem or "",
+        "source_row": index,
     }
 
 
-def _normalise_conversation(row: dict[str, Any], image_root: str | None) -> dict[str, Any]:
-    image = resolve_path(row.get("image") if isinstance(row.get("image"), str) else None, image_root)
+def _normalise_conversation(
+    row: dict[str, Any], index: int, image_root: str | None, allow_outside_root: bool
+) -> dict[str, Any]:
+    raw_image = row.get("image") if isinstance(row.get("image"), str) else None
+    image = resolve_path(raw_image, image_root)
     turns, problem = [], None
+    conversation = row.get("conversations")
+    if not isinstance(conversation, list):
+        problem, conversation = "malformed conversation", []
     expected = ("human", "gpt")
-    for i, message in enumerate(row.get("conversations") or []):
+    for i, message in enumerate(conversation):
+        if not isinstance(message, dict):  # e.g. a bare string instead of {"from": ..., "value": ...}
+            problem = problem or "malformed turn"
+            turns.append("")
+            continue
         speaker, value = message.get("from"), message.get("value")
         if speaker != expected[i % 2]:
             problem = problem or "turns out of order"
@@ -116,9 +149,35 @@ def _normalise_conversation(row: dict[str, Any], image_root: str | None) -> dict
         problem = problem or "no answer"
     if not image:
         problem = problem or "conversation without an image"
+    elif not allow_outside_root and outside_root(raw_image, image_root):
+        problem = problem or OUTSIDE_ROOT
     elif problem is None:
         problem = image_problem(image)
-    return {"image": image, "turns": turns, "problem": problem or ""}
+    return {"image": image, "turns": turns, "problem": problem or "", "source_row": index}
+
+
+#: Columns a reader needs: at least one of each tuple.
+_RETRIEVAL_COLUMNS = (("qry", "qry_image_path"), ("pos_text", "pos_image_path"))
+_CONVERSATION_COLUMNS = (("conversations",),)
+_TEXTS = datasets.Sequence(datasets.Value("string"))
+# Declared, so that files whose rows all lack (say) negatives still concatenate with the others.
+_PAIR_FEATURES = datasets.Features(
+    {
+        **{key: datasets.Value("string") for key in ("query_text", "query_image", "pos_text", "pos_image")},
+        "neg_texts": _TEXTS,
+        "neg_images": _TEXTS,
+        "problem": datasets.Value("string"),
+        "source_row": datasets.Value("int64"),
+    }
+)
+_CONVERSATION_FEATURES = datasets.Features(
+    {
+        "image": datasets.Value("string"),
+        "turns": _TEXTS,
+        "problem": datasets.Value("string"),
+        "source_row": datasets.Value("int64"),
+    }
+)
 
 
 def _validated(
@@ -126,58 +185,130 @@ def _validated(
     normalise,
     image_root: str | None,
     source: str,
+    label: str,
     on_bad_row: BadRowPolicy,
     num_proc: int | None,
+    allow_outside_root: bool,
+    columns: tuple[tuple[str, ...], ...],
+    features: datasets.Features,
 ) -> tuple[datasets.Dataset, SkipReport]:
-    if on_bad_row not in ("skip", "raise"):
-        raise ValueError(f"on_bad_row must be 'skip' or 'raise', got {on_bad_row!r}.")
+    missing = [" or ".join(names) for names in columns if not set(names) & set(rows.column_names)]
+    if missing:
+        raise ValueError(f"{source}: no column {', '.join(missing)} (it has {rows.column_names}).")
     normalised = rows.map(
         normalise,
-        fn_kwargs={"image_root": image_root},
+        with_indices=True,
+        fn_kwargs={"image_root": image_root, "allow_outside_root": allow_outside_root},
         remove_columns=rows.column_names,
+        features=features,
         num_proc=num_proc,
         desc=f"Checking {source}",
     )
-    report = SkipReport(source=source, total=len(normalised), skipped=Counter(p for p in normalised["problem"] if p))
+    report = SkipReport(
+        source=f"{label} {source}", total=len(normalised), skipped=Counter(p for p in normalised["problem"] if p)
+    )
     if report.skipped:
         if on_bad_row == "raise":
             first = next(i for i, p in enumerate(normalised["problem"]) if p)
-            raise ValueError(f"{report.summary()} (first bad row: {first}, {normalised[first]['problem']}).")
+            raise ValueError(f"{source}, row {first}: {normalised[first]['problem']} ({report.summary()}).")
         logger.warning("Skipping bad rows. %s", report.summary())
     kept = normalised.filter(lambda row: not row["problem"], num_proc=num_proc).remove_columns("problem")
-    return kept, report
+    return kept.add_column("source", [source] * len(kept)), report
+
+
+def _parts(
+    source: str | os.PathLike | list[str], split: str, subset: str | list[str] | None
+) -> list[tuple[int, str, str, str | None]]:
+    """
+    What to read, one entry per file: `(group, name, source, subset)`. A group is one input file, one subset of a
+    local folder (all its shards) or one subset of a Hub dataset; `name` is the file (or `hub-name[subset]`).
+    """
+    sources = [os.fspath(s) for s in (source if isinstance(source, list) else [source])]
+    subsets = subset if isinstance(subset, list) else [subset]
+    if len(sources) > 1 and len(subsets) > 1:
+        raise ValueError("Give several files or several subsets of one source, not both.")
+    parts: list[tuple[int, str, str, str | None]] = []
+    groups = 0
+    for path in sources:
+        if os.path.isdir(path):
+            names = subsets if subset is not None else subset_names(path, split)
+            if not names:
+                raise ValueError(f"{path}: no <subset>/{split}-*.parquet folder in it; name the subsets to read.")
+            if subset is None:
+                logger.info("Reading the %d subsets of %s: %s", len(names), path, ", ".join(names))
+            for name in names:
+                parts += [(groups, shard, shard, None) for shard in locate_subset(path, name, split)]
+                groups += 1
+        elif os.path.exists(path) or os.path.splitext(path)[1].lower() in (".json", ".jsonl", ".parquet"):
+            parts.append((groups, path, path, None))
+            groups += 1
+        else:  # a Hub dataset name
+            for name in subsets:
+                parts.append((groups, f"{path}[{name}]" if name else path, path, name))
+                groups += 1
+    return parts
+
+
+def _read_all(
+    source, split, subset, normalise, columns, features, label, image_root, on_bad_row, num_proc, allow_outside_root
+) -> tuple[list[tuple[int, datasets.Dataset]], SkipReport]:
+    if on_bad_row not in ("skip", "raise"):
+        raise ValueError(f"on_bad_row must be 'skip' or 'raise', got {on_bad_row!r}.")
+    parts = _parts(source, split, subset)
+    report = SkipReport(source=f"{label} {', '.join(name for _, name, _, _ in parts)}")
+    kept_parts = []
+    for group, name, path, part_subset in parts:
+        rows = read_rows(path, split=split, subset=part_subset)
+        kept, part_report = _validated(
+            rows, normalise, image_root, name, label, on_bad_row, num_proc, allow_outside_root, columns, features
+        )
+        kept_parts.append((group, kept))
+        report.total += part_report.total
+        report.skipped.update(part_report.skipped)
+    return kept_parts, report
 
 
 def load_retrieval_pairs(
     source: str | os.PathLike | list[str],
     image_root: str | None = None,
     split: str = "train",
-    subset: str | None = None,
+    subset: str | list[str] | None = None,
     on_bad_row: BadRowPolicy = "skip",
     num_proc: int | None = None,
+    allow_outside_root: bool = False,
 ) -> tuple[datasets.Dataset, SkipReport]:
     """
     Retrieval pairs in the MMEB-train form (`qry`, `qry_image_path`, `pos_text`, `pos_image_path`, optional
-    `neg_text` / `neg_image_path`, strings or lists), with `<|image_1|>` marking an image.
+    `neg_text` / `neg_image_path`, strings or lists), with `<|image_1|>` marking an image. A side with an image and
+    no text is image-only.
 
     Args:
-        source: a file, a list of files (one per subset, as MMEB-train ships them) or a Hub dataset name.
+        source: a file, a list of files (one per subset), a local copy of TIGER-Lab/MMEB-train (a folder holding
+            `<subset>/<split>-*.parquet`, or `<subset>.jsonl` files) or a Hub dataset name.
+        split: the Hub-layout split (`original` or `diverse_instruction` for MMEB-train); ignored for files.
+        subset: the subset(s) of a folder or a Hub dataset; None reads every subset of a folder.
+        allow_outside_root: accept image paths that leave `image_root` (absolute, or with `../`); by default such
+            rows are bad rows ("image path outside the image root").
     Returns:
         The kept rows as `query_text`, `query_image`, `pos_text`, `pos_image`, `neg_texts`, `neg_images` (image
-        paths resolved against `image_root`; "" where a side has no image) and `group` (the index of the row's
-        file in `source`, for homogeneous batches), and the [`SkipReport`] over all files.
+        paths resolved against `image_root`; "" where a side has no image), `group` (the row's file or subset, for
+        homogeneous batches) and `source` / `source_row` (its file and row there), and the [`SkipReport`] over all.
     """
-    sources = source if isinstance(source, list) else [source]
-    parts, report = [], SkipReport(source=f"retrieval data {', '.join(map(str, sources))}")
-    for group, path in enumerate(sources):
-        rows = read_rows(path, split=split, subset=subset)
-        kept, part_report = _validated(
-            rows, _normalise_pair, image_root, f"retrieval data {path}", on_bad_row, num_proc
-        )
-        parts.append(kept.add_column("group", [group] * len(kept)))
-        report.total += part_report.total
-        report.skipped.update(part_report.skipped)
-    return datasets.concatenate_datasets(parts), report
+    parts, report = _read_all(
+        source,
+        split,
+        subset,
+        _normalise_pair,
+        _RETRIEVAL_COLUMNS,
+        _PAIR_FEATURES,
+        "retrieval data",
+        image_root,
+        on_bad_row,
+        num_proc,
+        allow_outside_root,
+    )
+    grouped = [kept.add_column("group", [group] * len(kept)) for group, kept in parts]
+    return datasets.concatenate_datasets(grouped), report
 
 
 def load_conversations(
@@ -187,17 +318,95 @@ def load_conversations(
     subset: str | None = None,
     on_bad_row: BadRowPolicy = "skip",
     num_proc: int | None = None,
+    allow_outside_root: bool = False,
 ) -> tuple[datasets.Dataset, SkipReport]:
     """
     Generation conversations in the LLaVA / ShareGPT4V form (`image`, `conversations` of `{"from": "human" |
-    "gpt", "value": ...}`, `<image>` in the first human turn), single or multi-turn.
+    "gpt", "value": ...}`, `<image>` in the first human turn), single or multi-turn, from a file, a list of files or
+    a Hub dataset name.
 
+    Args:
+        allow_outside_root: accept image paths that leave `image_root` (see [`load_retrieval_pairs`]).
     Returns:
-        The kept rows as `image` (resolved path) and `turns` (alternating user / assistant texts, placeholder
-        removed), and the [`SkipReport`].
+        The kept rows as `image` (resolved path), `turns` (alternating user / assistant texts, placeholder
+        removed) and `source` / `source_row` (the row's file and row there), and the [`SkipReport`].
     """
-    rows = read_rows(source, split=split, subset=subset)
-    return _validated(rows, _normalise_conversation, image_root, f"generation data {source}", on_bad_row, num_proc)
+    parts, report = _read_all(
+        source,
+        split,
+        subset,
+        _normalise_conversation,
+        _CONVERSATION_COLUMNS,
+        _CONVERSATION_FEATURES,
+        "generation data",
+        image_root,
+        on_bad_row,
+        num_proc,
+        allow_outside_root,
+    )
+    return datasets.concatenate_datasets([kept for _, kept in parts]), report
+
+
+def row_origin(rows: dict[str, list], index: int) -> str:
+    """Where row `index` of a step's rows comes from: `"<file>, row <n>"` when the reader recorded it."""
+    if "source" in rows and "source_row" in rows:
+        return f"{rows['source'][index]}, row {rows['source_row'][index]}"
+    return f"row {index} of the step"
+
+
+def _take(rows: dict[str, list], indices: list[int]) -> dict[str, list]:
+    return {key: [values[i] for i in indices] for key, values in rows.items()}
+
+
+def build_step_rows(
+    build: Callable[[dict[str, list]], _Built],
+    rows: dict[str, list],
+    part: str,
+    on_bad_row: BadRowPolicy = "skip",
+    skipped: Counter | None = None,
+    keep_size: bool = False,
+) -> _Built:
+    """
+    `build(rows)` for one step's rows of one part (a dict of columns, as [`MixedStepDataset`] gives them). When it
+    fails, each row is built alone to find the rows at fault (a failure no single row causes is re-raised as is).
+    With `on_bad_row="raise"`, or when every row fails, the first such row's error is raised, named by its file and
+    row. With `"skip"` each is logged by origin, counted in `skipped` (reason `"<part> row the processor cannot
+    build"`) and left out, or, with `keep_size`, replaced by a copy of one of the step's good rows: the retrieval
+    batch keeps the size the cross-process gather needs, and the copy, masked as a false negative of its original
+    by the content keys, only gives that row twice the weight in this step.
+    """
+    try:
+        return build(rows)
+    except Exception as error:  # any row-dependent failure of the processor; located below
+        size = len(next(iter(rows.values())))
+        failures: dict[int, Exception] = {}
+        for i in range(size):
+            try:
+                build(_take(rows, [i]))
+            except Exception as row_error:
+                failures[i] = row_error
+        if not failures:
+            raise
+        first = min(failures)
+        if on_bad_row == "raise" or len(failures) == size:
+            every = " (every row of the step fails)" if len(failures) == size else ""
+            raise ValueError(
+                f"{part} data {row_origin(rows, first)}: the processor cannot build this row{every}: "
+                f"{type(failures[first]).__name__}: {failures[first]}"
+            ) from error
+        good = [i for i in range(size) if i not in failures]
+        for i, row_error in failures.items():
+            logger.warning(
+                "Skipping %s data %s: %s: %s", part, row_origin(rows, i), type(row_error).__name__, row_error
+            )
+        if skipped is not None:
+            skipped[f"{part} row the processor cannot build"] += len(failures)
+        if keep_size:  # the j-th bad row is replaced by the (j mod #good)-th good row
+            stand_ins = iter(good[j % len(good)] for j in range(len(failures)))
+            chosen = [next(stand_ins) if i in failures else i for i in range(size)]
+        else:
+            chosen = good
+        return build(_take(rows, chosen))
 
 
 class MixedStepDataset(torch.utils.data.Dataset):
