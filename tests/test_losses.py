@@ -85,3 +85,42 @@ def test_positives_of_identical_queries_are_not_negatives():
     query_keys = torch.tensor([1, 1, 2])  # queries 0 and 1 are the same text asked of two images
     value = loss(same, same, query_keys=query_keys).loss.item()
     assert value == pytest.approx((math.log(2) + math.log(2) + math.log(3)) / 3, abs=1e-6)
+
+
+def test_infonce_takes_cosines_of_raw_embeddings():
+    """Unnormalised inputs: the logits are cosines over the temperature, not dot products."""
+    queries = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
+    positives = torch.tensor([[1.0, 1.0], [0.0, 5.0]])
+    # cosines: query 0 -> (1/sqrt2, 0), query 1 -> (1/sqrt2, 1); temperature 0.5 doubles them
+    c = 2 / math.sqrt(2)
+    expected = (-math.log(math.exp(c) / (math.exp(c) + 1)) - math.log(math.exp(2) / (math.exp(c) + math.exp(2)))) / 2
+    loss = InfoNCELoss(temperature=0.5)
+    assert loss(queries, positives).loss.item() == pytest.approx(expected, abs=1e-6)
+    unit = torch.nn.functional.normalize
+    assert loss(unit(queries, dim=-1), unit(positives, dim=-1)).loss.item() == pytest.approx(expected, abs=1e-6)
+    negatives = torch.tensor([[-4.0, 0.0]])  # cosine -1 with query 0, 0 with query 1
+    with_negative = (
+        -math.log(math.exp(c) / (math.exp(c) + 1 + math.exp(-2)))
+        - math.log(math.exp(2) / (math.exp(c) + math.exp(2) + 1))
+    ) / 2
+    assert loss(queries, positives, negatives).loss.item() == pytest.approx(with_negative, abs=1e-6)
+
+
+def test_compute_loss_keeps_a_float64_model_in_float64(processor, tmp_path):
+    from helpers import mixed_batch
+
+    from crem_hf.tiny import make_tiny_crem
+    from crem_hf.training import CREMTrainer, CREMTrainingArguments
+
+    model = make_tiny_crem(processor, seed=0).double()
+    args = CREMTrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, gc_chunk_size=None, save_strategy="no"
+    )
+    trainer = CREMTrainer(model=model, args=args)
+    trainer.current_gradient_accumulation_steps = 1
+    batch = mixed_batch(processor, rows=range(3), generation_rows=range(2), compress=[True, False])
+    for part in (batch["retrieval"]["query"], batch["generation"]):
+        part["pixel_values"] = part["pixel_values"].double()
+    for inputs in ({"generation": batch["generation"]}, batch):
+        loss = trainer.compute_loss(model, inputs)
+        assert loss.dtype == torch.float64 and loss.requires_grad

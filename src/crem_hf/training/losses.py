@@ -23,7 +23,8 @@ class ContrastiveOutput(NamedTuple):
 
 class InfoNCELoss(nn.Module):
     """
-    One-way (query -> target) InfoNCE over cosine similarities divided by a temperature.
+    One-way (query -> target) InfoNCE over cosine similarities divided by a temperature. The embeddings are
+    L2-normalised here, so the scores are cosines whatever the inputs (already normalised inputs are unchanged).
 
     Each query is scored against every target: its own positive, the other queries' positives of the whole global
     batch (gathered across processes with an autograd-aware all-gather) and optional hard negatives. Two kinds of
@@ -51,12 +52,13 @@ class InfoNCELoss(nn.Module):
         all_query_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
-        Masked logits `(num_queries, num_targets)` for queries `(num_queries, dim)` against targets
-        `(num_targets, dim)`; `positive_index` `(num_queries,)` names each query's positive. `target_keys`
+        Masked logits `(num_queries, num_targets)`: cosine similarities over the temperature of queries
+        `(num_queries, dim)` against targets `(num_targets, dim)` (raw or normalised embeddings);
+        `positive_index` `(num_queries,)` names each query's positive. `target_keys`
         `(num_targets,)` identify duplicate targets; `query_keys` `(num_queries,)` and `all_query_keys` (the keys of
         the queries that own the first `len(all_query_keys)` targets) identify duplicate queries.
         """
-        logits = queries @ targets.T / self.temperature
+        logits = F.normalize(queries, dim=-1) @ F.normalize(targets, dim=-1).T / self.temperature
         false_negative = torch.zeros_like(logits, dtype=torch.bool)
         if target_keys is not None:
             false_negative |= target_keys[None, :] == target_keys[positive_index][:, None]
@@ -77,7 +79,7 @@ class InfoNCELoss(nn.Module):
     ) -> ContrastiveOutput:
         """
         Args:
-            queries: `(batch_size, dim)` this process's query embeddings.
+            queries: `(batch_size, dim)` this process's query embeddings (normalised here).
             positives: `(batch_size, dim)` this process's positive targets (row i belongs to query i).
             negatives: `(num_negatives, dim)` this process's hard negatives, optional.
             positive_keys, negative_keys, query_keys: `(batch_size,)` / `(num_negatives,)` / `(batch_size,)` int64

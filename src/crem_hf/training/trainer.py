@@ -214,8 +214,12 @@ class CREMTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        value = torch.zeros((), device=args.device)  # the objective's value, for the log
-        graph = torch.zeros((), device=args.device)  # what the Trainer's backward still has to cover
+        # The sums start in the model's precision (at least float32), so a float64 model gets a float64 loss even
+        # when a part (the LM loss, upcast to float32 for half-precision models) comes in float32.
+        model_dtype = getattr(self.accelerator.unwrap_model(model), "dtype", torch.float32)
+        dtype = torch.promote_types(model_dtype, torch.float32)
+        value = torch.zeros((), dtype=dtype, device=args.device)  # the objective's value, for the log
+        graph = torch.zeros((), dtype=dtype, device=args.device)  # what the Trainer's backward still has to cover
         if "retrieval" in inputs and args.alpha_r > 0:
             loss, accuracy, cache_terms = self._retrieval(model, inputs["retrieval"])
             self._record("contrastive_loss", loss)
