@@ -140,7 +140,7 @@ def test_encoding_is_order_independent(model, processor):
     assert torch.allclose(together, one_by_one, atol=1e-5)
 
 
-def test_cli_runs_mmeb_and_generation(model, processor, eval_folder, tmp_path):
+def test_cli_runs_mmeb_and_generation(model, processor, eval_folder, tmp_path, capsys):
     from crem_hf.evaluation.cli import main
 
     folder = tmp_path / "model"
@@ -148,15 +148,19 @@ def test_cli_runs_mmeb_and_generation(model, processor, eval_folder, tmp_path):
     processor.save_pretrained(folder)
     out = tmp_path / "res"
     common = ["--model", str(folder), "--image-root", str(eval_folder), "--device", "cpu"]
-    results = main(["mmeb", *common, "--data", str(eval_folder), "--subsets", "ImageNet-1K", "--output-dir", str(out)])
-    assert (out / "mmeb_results.md").exists() and results["subsets"]["ImageNet-1K"]["num_queries"] == 3
+    status = main(["mmeb", *common, "--data", str(eval_folder), "--subsets", "ImageNet-1K", "--output-dir", str(out)])
+    assert status == 0
+    results = json.loads((out / "mmeb_results.json").read_text())
+    assert results["subsets"]["ImageNet-1K"]["num_queries"] == 3
+    assert capsys.readouterr().out == (out / "mmeb_results.md").read_text()  # the table on stdout
     qa = tmp_path / "qa.jsonl"
     qa.write_text(
         "".join(json.dumps({"image": f"{c}.png", "question": "Colour?", "answer": c}) + "\n" for c in ("red", "blue"))
     )
-    scored = main(["generation", *common, "--data", str(qa), "--compress", "--output", str(tmp_path / "qa.json")])
+    assert main(["generation", *common, "--data", str(qa), "--compress", "--output", str(tmp_path / "qa.json")]) == 0
+    scored = json.loads((tmp_path / "qa.json").read_text())
     assert scored["num_rows"] == 2 and len(scored["predictions"]) == 2
-    assert json.loads((tmp_path / "qa.json").read_text())["num_rows"] == 2
+    assert json.loads(capsys.readouterr().out)["num_rows"] == 2
 
 
 def test_exact_duplicates_of_the_ground_truth_tie_exactly():

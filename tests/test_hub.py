@@ -224,10 +224,9 @@ def test_cli_exports_a_trained_folder(model, processor, tmp_path):
     processor.save_pretrained(source)
     results = tmp_path / "mmeb_results.json"
     results.write_text(json.dumps(MMEB_RESULTS))
-    folder = main(["--model", str(source), "--output-dir", str(tmp_path / "hub"), "--eval-results", str(results)])
-    assert os.path.exists(os.path.join(folder, "README.md"))
-    with pytest.raises(ValueError, match="not empty"):
-        main(["--model", str(source), "--output-dir", str(tmp_path / "hub")])
+    assert main(["--model", str(source), "--output-dir", str(tmp_path / "hub"), "--eval-results", str(results)]) == 0
+    assert "MMEB ImageNet-1K" in (tmp_path / "hub" / "README.md").read_text()
+    assert main(["--model", str(source), "--output-dir", str(tmp_path / "hub")]) == 1  # not empty: one line
     card = render_model_card(model.config, CardInfo(repo_id="me/x"))
     assert "No evaluation results" in card.text and 'from_pretrained("me/x"' in card.text
     assert random_image(28, 28, 0).size == (28, 28)

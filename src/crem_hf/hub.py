@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -23,19 +24,34 @@ from typing import Any
 import torch
 
 from .configuration_crem import CREMConfig
-from .io import write_text_atomically
+from .io import (
+    ArgumentParser,
+    apply_umask,
+    check_model_source,
+    check_writable_folder,
+    run_command,
+    write_text_atomically,
+)
 from .modeling_crem import CREMForEmbeddingAndGeneration
 from .processing_crem import CREMProcessor
 
 __all__ = [
     "CardInfo",
+    "build_parser",
+    "export_from_args",
     "export_hub_folder",
     "load_for_export",
     "main",
     "merge_adapter",
     "push_folder",
+    "remove_stale_exports",
     "render_model_card",
 ]
+
+try:  # POSIX: staging folders are marked live by a lock the kernel drops when their process dies
+    import fcntl
+except ImportError:  # pragma: no cover (Windows: no stale-folder clean-up)
+    fcntl = None
 
 #: Files that may hold pickled objects; an exported folder never contains any.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -145,6 +161,139 @@ def _check_target(output_dir: str, overwrite: bool) -> None:
         raise ValueError(f"{output_dir} is not empty; pass overwrite=True (--overwrite) to replace it.")
 
 
+# An export to NAME works in hidden entries beside it that share one random STEM (`.NAME.incomplete-XXXXXXXX`):
+# `STEM.lock`, flock-ed for the whole export, then the staging folder `STEM` and, when it replaces an older
+# folder, `STEM.old` (that folder on its way out). The lock is taken before the folders exist and released after
+# they are gone, so a folder whose lock nobody holds belongs to an export that died (the kernel drops the locks
+# of a process however it ends, SIGKILL included) and can go; one whose lock is held is never touched.
+_LOCK_SUFFIX = ".lock"
+_RETIRED_SUFFIX = ".old"
+#: Hidden export folders without a lock come from crem-hf versions before the lock; they are removed once they
+#: have not changed for this long.
+UNLOCKED_STALE_SECONDS = 3600
+
+
+def _staging_prefix(output_dir: str) -> str:
+    return f".{os.path.basename(output_dir)}.incomplete-"
+
+
+def _open_staging(output_dir: str) -> tuple[str, int | None]:
+    """A new staging folder beside `output_dir` (mode from the umask) and the descriptor of its held lock."""
+    parent, prefix = os.path.dirname(output_dir), _staging_prefix(output_dir)
+    if fcntl is None:
+        return tempfile.mkdtemp(prefix=prefix, dir=parent), None
+    while True:
+        lock, lock_path = tempfile.mkstemp(prefix=prefix, suffix=_LOCK_SUFFIX, dir=parent)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # A clean-up may have taken the fresh lock file for an orphan and removed it before we locked it.
+            if not os.path.samestat(os.fstat(lock), os.stat(lock_path)):
+                raise FileNotFoundError(lock_path)
+        except (BlockingIOError, FileNotFoundError):  # that clean-up removes (or removed) the file: try another
+            os.close(lock)
+            continue
+        staging = lock_path[: -len(_LOCK_SUFFIX)]
+        try:
+            os.mkdir(staging)  # mode 0o777 & ~umask, unlike mkdtemp's 0o700
+        except BaseException as error:
+            os.unlink(lock_path)
+            os.close(lock)
+            if isinstance(error, FileExistsError):  # an older version's folder of the same name: pick another
+                continue
+            raise
+        return staging, lock
+
+
+def _close_staging(staging: str, lock: int | None) -> None:
+    """Remove what is left of the staging folder, then its lock file, and release the lock (in that order)."""
+    leftovers = False
+    for folder in (staging, staging + _RETIRED_SUFFIX):
+        if os.path.lexists(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            leftovers |= os.path.lexists(folder)
+    if lock is not None:
+        if not leftovers:  # else the lock file stays, released, so that the next export removes them
+            try:
+                os.unlink(staging + _LOCK_SUFFIX)
+            except FileNotFoundError:
+                pass
+        os.close(lock)
+
+
+def remove_stale_exports(output_dir: str | os.PathLike) -> list[str]:
+    """
+    Remove what interrupted exports to `output_dir` left beside it: hidden staging folders `.NAME.incomplete-*`
+    (and `.NAME.old-*` of older versions) whose export process is gone. A folder whose export still runs, in this
+    process or another, is never touched. Runs at the start of every export to `output_dir`.
+
+    Returns:
+        The paths removed.
+    """
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    parent, prefix = os.path.dirname(output_dir), _staging_prefix(output_dir)
+    legacy_prefix = f".{os.path.basename(output_dir)}.old-"
+    try:
+        entries = sorted(os.listdir(parent)) if fcntl is not None else []
+    except OSError:  # nothing to clean where we cannot look
+        return []
+    removed: list[str] = []
+    stems = set()
+    for entry in entries:
+        if entry.startswith(prefix):
+            stems.add(entry.removesuffix(_LOCK_SUFFIX).removesuffix(_RETIRED_SUFFIX))
+        elif entry.startswith(legacy_prefix):
+            removed += _remove_if_unchanged(os.path.join(parent, entry))
+    for stem in sorted(stems):
+        removed += _remove_if_dead(os.path.join(parent, stem))
+    return removed
+
+
+def _removed(folders: list[str]) -> list[str]:
+    """Remove `folders` as far as we may (another user's stay); returns those that are gone."""
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    return [folder for folder in folders if not os.path.lexists(folder)]
+
+
+def _remove_if_unchanged(folder: str) -> list[str]:
+    """An unlocked hidden folder (an older version's): removed once it has not changed for a while."""
+    try:
+        idle = time.time() - os.lstat(folder).st_mtime
+    except OSError:
+        return []
+    if idle < UNLOCKED_STALE_SECONDS or not os.path.isdir(folder):
+        return []
+    return _removed([folder])
+
+
+def _remove_if_dead(stem: str) -> list[str]:
+    """The folders of one staging stem, and its lock file, if no live export holds the lock."""
+    lock_path = stem + _LOCK_SUFFIX
+    try:
+        lock = os.open(lock_path, os.O_RDWR)  # (on NFS, an exclusive lock needs a writable descriptor)
+    except FileNotFoundError:
+        return [path for folder in (stem, stem + _RETIRED_SUFFIX) for path in _remove_if_unchanged(folder)]
+    except OSError:
+        return []  # another user's export: not ours to judge
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.path.samestat(os.fstat(lock), os.stat(lock_path)):
+                return []  # replaced since we opened it: not the file we hold
+        except OSError:  # BlockingIOError: its export is running; FileNotFoundError: cleaned meanwhile
+            return []
+        folders = [path for path in (stem, stem + _RETIRED_SUFFIX) if os.path.isdir(path)]
+        removed = _removed(folders)
+        if removed == folders:  # else the lock file stays, for a later try
+            try:
+                os.unlink(lock_path)
+            except OSError:
+                pass
+        return removed
+    finally:
+        os.close(lock)
+
+
 def export_hub_folder(
     model,
     processor: CREMProcessor,
@@ -156,9 +305,10 @@ def export_hub_folder(
     """
     Write a complete Hub folder for `model` (a CREM model or a peft model on one) and `processor`.
 
-    The folder is assembled under a temporary name beside `output_dir` and renamed into place at the end, so an
-    interrupted export never leaves a folder that looks complete, and an existing folder is replaced only by a
-    finished one.
+    The folder is assembled under a hidden name beside `output_dir` (`.NAME.incomplete-*`) and renamed into place
+    at the end, so an interrupted export never leaves a folder that looks complete, and an existing folder is
+    replaced only by a finished one. What a killed export leaves behind is removed by the next export to the same
+    `output_dir` (`remove_stale_exports`). Files and folders get the umask's permissions.
 
     Args:
         merge: merge LoRA into the weights (default); `False` writes the adapter alone (its base must be on the
@@ -172,9 +322,9 @@ def export_hub_folder(
     info = info or CardInfo()
     if not isinstance(processor, CREMProcessor):
         raise ValueError("A CREMProcessor is needed to export a usable folder (the processor builds every prompt).")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.incomplete-", dir=parent)
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    remove_stale_exports(output_dir)
+    staging, lock = _open_staging(output_dir)
     try:
         exported = merge_adapter(model) if merge else model
         config = exported.config if merge else exported.get_base_model().config
@@ -186,16 +336,19 @@ def export_hub_folder(
         pickles = [name for name in os.listdir(staging) if name.endswith(PICKLE_SUFFIXES)]
         if pickles:
             raise RuntimeError(f"The export wrote pickle files {pickles}; refusing to publish them.")
+        apply_umask(staging)  # safetensors writes its files 0600
         if os.path.exists(output_dir):
-            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)
-            os.replace(output_dir, os.path.join(retired, "folder"))
-            os.replace(staging, output_dir)
-            shutil.rmtree(retired)
+            retired = staging + _RETIRED_SUFFIX
+            os.replace(output_dir, retired)
+            try:
+                os.replace(staging, output_dir)
+            except BaseException:
+                os.replace(retired, output_dir)  # the old folder stays where it was
+                raise
         else:
             os.replace(staging, output_dir)
     finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
+        _close_staging(staging, lock)  # the retired folder, or the staging folder after a failure
     return output_dir
 
 
@@ -227,8 +380,19 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, 
     return str(commit)
 
 
-def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="crem-export", description=__doc__.splitlines()[0])
+def _read_eval_results(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            results = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--eval-results {path} is not JSON: {error}.") from error
+    if not isinstance(results, dict) or not isinstance(results.get("subsets"), dict):
+        raise ValueError(f"--eval-results {path} is not an mmeb_results.json (no 'subsets' mapping).")
+    return results
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="crem-export", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="CREM folder or LoRA adapter folder (with its processor)")
     parser.add_argument("--base-model", default=None, help="base CREM folder of an adapter (default: its config's)")
     parser.add_argument("--output-dir", required=True)
@@ -240,16 +404,24 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--eval-results", default=None, help="an mmeb_results.json for the card's model-index")
     parser.add_argument("--push", action="store_true", help="upload to --repo-id after exporting")
     parser.add_argument("--private", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def export_from_args(args: argparse.Namespace) -> str:
+    """
+    Run a parsed `crem-export`: the target, its parent folder and the card's inputs are checked before the model is
+    loaded. Prints the folder (and the upload's commit) to stdout; returns the folder.
+    """
+    output_dir = os.path.abspath(args.output_dir)
+    _check_target(output_dir, args.overwrite)
+    check_writable_folder(os.path.dirname(output_dir))
+    check_model_source(args.model)
+    eval_results = _read_eval_results(args.eval_results) if args.eval_results else None
     model, processor = load_for_export(args.model, args.base_model, merge=not args.adapter_only)
-    eval_results = None
-    if args.eval_results:
-        with open(args.eval_results, encoding="utf-8") as handle:
-            eval_results = json.load(handle)
     info = CardInfo(args.repo_id, args.card_base_model, args.datasets, eval_results=eval_results)
     with torch.no_grad():
         folder = export_hub_folder(
-            model, processor, args.output_dir, info, merge=not args.adapter_only, overwrite=args.overwrite
+            model, processor, output_dir, info, merge=not args.adapter_only, overwrite=args.overwrite
         )
     print(f"Exported {folder}")
     if args.push:
@@ -257,5 +429,11 @@ def main(argv: list[str] | None = None) -> str:
     return folder
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The `crem-export` command: exit status 0 on success, 1 with a one-line reason on stderr (2 for bad arguments)."""
+    args = build_parser().parse_args(argv)
+    return run_command("crem-export", lambda: export_from_args(args))
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

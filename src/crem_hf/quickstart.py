@@ -13,9 +13,10 @@ import argparse
 import torch
 from PIL import Image
 
+from .io import ArgumentParser, positive_int, run_command
 from .tiny import make_tiny_crem, make_tiny_processor
 
-__all__ = ["main", "sample_images"]
+__all__ = ["main", "run", "sample_images"]
 
 # Images up to 448 x 448 px: 256 image tokens, the paper's lower bound, so the compressed cache is visibly small.
 QUICKSTART_MAX_PIXELS = 448 * 448
@@ -36,12 +37,17 @@ def sample_images() -> dict[str, Image.Image]:
         return {name: Image.new("RGB", (112, 112), colour) for name, colour in colours.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    """The `crem-quickstart` command: exit status 0 on success, 1 with a one-line reason on stderr (2: bad usage)."""
+    parser = ArgumentParser(prog="crem-quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
     args = parser.parse_args(argv)
+    return run_command("crem-quickstart", lambda: run(args))
 
+
+def run(args: argparse.Namespace) -> None:
+    """Build the tiny model and print what it does (see the module docstring)."""
     torch.manual_seed(args.seed)
     processor = make_tiny_processor(max_pixels=QUICKSTART_MAX_PIXELS)
     model = make_tiny_crem(processor, seed=args.seed)
@@ -81,4 +87,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -15,10 +15,10 @@ import os
 import time
 from typing import Any
 
-from ..io import write_json_atomically, write_text_atomically
+from ..io import ArgumentParser, positive_int, run_command, write_json_atomically, write_text_atomically
 from .main import MainJobConfig, evaluate_base, prepare, train_stage1, train_stage2
 
-__all__ = ["VARIANTS", "main"]
+__all__ = ["VARIANTS", "main", "run"]
 
 #: Stage-2 variants, each a change to the main job's settings (the first is CREM itself).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -57,12 +57,19 @@ def table(rows: dict[str, dict[str, float]], base: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    """`python -m crem_hf.demo.ablation`: exit status 0 on success, 1 with a one-line reason on stderr (2: usage)."""
+    prog = "python -m crem_hf.demo.ablation"
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="outputs/ablation")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stage2-steps", type=int, default=MainJobConfig.stage2_steps)
+    parser.add_argument("--stage2-steps", type=positive_int, default=MainJobConfig.stage2_steps)
     args = parser.parse_args(argv)
+    return run_command(prog, lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train every variant and write the table; returns what `ablation.json` holds."""
     started = time.time()
     config = MainJobConfig(output_dir=args.output_dir, seed=args.seed, stage2_steps=args.stage2_steps)
     workspace = prepare(config)
@@ -90,4 +97,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import time
@@ -30,7 +29,7 @@ from ..evaluation import (
     evaluate_mmeb,
     load_caption_rows,
 )
-from ..io import write_json_atomically, write_text_atomically
+from ..io import ArgumentParser, run_command, write_json_atomically, write_text_atomically
 from ..modeling_crem import CREMForEmbeddingAndGeneration
 from ..processing_crem import CREMProcessor
 from ..tiny import make_tiny_qwen2vl, make_tiny_qwen2vl_processor, make_tiny_tokenizer
@@ -304,8 +303,10 @@ def run(config: MainJobConfig) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    """`python -m crem_hf.demo.main`: exit status 0 on success, 1 with a one-line reason on stderr (2: bad usage)."""
+    prog = "python -m crem_hf.demo.main"
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     defaults = MainJobConfig()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
@@ -313,8 +314,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value)
         else:
             parser.add_argument(flag, type=type(value), default=value)
-    return run(MainJobConfig(**vars(parser.parse_args(argv))))
+    config = MainJobConfig(**vars(parser.parse_args(argv)))
+    return run_command(prog, lambda: run(config))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

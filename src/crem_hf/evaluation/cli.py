@@ -13,24 +13,39 @@ import json
 
 import torch
 
-from ..io import write_json_atomically
+from ..io import (
+    ArgumentParser,
+    check_model_source,
+    check_writable_file,
+    check_writable_folder,
+    positive_int,
+    run_command,
+    write_json_atomically,
+)
 from ..loading import load_crem
 from .generation import evaluate_generation
-from .mmeb import evaluate_mmeb, markdown_table
+from .mmeb import MMEB_RESULT_FILES, evaluate_mmeb, markdown_table
 from .retrieval import evaluate_compositional, evaluate_image_text_retrieval, load_caption_rows
 
-__all__ = ["main"]
+__all__ = ["build_parser", "evaluate", "main"]
+
+#: The fields each file-based command needs in every row.
+ROW_FIELDS = {
+    "retrieval": ("captions",),
+    "compositional": ("caption", "negative_caption"),
+    "generation": ("question", "answer"),
+}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="crem-eval", description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="crem-eval", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("mmeb", "retrieval", "compositional", "generation"):
         command = commands.add_parser(name)
         command.add_argument("--model", required=True, help="CREM folder or Qwen2-VL checkpoint")
         command.add_argument("--data", required=True, help="file (or, for mmeb, a folder of <subset>.jsonl)")
         command.add_argument("--image-root", default=None)
-        command.add_argument("--batch-size", type=int, default=32)
+        command.add_argument("--batch-size", type=positive_int, default=32)
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         if name == "mmeb":
             command.add_argument("--subsets", nargs="+", required=True)
@@ -39,8 +54,23 @@ def main(argv: list[str] | None = None) -> dict:
             command.add_argument("--output", default=None, help="results JSON (written atomically)")
         if name == "generation":
             command.add_argument("--compress", action="store_true", help="answer from the compressed context")
-            command.add_argument("--max-new-tokens", type=int, default=16)
-    args = parser.parse_args(argv)
+            command.add_argument("--max-new-tokens", type=positive_int, default=16)
+    return parser
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """
+    Run one parsed command; print its results to stdout and return them. Everything that can be checked cheaply
+    (the output location, then the data file) is checked before the model is loaded.
+    """
+    if args.command == "mmeb":
+        if args.output_dir is not None:
+            check_writable_folder(args.output_dir, MMEB_RESULT_FILES)
+    elif args.output is not None:
+        check_writable_file(args.output)
+    check_model_source(args.model)
+    if args.command != "mmeb":
+        rows = load_caption_rows(args.data, ROW_FIELDS[args.command], args.image_root)
 
     model, processor = load_crem(args.model)
     model = model.to(args.device).eval()
@@ -49,16 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
             model, processor, args.data, args.subsets, args.image_root, args.output_dir, args.batch_size
         )
         scores = {name: subset["precision_at_1"] for name, subset in results["subsets"].items()}
-        print(markdown_table(scores))
+        print(markdown_table(scores), end="")
         return results
     if args.command == "retrieval":
-        rows = load_caption_rows(args.data, ("captions",), args.image_root)
         results = evaluate_image_text_retrieval(model, processor, rows, args.batch_size)
     elif args.command == "compositional":
-        rows = load_caption_rows(args.data, ("caption", "negative_caption"), args.image_root)
         results = evaluate_compositional(model, processor, rows, args.batch_size)
     else:
-        rows = load_caption_rows(args.data, ("question", "answer"), args.image_root)
         results = evaluate_generation(model, processor, rows, args.compress, args.batch_size, args.max_new_tokens)
     if args.output:
         write_json_atomically(args.output, results)
@@ -66,5 +93,11 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The `crem-eval` command: exit status 0 on success, 1 with a one-line reason on stderr (2 for bad arguments)."""
+    args = build_parser().parse_args(argv)
+    return run_command("crem-eval", lambda: evaluate(args))
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

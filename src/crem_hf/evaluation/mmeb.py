@@ -12,6 +12,7 @@ root) or the flat one (`<folder>/<subset>.jsonl`, `.json` or `.parquet`).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +20,12 @@ from typing import Any
 import torch
 
 from ..formats import OUTSIDE_ROOT, locate_subset, parse_side, read_rows
-from ..io import write_json_atomically, write_text_atomically
+from ..io import check_writable_folder, write_files_atomically
 from .encoding import encode_items
 
 __all__ = [
     "MMEB_DATASETS",
+    "MMEB_RESULT_FILES",
     "META_TASKS",
     "MMEBRow",
     "evaluate_mmeb",
@@ -34,6 +36,8 @@ __all__ = [
 ]
 
 META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
+#: What `evaluate_mmeb` writes into its output folder: the results, and the table made from them.
+MMEB_RESULT_FILES = ("mmeb_results.json", "mmeb_results.md")
 
 #: The 36 MMEB datasets: meta-task and whether they are out-of-distribution (not in MMEB-train).
 MMEB_DATASETS: dict[str, tuple[str, bool]] = {
@@ -263,9 +267,10 @@ def evaluate_mmeb(
     registry: dict[str, tuple[str, bool]] | None = None,
 ) -> dict[str, Any]:
     """
-    Evaluate subsets and, with `output_dir`, write `mmeb_results.json` and `mmeb_results.md`. Every subset is read
-    and checked before any is scored; the files are written atomically at the end, so an interrupted or failed run
-    never overwrites finished results.
+    Evaluate subsets and, with `output_dir`, write `mmeb_results.json` and `mmeb_results.md`. The output folder is
+    checked first and every subset read and checked before any is scored; the two files are written together and
+    atomically at the end (`write_files_atomically`), so an interrupted or failed run never overwrites finished
+    results and the table never sits beside another run's results.
     """
     registry = registry if registry is not None else MMEB_DATASETS
     unknown = [s for s in subsets if s not in registry]
@@ -276,6 +281,8 @@ def evaluate_mmeb(
             f"{os.fspath(source)} is one file, so it holds one subset, but {len(subsets)} subsets were asked for "
             f"({subsets}); give the folder that holds one file (or Hub-layout folder) per subset."
         )
+    if output_dir is not None:
+        check_writable_folder(output_dir, MMEB_RESULT_FILES)
     loaded = {subset: load_mmeb_subset(source, subset, image_root) for subset in subsets}
     per_subset = {subset: score_subset(model, processor, rows, batch_size, subset) for subset, rows in loaded.items()}
     scores = {subset: result["precision_at_1"] for subset, result in per_subset.items()}
@@ -284,6 +291,8 @@ def evaluate_mmeb(
         "summary": summarize(scores, registry),
     }
     if output_dir is not None:
-        write_json_atomically(os.path.join(output_dir, "mmeb_results.json"), results)
-        write_text_atomically(os.path.join(output_dir, "mmeb_results.md"), markdown_table(scores, registry))
+        json_path, table_path = (os.path.join(output_dir, name) for name in MMEB_RESULT_FILES)
+        # One write for both, so the folder never shows a table beside another run's results.
+        table = markdown_table(scores, registry)
+        write_files_atomically({json_path: json.dumps(results, indent=2) + "\n", table_path: table})
     return results
