@@ -27,7 +27,7 @@ NEW_TOKENS = 8
 def main() -> None:
     args = arguments(__doc__.splitlines()[0]).parse_args()
     model, processor = build(256, 4, False, IMAGE_TOKENS, args)
-    image = image_with_tokens(IMAGE_TOKENS)
+    image = image_with_tokens(processor, IMAGE_TOKENS)
     options = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False}
     rows = []
     for k in (1, 8):

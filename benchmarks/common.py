@@ -24,7 +24,6 @@ from crem_hf.tiny import make_tiny_crem, make_tiny_processor  # noqa: E402
 # Qwen2-VL-2B's language model: 28 layers, 12 heads of 128, 2 key/value heads, hidden 1536, vocabulary 151,936.
 QWEN2VL_2B = {"num_layers": 28, "hidden_size": 1536, "num_heads": 12, "num_kv_heads": 2, "head_dim": 128}
 BF16_BYTES = 2
-PIXELS_PER_TOKEN = 28  # one merged image token covers 28 x 28 px
 
 
 def arguments(description: str) -> argparse.ArgumentParser:
@@ -63,24 +62,22 @@ def median_seconds(run: Callable[[], object], repeats: int, device: str, warmup:
     return statistics.median(times)
 
 
-def image_with_tokens(num_tokens: int, seed: int = 0) -> Image.Image:
-    """A noise image whose side lengths give exactly `num_tokens` merged tokens (a near-square grid)."""
+def image_with_tokens(processor, num_tokens: int, seed: int = 0) -> Image.Image:
+    """A noise image whose side lengths give `processor` exactly `num_tokens` merged tokens (a near-square grid)."""
     height = int(num_tokens**0.5)
     while num_tokens % height:
         height -= 1
     width = num_tokens // height
     generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height * PIXELS_PER_TOKEN, width * PIXELS_PER_TOKEN, 3), generator=generator)
+    side = processor.image_token_side
+    pixels = torch.randint(0, 256, (height * side, width * side, 3), generator=generator)
     return Image.fromarray(pixels.to(torch.uint8).numpy())
 
 
 def build(hidden_size: int, num_layers: int, real_vocabulary: bool, max_image_tokens: int, args, num_heads: int = 8):
     """A CREM model of the given language-model size (tiny vision tower) and its processor, on the device."""
-    processor = make_tiny_processor(
-        real_tokenizer=real_vocabulary,
-        min_pixels=PIXELS_PER_TOKEN**2,
-        max_pixels=max_image_tokens * PIXELS_PER_TOKEN**2,
-    )
+    processor = make_tiny_processor(real_tokenizer=real_vocabulary)
+    processor.set_image_token_range(1, max_image_tokens)
     model = make_tiny_crem(
         processor, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, attn_implementation=args.attn
     )

@@ -44,10 +44,11 @@ def paths(model, batch):
 
 
 def measure(name: str, args, batch_size: int, **sizes) -> dict:
-    processor = make_tiny_processor(real_tokenizer=True, min_pixels=28 * 28, max_pixels=IMAGE_TOKENS * 28 * 28)
+    processor = make_tiny_processor(real_tokenizer=True)
+    processor.set_image_token_range(1, IMAGE_TOKENS)
     model = make_tiny_crem(processor, attn_implementation=args.attn, **sizes)
     model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
-    image = image_with_tokens(IMAGE_TOKENS)
+    image = image_with_tokens(processor, IMAGE_TOKENS)
     batch = processor.process_embedding_inputs(images=[image] * batch_size, texts=[TEXT] * batch_size).to(args.device)
     times = {}
     with torch.inference_mode():

@@ -60,7 +60,7 @@ def measure(name: str, hidden: int, layers: int, real_vocabulary: bool, args) ->
     per_slot = QWEN2VL_2B["num_layers"] * 2 * QWEN2VL_2B["num_kv_heads"] * QWEN2VL_2B["head_dim"] * BF16_BYTES
     rows = []
     for tokens in IMAGE_TOKENS:
-        image = image_with_tokens(tokens)
+        image = image_with_tokens(processor, tokens)
         for batch_size in BATCHES:
             batch = processor.process_generation_inputs(questions=[QUESTION] * batch_size, images=[image] * batch_size)
             batch = batch.to(args.device)

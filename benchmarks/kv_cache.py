@@ -22,12 +22,14 @@ def main() -> None:
     for keep_prefix in (True, False):
         model.config.compression_keep_prefix = keep_prefix
         for tokens in IMAGE_TOKENS:
-            batch = processor.process_generation_inputs(questions=[QUESTION], images=[image_with_tokens(tokens)])
+            batch = processor.process_generation_inputs(
+                questions=[QUESTION], images=[image_with_tokens(processor, tokens)]
+            )
             batch = batch.to(args.device)
             with torch.no_grad():
                 native = model.model(**batch, use_cache=True)
                 context = model.compress(**batch)
-                embedding_inputs = processor.process_embedding_inputs(images=[image_with_tokens(tokens)]).to(
+                embedding_inputs = processor.process_embedding_inputs(images=[image_with_tokens(processor, tokens)]).to(
                     args.device
                 )
                 context_only = model.compress(**embedding_inputs).cache.get_seq_length()

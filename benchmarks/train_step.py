@@ -33,7 +33,7 @@ def one_step(image_tokens: int, batch_size: int, variant: str, args) -> dict:
     model.train()
 
     def make_batch(size: int, tokens: int) -> dict:
-        images = [image_with_tokens(tokens, seed=i) for i in range(size)]
+        images = [image_with_tokens(processor, tokens, seed=i) for i in range(size)]
         batch = processor.process_generation_inputs(
             questions=["Which digit is shown?"] * size,
             images=images,

@@ -40,9 +40,6 @@ from crem_hf.training import (
 
 logger = logging.getLogger("train_lora")
 
-# One merged image token covers 28 x 28 pixels; the paper keeps 256 to 1280 image tokens per image.
-PIXELS_PER_IMAGE_TOKEN = 28 * 28
-
 
 @dataclass
 class ModelArguments:
@@ -55,8 +52,8 @@ class ModelArguments:
     lora_alpha: int = 64
     lora_dropout: float = 0.05
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager (compression needs a 4-D mask)."})
-    min_image_tokens: int = 256
-    max_image_tokens: int = 1280
+    min_image_tokens: int = field(default=256, metadata={"help": "Fewest merged image tokens per image."})
+    max_image_tokens: int = field(default=1280, metadata={"help": "Most merged image tokens per image."})
     max_length: int | None = field(default=None, metadata={"help": "Longest row in tokens; cuts input text only."})
 
 
@@ -111,10 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         attn_implementation=model_args.attn_implementation,
         dtype=torch.bfloat16 if training_args.bf16 else torch.float32,
     )
-    processor.image_processor.size = {
-        "shortest_edge": model_args.min_image_tokens * PIXELS_PER_IMAGE_TOKEN,
-        "longest_edge": model_args.max_image_tokens * PIXELS_PER_IMAGE_TOKEN,
-    }
+    processor.set_image_token_range(model_args.min_image_tokens, model_args.max_image_tokens)
     processor.max_length = model_args.max_length
     if model_args.lora:
         model = apply_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout)

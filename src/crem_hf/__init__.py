@@ -1,12 +1,13 @@
 """crem-hf: CREM (Compression-driven Representation Enhanced Model) on Qwen2-VL for Hugging Face Transformers.
 
-Importing the package registers the CREM classes with the Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForImageTextToText`, `AutoProcessor`), so saved CREM folders load without `trust_remote_code`.
+Importing the package registers the CREM classes with the Auto classes of `configuration_crem.AUTO_CLASSES`
+(`AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`, `AutoProcessor`), so saved CREM folders load without
+`trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+import transformers
 
-from .configuration_crem import CREMConfig
+from .configuration_crem import AUTO_CLASSES, CREMConfig
 from .modeling_crem import ChorusLayout, CREMCompressedContext, CREMForEmbeddingAndGeneration, CREMOutput
 from .processing_crem import CREMProcessor, chorus_token_strings
 
@@ -22,7 +23,15 @@ __all__ = [
     "chorus_token_strings",
 ]
 
-AutoConfig.register(CREMConfig.model_type, CREMConfig, exist_ok=True)
-AutoModel.register(CREMConfig, CREMForEmbeddingAndGeneration, exist_ok=True)
-AutoModelForImageTextToText.register(CREMConfig, CREMForEmbeddingAndGeneration, exist_ok=True)
-AutoProcessor.register(CREMConfig, CREMProcessor, exist_ok=True)
+
+def _register_auto_classes() -> None:
+    classes = {cls.__name__: cls for cls in (CREMConfig, CREMForEmbeddingAndGeneration, CREMProcessor)}
+    for auto, target in AUTO_CLASSES.items():
+        cls = classes[target.rsplit(".", 1)[1]]
+        if auto == "AutoConfig":
+            transformers.AutoConfig.register(CREMConfig.model_type, cls, exist_ok=True)
+        else:
+            getattr(transformers, auto).register(CREMConfig, cls, exist_ok=True)
+
+
+_register_auto_classes()

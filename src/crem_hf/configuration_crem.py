@@ -1,20 +1,36 @@
 """Configuration of CREM (Compression-driven Representation Enhanced Model) on Qwen2-VL.
 
-Part of the Hub remote-code set: imports only ``transformers`` (and, in the sibling files, ``torch``).
+Part of the Hub remote-code set: imports only ``torch`` and ``transformers``. It also owns what the set's three files
+share: the Auto-class list, the label value that carries no loss and the count of merged image tokens.
 """
 
 from __future__ import annotations
 
+import torch
 from transformers import Qwen2VLConfig
 
-__all__ = ["CREMConfig", "POOLING_MODES", "REMOTE_CODE_AUTO_MAP"]
+__all__ = [
+    "AUTO_CLASSES",
+    "CREMConfig",
+    "IGNORE_INDEX",
+    "POOLING_MODES",
+    "REMOTE_CODE_AUTO_MAP",
+    "merged_image_tokens",
+    "register_for_auto_class",
+]
 
-#: The Auto classes a saved CREM folder serves as Hub remote code.
-REMOTE_CODE_AUTO_MAP = {
+#: Every Auto class CREM serves, with its class in the remote-code set (`module.Class`): the one list that a saved
+#: folder's `auto_map`, each class's `register_for_auto_class` and `crem_hf`'s `Auto*.register` calls read.
+AUTO_CLASSES = {
     "AutoConfig": "configuration_crem.CREMConfig",
     "AutoModel": "modeling_crem.CREMForEmbeddingAndGeneration",
     "AutoModelForImageTextToText": "modeling_crem.CREMForEmbeddingAndGeneration",
+    "AutoProcessor": "processing_crem.CREMProcessor",
 }
+#: The entries a saved `config.json` names (the processor's goes into `processor_config.json`).
+REMOTE_CODE_AUTO_MAP = {auto: target for auto, target in AUTO_CLASSES.items() if auto != "AutoProcessor"}
+#: Label value that carries no LM loss (the convention of `torch.nn.CrossEntropyLoss` and the HF Trainer).
+IGNORE_INDEX = -100
 
 #: How the chorus block's last hidden states become one embedding.
 POOLING_MODES = ("mean", "last")
@@ -97,4 +113,21 @@ class CREMConfig(Qwen2VLConfig):
             raise ValueError(f"turn_header_length must be >= 0, got {self.turn_header_length}.")
 
 
-CREMConfig.register_for_auto_class()
+def merged_image_tokens(image_grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """
+    `(num_images,)` image tokens each image takes in `input_ids`: its patches `(t, h, w)` of `image_grid_thw`
+    `(num_images, 3)`, merged `merge_size x merge_size` into one token (2 x 2 for Qwen2-VL).
+    """
+    return image_grid_thw.prod(-1) // merge_size**2
+
+
+def register_for_auto_class(cls: type) -> None:
+    """
+    Mark `cls` with its first Auto class in `AUTO_CLASSES`, so that `save_pretrained` copies its file into the
+    folder and names it in `auto_map`.
+    """
+    auto = next(auto for auto, target in AUTO_CLASSES.items() if target.rsplit(".", 1)[1] == cls.__name__)
+    cls.register_for_auto_class(auto)
+
+
+register_for_auto_class(CREMConfig)

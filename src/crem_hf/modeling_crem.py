@@ -31,18 +31,15 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_crem import CREMConfig
+from .configuration_crem import IGNORE_INDEX, CREMConfig, merged_image_tokens, register_for_auto_class
 
 __all__ = [
     "ChorusLayout",
     "CREMCompressedContext",
     "CREMForEmbeddingAndGeneration",
     "CREMOutput",
-    "IGNORE_INDEX",
 ]
 
-#: Label value that carries no LM loss (the convention of `torch.nn.CrossEntropyLoss` and the HF Trainer).
-IGNORE_INDEX = -100
 # mm_token_type_ids values of Qwen2-VL.
 _TEXT_TYPE, _IMAGE_TYPE, _VIDEO_TYPE = 0, 1, 2
 # Attention kernels that take an arbitrary 4-D mask.
@@ -501,7 +498,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         if pixel_values is None or image_grid_thw is None:
             raise ValueError("pixel_values and image_grid_thw must be given together.")
         merge = self.config.vision_config.spatial_merge_size
-        expected_tokens = int(image_grid_thw.prod(-1).sum()) // merge**2
+        expected_tokens = int(merged_image_tokens(image_grid_thw, merge).sum())
         if num_tokens != expected_tokens:
             raise ValueError(
                 f"input_ids hold {num_tokens} image tokens but image_grid_thw describes {expected_tokens}: inputs and "
@@ -1090,7 +1087,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         return outputs
 
 
-CREMForEmbeddingAndGeneration.register_for_auto_class("AutoModel")
+register_for_auto_class(CREMForEmbeddingAndGeneration)
 # transformers renames Qwen2-VL's older key layout (`model.layers.*`, `visual.*`) while loading, but not for classes
 # defined outside it unless their name is registered. Registering here also covers the Hub remote-code copy, so CREM
 # folders in either layout load exactly on every path.

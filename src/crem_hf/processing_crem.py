@@ -1,7 +1,8 @@
 """Processor of CREM: Qwen2-VL's processor plus the chorus tokens and the compression prompt.
 
 Part of the Hub remote-code set: imports only ``torch`` and ``transformers`` (and PIL and numpy, which Qwen2-VL's
-image processor needs anyway) besides the standard library, nothing else of ``crem_hf``.
+image processor needs anyway) besides the standard library, and of ``crem_hf`` only its sibling
+``configuration_crem`` (relatively).
 
 The prompt (one place lays it out: the chat template, rendered by [`CREMProcessor`])::
 
@@ -36,6 +37,8 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from transformers import BatchFeature, Qwen2VLProcessor
 from transformers.processing_utils import ProcessingKwargs
 
+from .configuration_crem import IGNORE_INDEX, merged_image_tokens, register_for_auto_class
+
 __all__ = [
     "CREMProcessor",
     "CREMProcessorKwargs",
@@ -50,7 +53,6 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_IMAGE_INSTRUCTION = "Represent the given image."
 #: Template of the chorus token strings; `{}` is the slot index.
 CHORUS_TOKEN_TEMPLATE = "<|chorus_{}|>"
-IGNORE_INDEX = -100
 ImageLike = Image.Image | str | os.PathLike  # or an (H, W[, C]) uint8 array
 #: Seconds a URL image may take to download (the default of `CREMProcessor(image_timeout=...)`).
 DEFAULT_IMAGE_TIMEOUT = 10.0
@@ -215,6 +217,21 @@ class CREMProcessor(Qwen2VLProcessor):
         """The chorus token ids, in prompt order."""
         return self.tokenizer.convert_tokens_to_ids(self.chorus_tokens)
 
+    @property
+    def image_token_side(self) -> int:
+        """Side in pixels of the square one merged image token covers: patch size x merge size (28 for Qwen2-VL)."""
+        return self.image_processor.patch_size * self.image_processor.merge_size
+
+    def set_image_token_range(self, min_tokens: int, max_tokens: int) -> None:
+        """
+        Resize every image to between `min_tokens` and `max_tokens` merged image tokens (the paper keeps 256 to
+        1280), through the image processor's pixel bounds.
+        """
+        if not 1 <= min_tokens <= max_tokens:
+            raise ValueError(f"Need 1 <= min_tokens <= max_tokens, got {min_tokens} and {max_tokens}.")
+        pixels = self.image_token_side**2
+        self.image_processor.size = {"shortest_edge": min_tokens * pixels, "longest_edge": max_tokens * pixels}
+
     def model_config_updates(self) -> dict[str, Any]:
         """The `CREMConfig` fields this processor determines (chorus ids, special-token ids, the turn header)."""
         tok = self.tokenizer
@@ -281,7 +298,7 @@ class CREMProcessor(Qwen2VLProcessor):
             raise TypeError(
                 f"{where}: expected a PIL image, a path, a URL or a uint8 array, got {type(image).__name__}."
             )
-        factor = self.image_processor.patch_size * self.image_processor.merge_size
+        factor = self.image_token_side
         width, height = image.size
         if min(width, height) < factor:
             if not self.upscale_small_images:
@@ -573,7 +590,7 @@ class CREMProcessor(Qwen2VLProcessor):
         image_tokens: list[list[int]] = [[] for _ in specs]
         if images:
             image_inputs = dict(self.image_processor(images=images, return_tensors="pt", **options["images_kwargs"]))
-            merged = (image_inputs["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
+            merged = merged_image_tokens(image_inputs["image_grid_thw"], self.image_processor.merge_size).tolist()
             counts = iter(merged)
             image_tokens = [[next(counts) for _ in spec.images] for spec in specs]
         rows, labels = self._token_rows(rendered, image_tokens, options["max_length"])
@@ -835,4 +852,4 @@ def _reduction_factor(size: tuple[int, int], target: int | None) -> int:
     return factor if factor >= 2 else 1
 
 
-CREMProcessor.register_for_auto_class("AutoProcessor")
+register_for_auto_class(CREMProcessor)
