@@ -8,6 +8,7 @@ Importing the package registers the CREM classes with the Auto classes of `confi
 import transformers
 
 from .configuration_crem import AUTO_CLASSES, CREMConfig
+from .loading import load_crem
 from .modeling_crem import ChorusLayout, CREMCompressedContext, CREMForEmbeddingAndGeneration, CREMOutput
 from .processing_crem import CREMProcessor, chorus_token_strings
 
@@ -21,6 +22,7 @@ __all__ = [
     "CREMOutput",
     "CREMProcessor",
     "chorus_token_strings",
+    "load_crem",
 ]
 
 

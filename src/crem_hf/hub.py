@@ -32,7 +32,7 @@ from .io import (
     run_command,
     write_text_atomically,
 )
-from .modeling_crem import CREMForEmbeddingAndGeneration
+from .loading import checkpoint_kind, load_crem, merge_adapter
 from .processing_crem import CREMProcessor
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "export_hub_folder",
     "load_for_export",
     "main",
-    "merge_adapter",
     "push_folder",
     "remove_stale_exports",
     "render_model_card",
@@ -74,11 +73,6 @@ class CardInfo:
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def merge_adapter(model) -> CREMForEmbeddingAndGeneration:
-    """A plain CREM model from a peft model (LoRA merged into the weights, chorus rows written in); others pass."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-
-
 def load_for_export(path: str | os.PathLike, base_model: str | os.PathLike | None = None, merge: bool = True):
     """
     `(model, processor)` from a CREM folder, or from a LoRA adapter folder (`adapter_config.json`, with its
@@ -88,8 +82,6 @@ def load_for_export(path: str | os.PathLike, base_model: str | os.PathLike | Non
         ValueError: a plain Qwen2-VL checkpoint (nothing trained to export), a missing processor, an adapter that
             does not fit the base (chorus ids or shapes), or weights that do not load exactly.
     """
-    from .loading import checkpoint_kind, load_crem
-
     path = os.fspath(path)
     if checkpoint_kind(path) == "qwen2_vl":
         raise ValueError(

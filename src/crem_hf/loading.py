@@ -16,7 +16,7 @@ from .configuration_crem import CREMConfig
 from .modeling_crem import CREMForEmbeddingAndGeneration
 from .processing_crem import CREMProcessor
 
-__all__ = ["Qwen2VLImageOnlyProcessor", "checkpoint_kind", "load_crem", "load_qwen2vl_processor"]
+__all__ = ["Qwen2VLImageOnlyProcessor", "checkpoint_kind", "load_crem", "load_qwen2vl_processor", "merge_adapter"]
 
 # What a usable chat template renders for a system, a user and an assistant turn (as the -Instruct template does).
 _PROBE = {"system": "crem-probe-system", "user": "crem-probe-user", "assistant": "crem-probe-assistant"}
@@ -143,6 +143,14 @@ def load_crem(
     return _load_adapter(name_or_path, base_model, merge, from_pretrained_kwargs)
 
 
+def merge_adapter(model) -> CREMForEmbeddingAndGeneration:
+    """
+    A plain CREM model from a peft model (LoRA merged into the weights, the trained chorus rows written into the
+    embeddings); any other model is returned as it is. The one merge: loading, export and the demo use it.
+    """
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def _load_adapter(path: str, base_model: str | os.PathLike | None, merge: bool, from_pretrained_kwargs: dict):
     """A LoRA adapter folder on its base (see `load_crem`)."""
     from peft import PeftModel
@@ -185,4 +193,4 @@ def _load_adapter(path: str, base_model: str | os.PathLike | None, merge: bool, 
             f"The adapter in {path} does not load exactly on {base_path}: missing {missing[:4]}, unexpected "
             f"{unexpected[:4]}, not loaded {differ[:4]}."
         )
-    return (model.merge_and_unload() if merge else model), processor
+    return (merge_adapter(model) if merge else model), processor

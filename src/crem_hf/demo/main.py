@@ -30,6 +30,7 @@ from ..evaluation import (
     load_caption_rows,
 )
 from ..io import ArgumentParser, run_command, write_json_atomically, write_text_atomically
+from ..loading import merge_adapter
 from ..modeling_crem import CREMForEmbeddingAndGeneration
 from ..processing_crem import CREMProcessor
 from ..tiny import make_tiny_qwen2vl, make_tiny_qwen2vl_processor, make_tiny_tokenizer
@@ -263,7 +264,7 @@ def train_stage2(workspace: Workspace, base, config: MainJobConfig, folder: str,
         processing_class=processor,
     )
     trainer.train()
-    trained = model.merge_and_unload() if config.lora else model
+    trained = merge_adapter(model)
     after = evaluate_crem(trained, processor, workspace.data, config, os.path.join(folder, "eval_after"))
     histories = {
         "stage 2 contrastive": _history(trainer.state, "contrastive_loss"),
