@@ -124,3 +124,17 @@ def test_compute_loss_keeps_a_float64_model_in_float64(processor, tmp_path):
     for inputs in ({"generation": batch["generation"]}, batch):
         loss = trainer.compute_loss(model, inputs)
         assert loss.dtype == torch.float64 and loss.requires_grad
+
+
+def test_the_training_arguments_own_the_temperature(processor, tmp_path):
+    """The loss takes the arguments' temperature; the model's config records no training setting."""
+    from crem_hf.tiny import make_tiny_crem
+    from crem_hf.training import CREMTrainer, CREMTrainingArguments
+
+    model = make_tiny_crem(processor, seed=0)
+    args = CREMTrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, temperature=0.1, save_strategy="no"
+    )
+    trainer = CREMTrainer(model=model, args=args)
+    assert trainer.contrastive.temperature == 0.1
+    assert "contrastive_temperature" not in model.config.to_dict()

@@ -19,14 +19,14 @@ from crem_hf.tiny import make_tiny_qwen2vl
 
 
 def test_config_validates_and_round_trips(tmp_path):
-    config = CREMConfig(num_chorus_tokens=2, chorus_token_ids=[7, 8], pooling="last", contrastive_temperature=0.05)
+    config = CREMConfig(num_chorus_tokens=2, chorus_token_ids=[7, 8], pooling="last", normalize_embeddings=False)
     config.save_pretrained(tmp_path)
     loaded = CREMConfig.from_pretrained(tmp_path)
-    assert (loaded.num_chorus_tokens, loaded.chorus_token_ids, loaded.pooling, loaded.contrastive_temperature) == (
+    assert (loaded.num_chorus_tokens, loaded.chorus_token_ids, loaded.pooling, loaded.normalize_embeddings) == (
         2,
         [7, 8],
         "last",
-        0.05,
+        False,
     )
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"] == (
         "modeling_crem.CREMForEmbeddingAndGeneration"
@@ -35,10 +35,20 @@ def test_config_validates_and_round_trips(tmp_path):
         CREMConfig(num_chorus_tokens=3, chorus_token_ids=[1, 2])
     with pytest.raises(ValueError, match="pooling"):
         CREMConfig(pooling="max")
-    with pytest.raises(ValueError, match="contrastive_temperature"):
-        CREMConfig(contrastive_temperature=0.0)
     with pytest.raises(ValueError, match="distinct"):
         CREMConfig(num_chorus_tokens=2, chorus_token_ids=[1, 1])
+
+
+def test_a_config_saved_with_the_old_contrastive_temperature_loads_without_it(tmp_path):
+    """The training arguments own the temperature: an older config.json that records it still loads, and the
+    value (no part of the model) is neither kept nor saved again."""
+    CREMConfig(num_chorus_tokens=2, chorus_token_ids=[7, 8]).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "contrastive_temperature": 0.05}))
+    loaded = CREMConfig.from_pretrained(tmp_path)
+    assert loaded.chorus_token_ids == [7, 8] and not hasattr(loaded, "contrastive_temperature")
+    loaded.save_pretrained(tmp_path / "again")
+    assert "contrastive_temperature" not in json.loads((tmp_path / "again" / "config.json").read_text())
 
 
 def test_generation_config_takes_no_training_setting(model):

@@ -113,7 +113,7 @@ def test_collator_builds_both_parts(processor, data):
     for row, name in enumerate(item["generation"]["turns"]):
         assert processor.tokenizer.decode(labels[row][labels[row] != -100]) == name[1] + "<|im_end|>"
     with pytest.raises(ValueError, match="per_device_train_batch_size=1"):
-        CREMCollator(processor)([item, item])
+        CREMCollator(processor, compress_probability=0.5)([item, item])
 
 
 def test_compress_flags_follow_p_and_are_reproducible(processor):
@@ -254,13 +254,13 @@ def test_collator_names_and_skips_rows_the_processor_cannot_build(processor, tin
         "retrieval": retrieval.select([0, 12, 1, 2])[:],
         "generation": generation.select([12, 0, 1])[:],
     }
-    strict = CREMCollator(processor, on_bad_row="raise")
+    strict = CREMCollator(processor, compress_probability=0.5, on_bad_row="raise")
     with pytest.raises(ValueError, match=r"retrieval data .*retrieval\.jsonl, row 12: the processor cannot build"):
         strict([item])
     with pytest.raises(ValueError, match=r"generation data .*conversations\.json, row 12: the processor cannot"):
         strict([{"step": 0, "generation": item["generation"]}])
 
-    collator = CREMCollator(processor, on_bad_row="skip")
+    collator = CREMCollator(processor, compress_probability=0.5, on_bad_row="skip")
     batch = collator([item])
     assert collator.skipped == {
         "retrieval row the processor cannot build": 1,

@@ -56,9 +56,6 @@ class CREMConfig(Qwen2VLConfig):
             state of the last chorus token (an ablation).
         normalize_embeddings (`bool`, *optional*, defaults to `True`):
             L2-normalise the pooled embedding, so that dot products are cosine similarities.
-        contrastive_temperature (`float`, *optional*, defaults to 0.02):
-            Softmax temperature of the contrastive (InfoNCE) loss over cosine similarities (the training default; not
-            named `temperature`, which `generate` would take as its sampling temperature).
         compression_keep_prefix (`bool`, *optional*, defaults to `True`):
             Under compression, whether tokens after the chorus block may still attend to the prefix before the turn
             that holds the chorus block (the system prompt) and to that turn's header (`<|im_start|>user\n`). The
@@ -85,12 +82,14 @@ class CREMConfig(Qwen2VLConfig):
     chorus_token_ids: list[int] | None = None
     pooling: str = "mean"
     normalize_embeddings: bool = True
-    contrastive_temperature: float = 0.02
     compression_keep_prefix: bool = True
     turn_start_token_id: int = 151644
     turn_header_length: int = 2
 
     def __post_init__(self, **kwargs):
+        # Configs saved before the training arguments owned the contrastive temperature carry it: a training
+        # setting that plays no part in the model, dropped so that it is not saved again.
+        kwargs.pop("contrastive_temperature", None)
         super().__post_init__(**kwargs)
         # Saved folders name their code for every Auto class (save_pretrained merges in the registered ones).
         self.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
@@ -107,8 +106,6 @@ class CREMConfig(Qwen2VLConfig):
                 raise ValueError(f"chorus_token_ids must be distinct, got {self.chorus_token_ids}.")
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
-        if self.contrastive_temperature <= 0:
-            raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature}.")
         if self.turn_header_length < 0:
             raise ValueError(f"turn_header_length must be >= 0, got {self.turn_header_length}.")
 

@@ -12,10 +12,17 @@ import torch
 from ..processing_crem import CREMProcessor
 from .data import build_step_rows
 
-__all__ = ["CREMCollator", "content_key", "conversation_messages"]
+__all__ = ["CREMCollator", "check_compress_probability", "content_key", "conversation_messages"]
 
 # Keeps the per-step seeds of the compress draws apart from each other.
 _SEED_STRIDE = 1_000_003
+
+
+def check_compress_probability(probability: float) -> float:
+    """`probability` if it is one (in [0, 1]), else a ValueError naming `compress_probability`."""
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"compress_probability must be in [0, 1], got {probability}.")
+    return probability
 
 
 def content_key(text: str, image: str) -> int:
@@ -42,18 +49,16 @@ class CREMCollator:
 
     Args:
         processor: the `CREMProcessor` (builds every prompt).
-        compress_probability: p, the chance that a generation sample is trained compressed (the paper's 0.5).
+        compress_probability: p, the chance that a generation sample is trained compressed (training sets it from
+            `CREMTrainingArguments.compress_probability`, the paper's 0.5; see `build_trainer`).
         seed: seed of the compress draws.
         on_bad_row: a row the processor cannot build raises, named by its file and row (`"raise"`), or is left out,
             logged and counted in `skipped` (`"skip"`; see [`build_step_rows`]: a bad retrieval row is replaced by a
             copy of a good one of its step, so the batch keeps its size).
     """
 
-    def __init__(
-        self, processor: CREMProcessor, compress_probability: float = 0.5, seed: int = 0, on_bad_row: str = "skip"
-    ):
-        if not 0.0 <= compress_probability <= 1.0:
-            raise ValueError(f"compress_probability must be in [0, 1], got {compress_probability}.")
+    def __init__(self, processor: CREMProcessor, compress_probability: float, seed: int = 0, on_bad_row: str = "skip"):
+        check_compress_probability(compress_probability)
         if on_bad_row not in ("skip", "raise"):
             raise ValueError(f"on_bad_row must be 'skip' or 'raise', got {on_bad_row!r}.")
         self.processor = processor

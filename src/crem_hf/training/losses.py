@@ -11,7 +11,14 @@ from torch import nn
 
 from .distributed import all_gather_no_grad, all_gather_with_grad, rank
 
-__all__ = ["InfoNCELoss", "ContrastiveOutput"]
+__all__ = ["InfoNCELoss", "ContrastiveOutput", "check_temperature"]
+
+
+def check_temperature(temperature: float) -> float:
+    """`temperature` if it is a usable softmax temperature (> 0), else a ValueError naming it."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    return temperature
 
 
 class ContrastiveOutput(NamedTuple):
@@ -33,14 +40,13 @@ class InfoNCELoss(nn.Module):
     query whose key equals this query's (the same query text asked of several images).
 
     Args:
-        temperature: softmax temperature (the paper's 0.02); must be > 0.
+        temperature: softmax temperature, > 0 (training sets it from `CREMTrainingArguments.temperature`, the
+            paper's 0.02).
     """
 
-    def __init__(self, temperature: float = 0.02):
+    def __init__(self, temperature: float):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        self.temperature = temperature
+        self.temperature = check_temperature(temperature)
 
     def scores(
         self,

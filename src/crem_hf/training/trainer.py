@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
+from .collator import check_compress_probability
 from .distributed import all_reduce_sum, world_size
-from .losses import InfoNCELoss
+from .losses import InfoNCELoss, check_temperature
 from .run_log import LogAtCheckpointsCallback
 
 __all__ = ["CREMTrainer", "CREMTrainingArguments", "split_embedding_batch"]
@@ -21,7 +22,9 @@ __all__ = ["CREMTrainer", "CREMTrainingArguments", "split_embedding_batch"]
 @dataclass
 class CREMTrainingArguments(TrainingArguments):
     """
-    `TrainingArguments` with CREM's objective. Defaults follow the paper's Table 1 (lr 5e-5, cosine, 100 warm-up
+    `TrainingArguments` with CREM's objective: the one owner of its settings (the InfoNCE temperature, the loss
+    weights, the compression probability p, the batch sizes and the gradient cache), which the trainer and
+    `build_trainer` hand to the loss and the collator. Defaults follow the paper's Table 1 (lr 5e-5, cosine, 100 warm-up
     steps, 2000 steps; global batches 1024 retrieval / 128 generation = 128 / 16 per process on 8 GPUs).
 
     One dataset item is one whole step (see `MixedStepDataset`), so `per_device_train_batch_size` stays 1 and the
@@ -34,7 +37,7 @@ class CREMTrainingArguments(TrainingArguments):
         default=8,
         metadata={"help": "Gradient-cache chunk size (embeddings per forward); None embeds the batch in one go."},
     )
-    temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature."})
+    temperature: float = field(default=0.02, metadata={"help": "InfoNCE softmax temperature over cosine similarities."})
     alpha_r: float = field(default=1.0, metadata={"help": "Weight of the contrastive loss."})
     alpha_g: float = field(default=0.5, metadata={"help": "Weight of the LM loss."})
     compress_probability: float = field(default=0.5, metadata={"help": "p: chance a generation sample is compressed."})
@@ -47,10 +50,8 @@ class CREMTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
-        if not 0.0 <= self.compress_probability <= 1.0:
-            raise ValueError(f"compress_probability must be in [0, 1], got {self.compress_probability}.")
+        check_temperature(self.temperature)
+        check_compress_probability(self.compress_probability)
         if self.gc_chunk_size is not None and self.gc_chunk_size <= 0:
             raise ValueError(
                 f"gc_chunk_size must be > 0 (or None to turn the gradient cache off), got {self.gc_chunk_size}."
@@ -139,8 +140,6 @@ class CREMTrainer(Trainer):
         if self.args.n_gpu > 1:
             raise ValueError("CREMTrainer does not support DataParallel; launch one process per GPU with torchrun.")
         self.contrastive = InfoNCELoss(self.args.temperature)
-        # The saved config records the temperature the embeddings were trained with.
-        self.accelerator.unwrap_model(self.model).config.contrastive_temperature = self.args.temperature
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_steps = 0
         # Log entries at every checkpoint and at the end, so the log history gives the whole run's loss.
