@@ -125,3 +125,53 @@ def randomize_lora_b(model, std: float = 0.05, seed: int = 0):
         if "lora_B" in name:
             param.data.normal_(0, std)
     return model
+
+
+# ---------------------------------------------------------------- the dense compression mask: the tests' oracle
+
+
+def dense_compression_mask(model, input_ids, attention_mask=None, compress=True) -> torch.Tensor:
+    """
+    The compression as one dense additive mask `(batch_size, 1, length, length)` in the model's dtype: causal and
+    padding-aware, and in compressed rows the tokens after the chorus block may not attend to the compressed span
+    (the image and the input text). 0 where attention is allowed, the dtype's minimum elsewhere; every position keeps
+    itself, so no row is all masked. This is the mechanism compression replaced (`batch x length x length` memory,
+    masked attention kernels only): the model never builds it, the tests compare the model with it.
+
+    Args:
+        model: a CREM model (its `chorus_layout` gives the spans; its dtype, the mask's).
+        input_ids: `(batch_size, length)`.
+        attention_mask: `(batch_size, length)` 2-D padding mask, optional.
+        compress: `True`/`False` for every row, or a bool tensor `(batch_size,)`.
+    """
+    batch, length = input_ids.shape
+    layout = model.chorus_layout(input_ids, attention_mask)
+    device = input_ids.device
+    flags = torch.as_tensor(compress, dtype=torch.bool, device=device).expand(batch)
+    positions = torch.arange(length, device=device)
+    allowed = (positions[:, None] >= positions[None, :])[None].expand(batch, -1, -1)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    after_chorus = positions[None, :, None] >= layout.chorus_end[:, None, None]
+    hidden_keys = layout.compressed_span(length)[:, None, :]
+    allowed = (allowed & ~(flags[:, None, None] & after_chorus & hidden_keys)) | torch.eye(
+        length, dtype=torch.bool, device=device
+    )
+    mask = torch.zeros(allowed.shape, dtype=model.dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(model.dtype).min)[:, None]
+
+
+def dense_oracle_states(model, batch: dict, compress=True) -> torch.Tensor:
+    """
+    Last hidden states `(batch_size, length, hidden_size)` of one no-cache forward of the inner Qwen2-VL model under
+    `dense_compression_mask`, positions from the 2-D padding mask. Differentiable.
+    """
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    positions = model.compute_position_ids(ids, mask, batch.get("image_grid_thw"), batch.get("mm_token_type_ids"))
+    return model.model(
+        input_ids=ids,
+        attention_mask=dense_compression_mask(model, ids, mask, compress),
+        position_ids=positions,
+        pixel_values=batch.get("pixel_values"),
+        image_grid_thw=batch.get("image_grid_thw"),
+    ).last_hidden_state

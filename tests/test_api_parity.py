@@ -211,8 +211,7 @@ def test_trainer_lm_loss_never_builds_full_logits(processor, tmp_path):
         loss = trainer.training_step(trainer.model, batch)
     finally:
         hook.remove()
-    generation = dict(batch["generation"])
-    flags = generation.pop("compress")
+    generation, flags = batch.generation.inputs, batch.generation.compress
     supervised = int((generation["labels"][:, 1:] != -100).sum())
     assert shapes == [(supervised, model.config.text_config.vocab_size)]
     with torch.no_grad():
@@ -343,12 +342,3 @@ def test_followups_prefill_in_chunks_with_the_same_result(model, processor, imag
     assert torch.equal(chunked, whole)
     with pytest.raises(ValueError, match="compress unset"):
         model.generate(context=context, **followups, compress=False, max_new_tokens=1)
-
-
-def test_compression_mask_rows_equal_the_whole_mask(model, generation_batch):
-    ids, mask = generation_batch["input_ids"], generation_batch["attention_mask"]
-    whole = model.build_compression_mask(ids, mask, torch.tensor([True, False]))
-    length = ids.shape[1]
-    for start, stop in ((0, 7), (7, 30), (30, length)):
-        part = model.build_compression_mask(ids, mask, torch.tensor([True, False]), queries=slice(start, stop))
-        assert torch.equal(part, whole[..., start:stop, :stop])

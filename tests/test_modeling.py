@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_image
+from helpers import dense_compression_mask, dense_oracle_states, random_image
 from transformers import Qwen2VLForConditionalGeneration
 
 from crem_hf import CREMForEmbeddingAndGeneration
@@ -13,24 +13,19 @@ NEW_TOKENS = 6
 
 
 def reference_compressed_logits(model, batch, new_tokens: torch.Tensor) -> torch.Tensor:
-    """Per-step logits `(batch, steps, vocab)` of one no-cache forward over prompt + answer under the mask."""
+    """Per-step logits `(batch, steps, vocab)` of one no-cache forward over prompt + answer under the dense mask."""
     ids = torch.cat([batch["input_ids"], new_tokens], 1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(new_tokens)], 1)
+    full = {"input_ids": ids, "attention_mask": mask, **{k: batch[k] for k in ("pixel_values", "image_grid_thw")}}
     with torch.no_grad():
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-            compress=True,
-        )
+        logits = model.lm_head(dense_oracle_states(model, full, compress=True))
     prompt = batch["input_ids"].shape[1]
-    return out.logits[:, prompt - 1 : prompt - 1 + new_tokens.shape[1]]
+    return logits[:, prompt - 1 : prompt - 1 + new_tokens.shape[1]]
 
 
 @pytest.mark.parametrize("tails", ["different", "equal"])
 def test_compressed_generation_equals_masked_forward(any_attention_model, processor, images, generation_batch, tails):
-    """Rows whose chorus blocks end at different slots take the 4-D-mask prefill; equal tails the two-phase one."""
+    """Rows whose chorus blocks end at different slots are re-packed first; equal tails run in place."""
     model = any_attention_model
     if tails == "equal":
         generation_batch = processor.process_generation_inputs(
@@ -84,7 +79,7 @@ def tail_logits(model, batch, garbage: bool, compress: bool) -> torch.Tensor:
     split = int(layout.chorus_end.max())
     assert torch.all(layout.chorus_end == split), "needs rows whose chorus block ends at the same slot"
     positions = model.compute_position_ids(ids, mask, batch["image_grid_thw"])
-    full_mask = model.build_compression_mask(ids, mask, compress, layout)
+    full_mask = dense_compression_mask(model, ids, mask, compress)
     with torch.no_grad():
         head = model.model(
             input_ids=ids[:, :split],
@@ -273,14 +268,6 @@ def test_image_token_mismatch_is_refused(model, processor, images):
         )
     with pytest.raises(ValueError, match="no pixel_values"):
         model.get_embedding(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-
-
-def test_flash_attention_cannot_compress(processor):
-    model = __import__("crem_hf.tiny", fromlist=["x"]).make_tiny_crem(processor)
-    model.config._attn_implementation = "flash_attention_2"
-    ids = torch.tensor([model.config.chorus_token_ids + [5]])
-    with pytest.raises(ValueError, match="4-D mask"):
-        model.build_compression_mask(ids)
 
 
 def test_compress_once_answer_many_equals_compressed_generation(model, processor, images):

@@ -15,7 +15,7 @@ Terms used below, per sample (one row of ``input_ids``, left padded)::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.generation.configuration_utils import GenerationConfig
 from transformers.generation.utils import GenerateOutput
-from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
+from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast, MultimodalCausalLMOutputWithPast
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -34,6 +34,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .configuration_crem import IGNORE_INDEX, CREMConfig, merged_image_tokens, register_for_auto_class
 
 __all__ = [
+    "ChorusCompression",
     "ChorusLayout",
     "CREMCompressedContext",
     "CREMForEmbeddingAndGeneration",
@@ -42,8 +43,6 @@ __all__ = [
 
 # mm_token_type_ids values of Qwen2-VL.
 _TEXT_TYPE, _IMAGE_TYPE, _VIDEO_TYPE = 0, 1, 2
-# Attention kernels that take an arbitrary 4-D mask.
-_MASKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
 # New chorus rows start at the mean input embedding plus noise of this fraction of the rows' standard deviation:
 # each row a typical token. Much less noise leaves 16 near-identical rows whose states ignore the input, and the
 # contrastive loss then collapses every embedding to one point, where its gradient vanishes (seen with LoRA).
@@ -120,6 +119,28 @@ class CREMOutput(MultimodalCausalLMOutputWithPast):
     embeddings: torch.FloatTensor | None = None
 
 
+# ====================================================================================================================
+# Compression as pruning: the one mechanism behind compressed training (`forward(compress=...)`) and compressed
+# generation (`compress`, `generate(compress=...)`), read top to bottom.
+#
+# A compressed row's tail (the tokens after its chorus block) may not attend to its compressed span (the image and the
+# input text). Attention is causal, so everything up to the chorus block is computed exactly as without compression,
+# and only the tail differs. Hence:
+#
+#   1. layout   find each row's chorus block, kept prefix and compressed span (`ChorusCompression.find_layout`);
+#   2. align    re-pack the rows as `[pad][head][pad][tail]`, so that every chorus block ends at the same slot
+#               (`ChorusCompression.align`); outputs are mapped back to the caller's columns at the end;
+#   3. phase 1  run the heads causally under their 2-D padding mask, keeping every layer's keys and values;
+#   4. prune    keep, per layer, the slots a tail may see: all of an uncompressed row's, the kept prefix and the chorus
+#               block of a compressed row's (`ChorusCompression.prune`);
+#   5. phase 2  run the tails over the pruned cache, under a 2-D padding mask.
+#
+# No step needs more than a 2-D padding mask, so any attention kernel that takes one serves (eager, sdpa,
+# flash_attention_2, ...), and no `batch x length x length` mask is ever built. Gradients flow through the kept keys
+# and values into phase 1. The dense compression mask survives only as the tests' oracle.
+# ====================================================================================================================
+
+
 @dataclass
 class ChorusLayout:
     """
@@ -142,6 +163,89 @@ class ChorusLayout:
         return (idx >= self.span_start[:, None]) & (idx < self.chorus_start[:, None])
 
 
+def _pack_left(keep: torch.BoolTensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """
+    Indices that gather the kept slots of each row to the right end, in their original order.
+
+    Args:
+        keep: `(batch_size, length)` bool.
+    Returns:
+        index `(batch_size, num_slots)` and its validity mask `(batch_size, num_slots)`, where `num_slots` is the
+        largest number of kept slots in a row (0 when none is kept); shorter rows are padded on the left (mask False,
+        index pointing at a slot that is not kept).
+    """
+    num_slots = int(keep.sum(1).max()) if keep.numel() else 0
+    # A stable sort on 0/1 moves the kept slots to the end without reordering them.
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, keep.shape[1] - num_slots :]
+    return order, keep.gather(1, order)
+
+
+def _take(tensor: torch.Tensor, index: torch.LongTensor, dim: int = 1) -> torch.Tensor:
+    """
+    `tensor` gathered along its sequence axis `dim` at `index` `(batch_size, num_slots)`, the batch axis being `dim - 1`
+    (`(batch, length, ...)` with `dim=1`, MRoPE positions `(3, batch, length)` with `dim=2`). Differentiable.
+    """
+    view = [1] * tensor.ndim
+    view[dim - 1], view[dim] = index.shape
+    size = list(tensor.shape)
+    size[dim] = index.shape[1]
+    return tensor.gather(dim, index.view(view).expand(size))
+
+
+def _filled_cache(config: PreTrainedConfig, states: list[tuple[torch.Tensor, torch.Tensor]], cls=DynamicCache):
+    """A `cls` (a `DynamicCache`) whose layers hold `states`, one `(keys, values)` pair per layer, as they are."""
+    cache = cls(config=config)
+    for layer, (keys, values) in zip(cache.layers, states, strict=True):
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+    return cache
+
+
+@dataclass
+class AlignedRows:
+    """
+    A batch re-packed for the two phases: each row becomes `[pad][head][pad][tail]`, where the head is the row's real
+    tokens up to the end of its chorus block and the tail the real tokens after it. Every chorus block then ends at
+    slot `split`, heads are left padded and tails are left padded too (so every row still ends with a real token).
+
+    Args:
+        index (`torch.LongTensor` of shape `(batch_size, num_slots)`): the caller's column of each slot; a padding slot
+            points at some column that it does not stand for.
+        mask (`torch.BoolTensor` of shape `(batch_size, num_slots)`): True on real slots.
+        split (`int`): the first tail slot; `[0, split)` are the heads.
+        kept (`torch.LongTensor` of shape `(batch_size, num_kept)`): the head slots that phase 2 sees (all real slots
+            of an uncompressed row; the kept prefix and the chorus block of a compressed one), left packed.
+        kept_mask (`torch.BoolTensor` of shape `(batch_size, num_kept)`): True on real entries of `kept`.
+        slot_of (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the slot of each of the caller's columns
+            (0 on padding columns).
+        real (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): the caller's padding mask.
+        identity (`bool`): the slots are the caller's columns (the batch came aligned): packing is a no-op.
+    """
+
+    index: torch.LongTensor
+    mask: torch.BoolTensor
+    split: int
+    kept: torch.LongTensor
+    kept_mask: torch.BoolTensor
+    slot_of: torch.LongTensor
+    real: torch.BoolTensor
+    identity: bool
+
+    def pack(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The caller's `tensor` (sequence axis `dim`, batch axis `dim - 1`) in the slot layout."""
+        return tensor if self.identity else _take(tensor, self.index, dim)
+
+    def unpack(self, states: torch.Tensor) -> torch.Tensor:
+        """
+        `states` `(batch_size, num_slots, ...)` back in the caller's columns `(batch_size, sequence_length, ...)`.
+        Padding columns carry no meaning (zeros after re-packing).
+        """
+        if self.identity:
+            return states
+        unpacked = _take(states, self.slot_of)
+        return unpacked.masked_fill(~self.real.view(*self.real.shape, *[1] * (states.ndim - 2)), 0)
+
+
 @dataclass
 class CREMCompressedContext:
     """
@@ -162,29 +266,383 @@ class CREMCompressedContext:
     position_ids: torch.LongTensor
 
 
-def _pack_left(keep: torch.BoolTensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
+class _PhaseCache(DynamicCache):
     """
-    Indices that gather the kept slots of each row to the right end, in their original order.
+    The key/value cache of one phase. While the phase runs it is a `DynamicCache` (starting from `start`, one
+    `(keys, values)` pair per layer, or empty). `close()` ends the phase: `update` then returns the start states
+    followed by the new ones and stores nothing, which is what the layer got during the phase. So a layer that
+    gradient checkpointing replays in the backward pass sees the keys it saw in the forward pass (a `DynamicCache`
+    would append them a second time), and the closed cache holds no activations.
+    """
+
+    def __init__(self, config: PreTrainedConfig, start: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        super().__init__(config=config)
+        self.start, self.closed = start, False
+        for layer, (keys, values) in zip(self.layers, start or [], strict=start is not None):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not self.closed:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.start is None:
+            return key_states, value_states
+        keys, values = self.start[layer_idx]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    def close(self) -> None:
+        self.closed = True
+        for layer in self.layers:
+            layer.keys = layer.values = None
+
+
+@dataclass
+class TwoPhaseOutput:
+    """
+    What [`ChorusCompression.run`] returns, in the slot layout of its [`AlignedRows`].
 
     Args:
-        keep: `(batch_size, length)` bool.
-    Returns:
-        index `(batch_size, num_slots)` and its validity mask `(batch_size, num_slots)`, where `num_slots` is the
-        largest number of kept slots in a row; shorter rows are padded on the left (mask False).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_run, hidden_size)`, *optional*): the final
+            states of the slots that ran (heads, then tails), when asked for.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): per-layer states of the same slots, with
+            `output_hidden_states=True`.
+        cache (`transformers.DynamicCache`, *optional*): with `keep_cache=True`, the pruned cache: the kept head slots
+            (`AlignedRows.kept`) followed by the tail slots that ran.
     """
-    num_slots = int(keep.sum(1).max())
-    # A stable sort on 0/1 moves the kept slots to the end without reordering them.
-    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, keep.shape[1] - num_slots :]
-    return order, keep.gather(1, order)
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    cache: DynamicCache | None = None
 
 
-def _select_slots(cache: DynamicCache, index: torch.LongTensor) -> None:
-    """Keep, in every layer of `cache`, the slots `index` `(batch_size, num_slots)` of each row, in that order."""
-    for layer in cache.layers:
-        if not isinstance(layer, DynamicLayer):
-            raise ValueError(f"Cannot prune a {type(layer).__name__} cache layer.")
-        gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-        layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+class ChorusCompression:
+    """
+    The compression mechanism over a Qwen2-VL decoder (see the section comment above): `find_layout`, `align`, then
+    `run` (phase 1, `prune`, phase 2). [`CREMForEmbeddingAndGeneration`] builds one per call.
+
+    Args:
+        language_model: the decoder (`Qwen2VLTextModel`, `model.model.language_model`).
+        config: the model's [`CREMConfig`].
+    """
+
+    def __init__(self, language_model: torch.nn.Module, config: CREMConfig):
+        self.language_model = language_model
+        self.config = config
+
+    # ---------------------------------------------------------------- 1. layout
+
+    @staticmethod
+    def find_layout(
+        config: CREMConfig, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> ChorusLayout:
+        """
+        Find the chorus block, the kept prefix and the compressed span of every row, from the prompt's structure.
+
+        The rule, which is the layout `CREMProcessor` builds (it tokenises user content as text, so the only special
+        ids in a row are the template's and the chorus block's):
+
+        * the chorus block is the one run of the N chorus ids, complete, contiguous and in order;
+        * with `compression_keep_prefix`, the kept prefix ends with the header of the turn that holds the chorus
+          block: the last `<|im_start|>` (`turn_start_token_id`) before the block and the `turn_header_length`
+          tokens after it (`user`, `\\n`). The compressed span runs from there to the block. Without it, the span
+          is everything before the block.
+
+        A row that breaks the rule is refused, never given another span.
+
+        Args:
+            config: the model's config (chorus ids, turn-start id, header length, `compression_keep_prefix`).
+            input_ids: `(batch_size, sequence_length)`.
+            attention_mask: `(batch_size, sequence_length)` 2-D padding mask (1 = token), optional.
+        Raises:
+            ValueError: the config has no chorus ids; a row lacks the complete chorus block (in order, contiguous) or
+                holds extra chorus ids; with `compression_keep_prefix`, a row has no `<|im_start|>` before its
+                chorus block, or its turn header runs into the chorus block or holds image, vision or chorus tokens.
+        """
+        chorus_ids = config.chorus_token_ids
+        if not chorus_ids:
+            raise ValueError(
+                "config.chorus_token_ids is not set: build the model with CREMForEmbeddingAndGeneration.from_qwen2vl"
+                "(model, processor) or set the chorus ids of the processor's tokenizer in the config."
+            )
+        if input_ids is None or input_ids.ndim != 2:
+            raise ValueError(
+                "input_ids of shape (batch_size, sequence_length) are required to locate the chorus block."
+            )
+        length = input_ids.shape[1]
+        device = input_ids.device
+        n = len(chorus_ids)
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        chorus = torch.tensor(chorus_ids, device=device)
+        is_chorus = torch.isin(input_ids, chorus) & real
+        counts = is_chorus.sum(1)
+        start = torch.where(counts > 0, is_chorus.to(torch.int8).argmax(1), torch.zeros_like(counts))
+        window = (start[:, None] + torch.arange(n, device=device)).clamp(max=length - 1)
+        in_order = (input_ids.gather(1, window) == chorus[None]).all(1)
+        bad = ((counts != n) | ~in_order).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"Rows {bad} do not hold the {n} chorus tokens as one contiguous block in order (found "
+                f"{counts[bad].tolist()} chorus tokens). Build inputs with CREMProcessor, which tokenises user text "
+                "as text (it cannot add chorus ids); with truncation, make sure max_length leaves room for the block."
+            )
+        end = start + n
+        if not config.compression_keep_prefix:
+            return ChorusLayout(chorus_start=start, chorus_end=end, span_start=torch.zeros_like(start))
+        idx = torch.arange(length, device=device)
+        turn_starts = (input_ids == config.turn_start_token_id) & real & (idx[None] < start[:, None])
+        last_turn = torch.where(turn_starts, idx[None], torch.full_like(input_ids, -1)).max(1).values
+        header_end = last_turn + 1 + config.turn_header_length
+        # The header must be plain text of the turn (e.g. `user`, `\\n`): no structure token, and before the block.
+        structure = [config.turn_start_token_id, config.image_token_id, config.video_token_id]
+        structure += [config.vision_start_token_id, config.vision_end_token_id, *chorus_ids]
+        header = (last_turn[:, None] + 1 + torch.arange(config.turn_header_length, device=device)).clamp(
+            min=0, max=length - 1
+        )
+        header_ok = ~torch.isin(input_ids.gather(1, header), torch.tensor(structure, device=device)).any(1)
+        no_turn = (last_turn < 0).nonzero().flatten().tolist()
+        broken = ((last_turn >= 0) & ((header_end > start) | ~header_ok)).nonzero().flatten().tolist()
+        if no_turn or broken:
+            raise ValueError(
+                f"Rows {no_turn or broken} "
+                + (
+                    f"have no turn start (id {config.turn_start_token_id}, <|im_start|>) before the chorus block"
+                    if no_turn
+                    else f"have a turn header of {config.turn_header_length} tokens after their last "
+                    "<|im_start|> that runs into the chorus block or holds image, vision or chorus tokens"
+                )
+                + ", so the kept prefix cannot be located. Build inputs with CREMProcessor and a role-based chat "
+                "template (Qwen2-VL-Instruct's), or set config.compression_keep_prefix=False to compress everything "
+                "before the chorus block."
+            )
+        return ChorusLayout(chorus_start=start, chorus_end=end, span_start=header_end)
+
+    # ---------------------------------------------------------------- 2. align
+
+    @staticmethod
+    def align(layout: ChorusLayout, attention_mask: torch.Tensor, compress: torch.BoolTensor) -> AlignedRows:
+        """
+        Re-pack the rows so that every chorus block ends at the same slot (see [`AlignedRows`]), and choose the
+        head slots phase 2 keeps.
+
+        Args:
+            layout: the rows' [`ChorusLayout`].
+            attention_mask: `(batch_size, sequence_length)` 2-D padding mask (any padding: left, right or holes).
+            compress: `(batch_size,)` bool, the rows whose tails may not see their compressed span.
+        """
+        real = attention_mask.bool()
+        batch, length = real.shape
+        columns = torch.arange(length, device=real.device)
+        head = real & (columns[None] < layout.chorus_end[:, None])
+        head_index, head_real = _pack_left(head)
+        tail_index, tail_real = _pack_left(real & ~head)
+        index, mask = torch.cat([head_index, tail_index], 1), torch.cat([head_real, tail_real], 1)
+        hidden = layout.compressed_span(length) & compress[:, None]
+        kept, kept_mask = _pack_left(head_real & ~hidden.gather(1, head_index))
+        # Every real column has exactly one real slot; padding columns (and padding slots, sent to a spare column
+        # that is dropped) map to slot 0.
+        slots = torch.arange(index.shape[1], device=real.device).expand(batch, -1)
+        slot_of = torch.zeros(batch, length + 1, dtype=torch.long, device=real.device)
+        slot_of.scatter_(1, torch.where(mask, index, length), slots)
+        # Already aligned when every real slot is its own column (what padding slots point at does not matter).
+        identity = index.shape[1] == length and bool(((index == columns) | ~mask).all())
+        return AlignedRows(
+            index=index,
+            mask=mask,
+            split=head_index.shape[1],
+            kept=kept,
+            kept_mask=kept_mask,
+            slot_of=slot_of[:, :length] * real,
+            real=real,
+            identity=identity,
+        )
+
+    # ---------------------------------------------------------------- 3-5. phase 1, prune, phase 2
+
+    def run(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.LongTensor,
+        rows: AlignedRows,
+        *,
+        stop: int | None = None,
+        chunk_size: int | None = None,
+        keep_cache: bool = False,
+        return_hidden: bool = True,
+        **kwargs,
+    ) -> TwoPhaseOutput:
+        """
+        Phase 1 over the heads, `prune`, phase 2 over the tails: the compressed forward of the aligned rows.
+
+        Args:
+            inputs_embeds: `(batch_size, num_slots, hidden_size)`, in the slot layout (`rows.pack`), image features in.
+            position_ids: `(3, batch_size, num_slots)` MRoPE positions, in the slot layout.
+            rows: the [`AlignedRows`].
+            stop: run the slots `[0, stop)` only (default: all). `generate` leaves the last one to its own loop.
+            chunk_size: run each phase in forwards of at most this many query tokens (memory linear in the length);
+                inference only: under autograd each phase runs in one forward (see `_PhaseCache`).
+            keep_cache: return the pruned cache, extended by the tail slots that ran.
+            return_hidden: return the final states of the slots that ran.
+            **kwargs: for the decoder (`output_hidden_states`, ...).
+        Returns:
+            [`TwoPhaseOutput`].
+        """
+        if any(layer_type != "full_attention" for layer_type in self.config.text_config.layer_types):
+            raise ValueError(
+                "Compression prunes the KV cache: it supports full-attention layers only (no sliding window)."
+            )
+        if chunk_size is not None and torch.is_grad_enabled():
+            raise ValueError("A chunked two-phase run is for inference: run it under torch.no_grad().")
+        stop = rows.mask.shape[1] if stop is None else stop
+        split, mask = rows.split, rows.mask.long()
+        with self._caches_kept_under_checkpointing():
+            heads = _PhaseCache(self.config)
+            first = self.prefill(
+                heads, inputs_embeds[:, :split], mask[:, :split], position_ids[..., :split], chunk_size, **kwargs
+            )
+            tails = _PhaseCache(self.config, self.prune(heads, rows))
+            heads.close()
+            second = self.prefill(
+                tails,
+                inputs_embeds[:, split:stop],
+                torch.cat([rows.kept_mask.long(), mask[:, split:stop]], 1),
+                position_ids[..., split:stop],
+                chunk_size,
+                **kwargs,
+            )
+        if keep_cache:
+            cache = _filled_cache(self.config, [(layer.keys, layer.values) for layer in tails.layers])
+        else:
+            cache = None
+            tails.close()
+        outputs = first + second
+        hidden = torch.cat([out.last_hidden_state for out in outputs], 1) if return_hidden else None
+        layers = None
+        if outputs[0].hidden_states is not None:
+            per_forward = [out.hidden_states for out in outputs]
+            layers = tuple(torch.cat(states, 1) for states in zip(*per_forward, strict=True))
+        return TwoPhaseOutput(last_hidden_state=hidden, hidden_states=layers, cache=cache)
+
+    @staticmethod
+    def prune(cache: DynamicCache, rows: AlignedRows) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the `(keys, values)` `(batch_size, kv_heads, num_kept, head_dim)` of the kept head slots."""
+        states = []
+        for layer in cache.layers:
+            if not isinstance(layer, DynamicLayer):
+                raise ValueError(f"Cannot prune a {type(layer).__name__} cache layer.")
+            index = rows.kept[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            states.append((layer.keys.gather(2, index), layer.values.gather(2, index)))
+        return states
+
+    def prefill(
+        self,
+        cache: DynamicCache,
+        inputs_embeds: torch.Tensor,
+        key_mask: torch.Tensor,
+        position_ids: torch.LongTensor,
+        chunk_size: int | None = None,
+        **kwargs,
+    ) -> list:
+        """
+        Run a stretch of slots into `cache`, in forwards of at most `chunk_size` query tokens (all at once when
+        `None`), so that the attention scores are `chunk x keys`, never `length x length`.
+
+        Args:
+            cache: the cache to extend; it holds every key before the stretch.
+            inputs_embeds: `(batch_size, length, hidden_size)` of the stretch.
+            key_mask: `(batch_size, cached + length)` 2-D padding mask over the cached keys and the stretch.
+            position_ids: `(3, batch_size, length)` of the stretch.
+        Returns:
+            The decoder's outputs, one per forward (none for an empty stretch).
+        """
+        length = inputs_embeds.shape[1]
+        if chunk_size is not None and (
+            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+        ):
+            raise ValueError(f"prefill_chunk_size must be a positive int, got {chunk_size!r}.")
+        cached = key_mask.shape[1] - length
+        step = chunk_size or max(length, 1)
+        outputs = []
+        for start in range(0, length, step):
+            end = min(start + step, length)
+            # The cache object is passed explicitly (use_cache only asks the decoder to create one).
+            outputs.append(
+                self.language_model(
+                    inputs_embeds=inputs_embeds[:, start:end],
+                    attention_mask=key_mask[:, : cached + end],
+                    position_ids=position_ids[..., start:end],
+                    cache=cache,
+                    use_cache=False,
+                    return_dict=True,
+                    **kwargs,
+                )
+            )
+        return outputs
+
+    @contextmanager
+    def _caches_kept_under_checkpointing(self):
+        """
+        Under gradient checkpointing, transformers drops the cache of a checkpointed decoder layer, because a
+        `DynamicCache` would be written a second time when the layer is replayed. The phase caches are safe to replay
+        once closed (`_PhaseCache`), so the layers keep them for the run. Reentrant checkpointing is refused: it
+        runs the layer without autograd, so no gradient would reach phase 1 through the kept keys and values.
+        """
+        layers = [layer for layer in self.language_model.layers if getattr(layer, "gradient_checkpointing", False)]
+        if not layers or not torch.is_grad_enabled():
+            yield
+            return
+        for layer in layers:
+            function = getattr(layer, "_gradient_checkpointing_func", None)
+            if getattr(function, "keywords", {}).get("use_reentrant") is True:
+                raise ValueError(
+                    "Compressed training under reentrant gradient checkpointing would lose the gradient that flows "
+                    "through the kept keys and values: enable it with gradient_checkpointing_kwargs="
+                    "{'use_reentrant': False} (the transformers default)."
+                )
+        for layer in layers:
+            layer._can_checkpoint_with_cache = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                del layer._can_checkpoint_with_cache
+
+    # ---------------------------------------------------------------- the compressed context
+
+    @staticmethod
+    def context(
+        cache: DynamicCache,
+        rows: AlignedRows,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        prefill_last: bool,
+    ) -> CREMCompressedContext:
+        """
+        The kept slots of a run with `keep_cache=True`, left packed into one run per row (the packed heads and tails
+        leave padding between them), with their ids and positions.
+
+        Args:
+            cache: the run's cache: the kept head slots, then the tail slots (all, or all but the last).
+            rows: the run's [`AlignedRows`].
+            input_ids: `(batch_size, num_slots)` in the slot layout.
+            position_ids: `(3, batch_size, num_slots)` in the slot layout.
+            prefill_last: whether the run covered the last slot.
+        """
+        split = rows.split
+        ids = torch.cat([_take(input_ids[:, :split], rows.kept), input_ids[:, split:]], 1)
+        positions = torch.cat([_take(position_ids[..., :split], rows.kept, 2), position_ids[..., split:]], 2)
+        index, valid = _pack_left(torch.cat([rows.kept_mask, rows.mask[:, split:]], 1))
+        # Every row ends with a real token, so after packing the last slot is real in every row; a cache without it
+        # drops exactly that slot.
+        cached = index if prefill_last else index[:, :-1]
+        for layer in cache.layers:
+            gather = cached[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+        return CREMCompressedContext(
+            cache=cache,
+            input_ids=_take(ids, index),
+            attention_mask=valid.long(),
+            position_ids=_take(positions, index, 2),
+        )
 
 
 class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
@@ -334,135 +792,18 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             if head is not None and head.weight is not embeddings.weight:
                 head.weight[old_rows:] = 0
 
-    # ------------------------------------------------------------------ layout and masks
+    # ------------------------------------------------------------------ layout and positions
 
     def chorus_layout(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> ChorusLayout:
         """
-        Find the chorus block, the kept prefix and the compressed span of every row, from the prompt's structure.
-
-        The rule, which is the layout `CREMProcessor` builds (it tokenises user content as text, so the only special
-        ids in a row are the template's and the chorus block's):
-
-        * the chorus block is the one run of the N chorus ids, complete, contiguous and in order;
-        * with `compression_keep_prefix`, the kept prefix ends with the header of the turn that holds the chorus
-          block: the last `<|im_start|>` (`turn_start_token_id`) before the block and the `turn_header_length`
-          tokens after it (`user`, `\\n`). The compressed span runs from there to the block. Without it, the span
-          is everything before the block.
-
-        A row that breaks the rule is refused, never given another span.
+        Find the chorus block, the kept prefix and the compressed span of every row (see
+        [`ChorusCompression.find_layout`], which states the rule and what it refuses).
 
         Args:
             input_ids: `(batch_size, sequence_length)`.
             attention_mask: `(batch_size, sequence_length)` 2-D padding mask (1 = token), optional.
-        Raises:
-            ValueError: the config has no chorus ids; a row lacks the complete chorus block (in order, contiguous) or
-                holds extra chorus ids; with `compression_keep_prefix`, a row has no `<|im_start|>` before its
-                chorus block, or its turn header runs into the chorus block or holds image, vision or chorus tokens.
         """
-        chorus_ids = self.config.chorus_token_ids
-        if not chorus_ids:
-            raise ValueError(
-                "config.chorus_token_ids is not set: build the model with CREMForEmbeddingAndGeneration.from_qwen2vl"
-                "(model, processor) or set the chorus ids of the processor's tokenizer in the config."
-            )
-        if input_ids is None or input_ids.ndim != 2:
-            raise ValueError(
-                "input_ids of shape (batch_size, sequence_length) are required to locate the chorus block."
-            )
-        length = input_ids.shape[1]
-        device = input_ids.device
-        n = len(chorus_ids)
-        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        chorus = torch.tensor(chorus_ids, device=device)
-        is_chorus = torch.isin(input_ids, chorus) & real
-        counts = is_chorus.sum(1)
-        start = torch.where(counts > 0, is_chorus.to(torch.int8).argmax(1), torch.zeros_like(counts))
-        window = (start[:, None] + torch.arange(n, device=device)).clamp(max=length - 1)
-        in_order = (input_ids.gather(1, window) == chorus[None]).all(1)
-        bad = ((counts != n) | ~in_order).nonzero().flatten().tolist()
-        if bad:
-            raise ValueError(
-                f"Rows {bad} do not hold the {n} chorus tokens as one contiguous block in order (found "
-                f"{counts[bad].tolist()} chorus tokens). Build inputs with CREMProcessor, which tokenises user text "
-                "as text (it cannot add chorus ids); with truncation, make sure max_length leaves room for the block."
-            )
-        end = start + n
-        if not self.config.compression_keep_prefix:
-            return ChorusLayout(chorus_start=start, chorus_end=end, span_start=torch.zeros_like(start))
-        idx = torch.arange(length, device=device)
-        turn_starts = (input_ids == self.config.turn_start_token_id) & real & (idx[None] < start[:, None])
-        last_turn = torch.where(turn_starts, idx[None], torch.full_like(input_ids, -1)).max(1).values
-        header_end = last_turn + 1 + self.config.turn_header_length
-        # The header must be plain text of the turn (e.g. `user`, `\\n`): no structure token, and before the block.
-        structure = [self.config.turn_start_token_id, self.config.image_token_id, self.config.video_token_id]
-        structure += [self.config.vision_start_token_id, self.config.vision_end_token_id, *chorus_ids]
-        header = (last_turn[:, None] + 1 + torch.arange(self.config.turn_header_length, device=device)).clamp(
-            min=0, max=length - 1
-        )
-        header_ok = ~torch.isin(input_ids.gather(1, header), torch.tensor(structure, device=device)).any(1)
-        no_turn = (last_turn < 0).nonzero().flatten().tolist()
-        broken = ((last_turn >= 0) & ((header_end > start) | ~header_ok)).nonzero().flatten().tolist()
-        if no_turn or broken:
-            raise ValueError(
-                f"Rows {no_turn or broken} "
-                + (
-                    f"have no turn start (id {self.config.turn_start_token_id}, <|im_start|>) before the chorus block"
-                    if no_turn
-                    else f"have a turn header of {self.config.turn_header_length} tokens after their last "
-                    "<|im_start|> that runs into the chorus block or holds image, vision or chorus tokens"
-                )
-                + ", so the kept prefix cannot be located. Build inputs with CREMProcessor and a role-based chat "
-                "template (Qwen2-VL-Instruct's), or set config.compression_keep_prefix=False to compress everything "
-                "before the chorus block."
-            )
-        return ChorusLayout(chorus_start=start, chorus_end=end, span_start=header_end)
-
-    def build_compression_mask(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        compress: bool | torch.Tensor = True,
-        layout: ChorusLayout | None = None,
-        queries: slice | None = None,
-    ) -> torch.Tensor:
-        """
-        The compression-aware attention mask: causal and padding-aware, and in compressed rows the tokens after the
-        chorus block may not attend to the compressed span (the image and the input text).
-
-        Args:
-            input_ids: `(batch_size, sequence_length)`.
-            attention_mask: `(batch_size, sequence_length)` 2-D padding mask, optional.
-            compress: `True`/`False` for every row, or a bool tensor `(batch_size,)`.
-            layout: the rows' [`ChorusLayout`], computed when not given.
-            queries: only the mask rows of these query positions `[start, stop)`, over the keys `[0, stop)` (what
-                a chunked prefill needs: memory `chunk x stop`, not `length x length`). Default: all positions.
-        Returns:
-            Additive float mask `(batch_size, 1, num_queries, num_keys)` in the model's dtype (both
-            `sequence_length` by default): 0 where attention is allowed, the dtype's minimum elsewhere (the form both
-            eager and sdpa attention take).
-        """
-        if self.config._attn_implementation not in _MASKABLE_ATTENTION:
-            raise ValueError(
-                f"Compression-aware attention needs an attention kernel that takes a 4-D mask ({_MASKABLE_ATTENTION}),"
-                f" but the model uses {self.config._attn_implementation!r}. Load it with attn_implementation='sdpa'."
-            )
-        batch, length = input_ids.shape
-        device = input_ids.device
-        layout = layout if layout is not None else self.chorus_layout(input_ids, attention_mask)
-        compress = self._compress_flags(compress, batch, device)
-        start, stop, _ = (queries or slice(0, length)).indices(length)
-        rows = torch.arange(start, stop, device=device)
-        keys = torch.arange(stop, device=device)
-        allowed = (rows[:, None] >= keys[None, :])[None].expand(batch, -1, -1)
-        if attention_mask is not None:
-            allowed = allowed & attention_mask.bool()[:, None, :stop]
-        after_chorus = rows[None, :, None] >= layout.chorus_end[:, None, None]
-        hidden_keys = layout.compressed_span(stop)[:, None, :]
-        allowed = allowed & ~(compress[:, None, None] & after_chorus & hidden_keys)
-        # Every row keeps itself, so padding rows never see an all-masked row.
-        allowed = allowed | (rows[:, None] == keys[None, :])[None]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
-        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[:, None]
+        return ChorusCompression.find_layout(self.config, input_ids, attention_mask)
 
     def compute_position_ids(
         self,
@@ -611,15 +952,23 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | CREMOutput:
         """
-        Qwen2-VL's forward, plus compression-aware attention, the chorus embedding and sparse LM logits.
+        Qwen2-VL's forward, plus compression, the chorus embedding and sparse LM logits. Three modes:
 
-        Without `compress` (or with no row compressed), `return_embeddings` and `supervised_logits_only` this is
-        exactly `Qwen2VLForConditionalGeneration.forward`: same loss, logits, cache and other outputs.
+        * plain: without `compress` (or with no row compressed), `return_embeddings` and `supervised_logits_only`,
+          exactly `Qwen2VLForConditionalGeneration.forward`: same loss, logits, cache and other outputs;
+        * embedding: `return_embeddings=True` without `labels` or `use_cache`: the chorus embedding only (stops at the
+          chorus block, no logits);
+        * language model: otherwise. Compressed rows run as [`ChorusCompression`] prunes them (causal prefill up to
+          the chorus block, prune, the tail over the pruned cache), with any attention kernel; the outputs come back
+          in the caller's columns.
 
         Args:
             compress (`bool` or `torch.BoolTensor` of shape `(batch_size,)`, *optional*):
                 Compress these rows: tokens after the chorus block may not attend to the image or the input text
                 (the rows need the chorus block). `None` or `False`: plain causal attention. Other types are refused.
+                With compressed rows, `output_attentions` and `use_cache` are refused (the forward runs in two
+                phases; `compress` builds a compressed cache), and padding positions' logits and hidden states
+                carry no meaning.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Next-token targets (-100 = no loss), as Qwen2-VL: `loss` is its loss and `logits` stays
                 `(batch_size, kept_length, vocab_size)`.
@@ -639,84 +988,135 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         reference = input_ids if input_ids is not None else inputs_embeds
         flags = self._compress_flags(compress, reference.shape[0] if reference is not None else 0)
         compressing = flags is not None and bool(flags.any())
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "inputs_embeds": inputs_embeds,
+            "pixel_values": pixel_values,
+            "image_grid_thw": image_grid_thw,
+            "mm_token_type_ids": mm_token_type_ids,
+            "mm_encoder_outputs": mm_encoder_outputs,
+        }
         if not (compressing or return_embeddings or supervised_logits_only):
-            # Exactly Qwen2-VL (the path `generate` takes).
-            out = super().forward(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
+            return self._forward_plain(
+                inputs,
                 cache=cache,
-                inputs_embeds=inputs_embeds,
                 labels=labels,
                 use_cache=use_cache,
-                pixel_values=pixel_values,
                 pixel_values_videos=pixel_values_videos,
-                image_grid_thw=image_grid_thw,
                 video_grid_thw=video_grid_thw,
-                mm_token_type_ids=mm_token_type_ids,
                 logits_to_keep=logits_to_keep,
-                mm_encoder_outputs=mm_encoder_outputs,
-                return_dict=True,
                 **kwargs,
             )
-            return CREMOutput(**out, lm_loss=out.loss)
+        inputs = self._checked_inputs(inputs, pixel_values_videos, cache)
+        use_cache = bool(use_cache)  # no cache unless asked: these modes serve training and embedding
+        if return_embeddings and labels is None and not use_cache:
+            return self._forward_embedding(inputs, **kwargs)
+        return self._forward_language_model(
+            inputs,
+            flags if compressing else None,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            return_embeddings=return_embeddings,
+            supervised_logits_only=supervised_logits_only,
+            **kwargs,
+        )
+
+    def _forward_plain(self, inputs: dict, **kwargs) -> CREMOutput:
+        """Exactly `Qwen2VLForConditionalGeneration.forward` (the path `generate` takes)."""
+        out = super().forward(**inputs, return_dict=True, **kwargs)
+        return CREMOutput(**out, lm_loss=out.loss)
+
+    def _checked_inputs(self, inputs: dict, pixel_values_videos: torch.Tensor | None, cache: Cache | None) -> dict:
+        """Refuse what the embedding and language-model modes do not take; fill the padding mask and positions."""
+        input_ids = inputs["input_ids"]
         if input_ids is None:
             raise ValueError(
                 "compress, return_embeddings and supervised_logits_only need input_ids (to find the chorus block); "
                 "inputs_embeds alone are not enough."
             )
-        if pixel_values_videos is not None:
+        if pixel_values_videos is not None or (inputs["mm_encoder_outputs"] or {}).get("video") is not None:
             raise ValueError(
                 "CREM does not support video inputs with compress, return_embeddings or supervised_logits_only."
             )
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("forward with compress/labels starts from an empty cache; use generate(compress=True).")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.ndim != 2:
-            raise ValueError("attention_mask must be the 2-D padding mask; the 4-D mask is built from `compress`.")
-        if mm_encoder_outputs is None:
-            self._check_images(input_ids, pixel_values, image_grid_thw)
-        use_cache = bool(use_cache)  # no cache unless asked: this path serves training and embedding
-        embedding_only = return_embeddings and labels is None and not use_cache
-        # The chorus rows are causal, so the embedding is the same under any mask: no 4-D mask is needed for it.
-        compressing = compressing and not embedding_only
-        layout = self.chorus_layout(input_ids, attention_mask) if compressing or return_embeddings else None
-        if position_ids is None:
-            position_ids = self.compute_position_ids(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
-        if embedding_only:
-            # Nothing after the chorus block can reach it, so the tail is not computed (unless it holds image
-            # tokens, whose features must stay aligned with pixel_values).
-            stop = int(layout.chorus_end.max())
-            if not (input_ids[:, stop:] == self.config.image_token_id).any():
-                input_ids, attention_mask = input_ids[:, :stop], attention_mask[:, :stop]
-                position_ids = position_ids[..., :stop]
-                inputs_embeds = inputs_embeds[:, :stop] if inputs_embeds is not None else None
-        mask = self.build_compression_mask(input_ids, attention_mask, flags, layout) if compressing else attention_mask
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            mm_encoder_outputs=mm_encoder_outputs,
-            return_dict=True,
-            **kwargs,
+        inputs = dict(inputs)
+        mm_token_type_ids = inputs.pop("mm_token_type_ids")  # for the positions only
+        if inputs["attention_mask"] is None:
+            inputs["attention_mask"] = torch.ones_like(input_ids)
+        if inputs["attention_mask"].ndim != 2:
+            raise ValueError(
+                "attention_mask must be the 2-D padding mask: compression is applied by pruning, from `compress`."
+            )
+        if inputs["mm_encoder_outputs"] is None:
+            self._check_images(input_ids, inputs["pixel_values"], inputs["image_grid_thw"])
+        if inputs["position_ids"] is None:
+            inputs["position_ids"] = self.compute_position_ids(
+                input_ids, inputs["attention_mask"], inputs["image_grid_thw"], mm_token_type_ids
+            )
+        elif inputs["position_ids"].ndim == 2:
+            inputs["position_ids"] = inputs["position_ids"][None].expand(3, -1, -1)
+        return inputs
+
+    def _forward_embedding(self, inputs: dict, **kwargs) -> CREMOutput:
+        """
+        The chorus embedding only. Nothing after the chorus block can reach it (causal attention), so the tail is
+        not computed, unless it holds image tokens, whose features must stay aligned with `pixel_values`.
+        """
+        layout = self.chorus_layout(inputs["input_ids"], inputs["attention_mask"])
+        stop = int(layout.chorus_end.max())
+        if not (inputs["input_ids"][:, stop:] == self.config.image_token_id).any():
+            inputs = {
+                key: value[..., :stop] if key in ("input_ids", "attention_mask", "position_ids") else value
+                for key, value in inputs.items()
+            }
+            if inputs["inputs_embeds"] is not None:
+                inputs["inputs_embeds"] = inputs["inputs_embeds"][:, :stop]
+        outputs = self.model(**inputs, use_cache=False, return_dict=True, **kwargs)
+        return CREMOutput(
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
+            embeddings=self.pool_chorus(outputs.last_hidden_state, layout),
         )
+
+    def _forward_language_model(
+        self,
+        inputs: dict,
+        compress: torch.BoolTensor | None,
+        labels: torch.LongTensor | None,
+        use_cache: bool,
+        logits_to_keep: int | torch.Tensor,
+        return_embeddings: bool,
+        supervised_logits_only: bool,
+        **kwargs,
+    ) -> CREMOutput:
+        """
+        The language-model mode: hidden states of every position (under compression for the `compress` rows, which
+        is not `None` only when some row is compressed), then the LM head, the loss and the embedding.
+        """
+        if compress is None:
+            outputs = self.model(**inputs, use_cache=use_cache, return_dict=True, **kwargs)
+        else:
+            outputs = self._compressed_states(inputs, compress, use_cache, **kwargs)
         hidden = outputs.last_hidden_state
         loss = logits = supervised_logits = None
         if supervised_logits_only:
             supervised_logits, loss = self._supervised_logits_and_loss(hidden, labels, kwargs.get("num_items_in_batch"))
-        elif not embedding_only:
+        else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep])
             if labels is not None:
                 loss = self.loss_function(
                     logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
                 )
+        embeddings = None
+        if return_embeddings:
+            embeddings = self.pool_chorus(hidden, self.chorus_layout(inputs["input_ids"], inputs["attention_mask"]))
         return CREMOutput(
             loss=loss,
             logits=logits,
@@ -727,8 +1127,64 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             video_outputs=outputs.video_outputs,
             lm_loss=loss,
             supervised_logits=supervised_logits,
-            embeddings=self.pool_chorus(hidden, layout) if return_embeddings else None,
+            embeddings=embeddings,
         )
+
+    def _compressed_states(
+        self, inputs: dict, compress: torch.BoolTensor, use_cache: bool, **kwargs
+    ) -> MultimodalBaseModelOutputWithPast:
+        """
+        The decoder's states `(batch_size, sequence_length, hidden_size)` with the `compress` rows compressed, by
+        [`ChorusCompression`] (align, phase 1, prune, phase 2), mapped back to the caller's columns.
+        """
+        if use_cache or kwargs.get("output_attentions"):
+            raise ValueError(
+                f"forward(compress=...) runs in two phases over a pruned cache, so it returns no "
+                f"{'cache' if use_cache else 'attention weights'}: build a compressed cache with model.compress(...), "
+                "or leave compress unset."
+            )
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        rows = ChorusCompression.align(self.chorus_layout(input_ids, attention_mask), attention_mask, compress)
+        embeds, image_outputs = self._input_embeddings(
+            input_ids,
+            inputs["inputs_embeds"],
+            inputs["pixel_values"],
+            inputs["image_grid_thw"],
+            inputs["mm_encoder_outputs"],
+        )
+        run = self._compression().run(rows.pack(embeds), rows.pack(inputs["position_ids"], 2), rows, **kwargs)
+        return MultimodalBaseModelOutputWithPast(
+            last_hidden_state=rows.unpack(run.last_hidden_state),
+            hidden_states=tuple(map(rows.unpack, run.hidden_states)) if run.hidden_states is not None else None,
+            image_outputs=image_outputs,
+        )
+
+    def _compression(self) -> ChorusCompression:
+        return ChorusCompression(self.model.language_model, self.config)
+
+    def _input_embeddings(
+        self,
+        input_ids: torch.LongTensor,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.LongTensor | None,
+        mm_encoder_outputs: dict | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """
+        Input embeddings `(batch_size, length, hidden_size)` with the image features in the image-token slots (as
+        Qwen2-VL's model builds them), so that the sequence can be re-packed and run in pieces; and the vision
+        encoder's output (`None` without images).
+        """
+        embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
+        image = (mm_encoder_outputs or {}).get("image")
+        if image is not None and pixel_values is not None:
+            raise ValueError("Give pixel_values or mm_encoder_outputs, not both.")
+        if image is None and pixel_values is not None:
+            image = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        if image is None:
+            return embeds, None
+        features = torch.cat(image.pooler_output, 0).to(embeds.device, embeds.dtype)
+        return embeds.masked_scatter((input_ids == self.config.image_token_id)[..., None], features), image
 
     def _supervised_logits_and_loss(
         self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: torch.Tensor | int | None
@@ -770,8 +1226,9 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         rows: torch.BoolTensor | None = None,
     ) -> CREMCompressedContext:
         """
-        Prefill a prompt under compression-aware attention and keep only its kept slots (kept prefix, chorus block,
-        tail) in the KV cache, at their original positions.
+        Prefill a prompt with compression and keep only its kept slots (kept prefix, chorus block, tail) in the KV
+        cache, at their original positions: [`ChorusCompression`] aligns the rows, prefills up to the chorus block
+        causally, prunes the cache and runs the tail over the pruned cache.
 
         A prompt that ends with the chorus block (`CREMProcessor.process_embedding_inputs`) gives a reusable context:
         `generate(context=..., **processor.process_followups(questions))` then answers any number of questions from
@@ -797,120 +1254,29 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("Compressed generation needs left padding (every row must end with a real token).")
         self._check_images(input_ids, pixel_values, image_grid_thw)
-        if any(layer_type != "full_attention" for layer_type in self.config.text_config.layer_types):
-            raise ValueError("KV-cache pruning supports full-attention layers only (no sliding window).")
-        batch, length = input_ids.shape
-        flags = self._compress_flags(True if rows is None else rows, batch, input_ids.device)
+        flags = self._compress_flags(True if rows is None else rows, input_ids.shape[0], input_ids.device)
         layout = self.chorus_layout(input_ids, attention_mask)
-        if not prefill_last and bool((layout.chorus_end >= length).any()):
+        if not prefill_last and bool((layout.chorus_end >= input_ids.shape[1]).any()):
             raise ValueError(
                 "Compressed generation needs a generation prompt after the chorus block, but some rows end with it. "
                 "Build inputs with CREMProcessor.process_generation_inputs, or compress the context first "
                 "(model.compress) and ask questions with generate(context=...)."
             )
-        hidden_span = layout.compressed_span(length) & flags[:, None]
-        position_ids = self.compute_position_ids(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
-        stop = length if prefill_last else length - 1
-        cache = DynamicCache(config=self.config)
-        split = int(layout.chorus_end[0])
-        if bool((layout.chorus_end == split).all()):
-            # Every row's chorus block ends at `split`: prefill up to it with plain causal attention (no L x L mask),
-            # prune, then run the tail over the kept slots only, which is what the compression mask would allow.
-            self._prefill_chunked(
-                cache,
-                position_ids[..., :split],
-                lambda start, end: attention_mask[:, :end],
-                inputs_embeds=self._prompt_embeddings(input_ids[:, :split], pixel_values, image_grid_thw),
-            )
-            index, kept = _pack_left(attention_mask.bool()[:, :split] & ~hidden_span[:, :split])
-            _select_slots(cache, index)
-            kept_and_tail = torch.cat([kept.long(), attention_mask[:, split:].long()], 1)
-            self._prefill_chunked(
-                cache,
-                position_ids[..., split:stop],
-                lambda start, end: kept_and_tail[:, : kept.shape[1] + end],
-                input_ids=input_ids[:, split:stop],
-            )
-            return CREMCompressedContext(
-                cache=cache,
-                input_ids=torch.cat([input_ids.gather(1, index), input_ids[:, split:]], 1),
-                attention_mask=kept_and_tail,
-                position_ids=torch.cat(
-                    [position_ids.gather(2, index[None].expand(3, -1, -1)), position_ids[..., split:]], 2
-                ),
-            )
-        # Rows end their chorus blocks at different slots: prefill under the compression mask (built chunk by chunk,
-        # never whole), then prune.
-        self._prefill_chunked(
-            cache,
-            position_ids[..., :stop],
-            lambda start, end: self.build_compression_mask(
-                input_ids, attention_mask, flags, layout, queries=slice(start, end)
-            ),
-            inputs_embeds=self._prompt_embeddings(input_ids[:, :stop], pixel_values, image_grid_thw),
+        aligned = ChorusCompression.align(layout, attention_mask, flags)
+        embeds, _ = self._input_embeddings(input_ids, None, pixel_values, image_grid_thw)
+        positions = self.compute_position_ids(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+        positions = aligned.pack(positions, 2)
+        slots = aligned.mask.shape[1]
+        run = self._compression().run(
+            aligned.pack(embeds),
+            positions,
+            aligned,
+            stop=slots if prefill_last else slots - 1,
+            chunk_size=self.prefill_chunk_size,
+            keep_cache=True,
+            return_hidden=False,
         )
-        # The last token is kept in every row, so after packing it is the last slot of every row.
-        index, kept = _pack_left(attention_mask.bool() & ~hidden_span)
-        _select_slots(cache, index if prefill_last else index[:, :-1])
-        return CREMCompressedContext(
-            cache=cache,
-            input_ids=input_ids.gather(1, index),
-            attention_mask=kept.long(),
-            position_ids=position_ids.gather(2, index[None].expand(3, -1, -1)),
-        )
-
-    def _prompt_embeddings(
-        self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.Tensor | None,
-        image_grid_thw: torch.LongTensor | None,
-    ) -> torch.Tensor:
-        """
-        Input embeddings `(batch_size, length, hidden_size)` with the image features in the image-token slots, so a
-        prompt can run in chunks that cut through an image.
-        """
-        embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is None:
-            return embeds
-        features = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
-        features = torch.cat(features, 0).to(embeds.device, embeds.dtype)
-        return embeds.masked_scatter((input_ids == self.config.image_token_id)[..., None], features)
-
-    def _prefill_chunked(
-        self,
-        cache: DynamicCache,
-        position_ids: torch.LongTensor,
-        mask_for: Callable[[int, int], torch.Tensor],
-        input_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> None:
-        """
-        Run a stretch of a prompt into `cache`, at most `prefill_chunk_size` query tokens per forward: the attention
-        mask and scores are then `chunk x keys`, never `length x length`, and memory stays linear in the length.
-
-        Args:
-            cache: the cache to extend; it holds every key that comes before the stretch.
-            position_ids: `(3, batch_size, length)` of the stretch.
-            mask_for: `mask_for(start, end)`, the attention mask of the stretch's queries `[start, end)` over every
-                key so far (the cached ones and the stretch's first `end`): a 2-D padding mask or a 4-D mask.
-            input_ids: `(batch_size, length)`, or
-            inputs_embeds: `(batch_size, length, hidden_size)`.
-        """
-        chunk = self.prefill_chunk_size
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise ValueError(f"prefill_chunk_size must be a positive int, got {chunk!r}.")
-        length = position_ids.shape[-1]
-        for start in range(0, length, chunk):
-            end = min(start + chunk, length)
-            self.model(
-                input_ids=input_ids[:, start:end] if input_ids is not None else None,
-                inputs_embeds=inputs_embeds[:, start:end] if inputs_embeds is not None else None,
-                attention_mask=mask_for(start, end),
-                position_ids=position_ids[..., start:end],
-                cache=cache,
-                use_cache=True,
-                return_dict=True,
-            )
+        return ChorusCompression.context(run.cache, aligned, aligned.pack(input_ids), positions, prefill_last)
 
     @torch.no_grad()
     def generate(
@@ -1050,14 +1416,15 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             raise ValueError("Follow-up turns hold no images: the image lives in the context.")
         kwargs.pop("image_grid_thw", None)
         kwargs.pop("mm_token_type_ids", None)
-        # The cache is read, never written: generate() gets a copy per call, so the context serves many calls.
-        cache = DynamicCache(config=self.config)
-        for source, layer in zip(context.cache.layers, cache.layers, strict=True):
-            repeat = rows // contexts
-            layer.lazy_initialization(source.keys, source.values)
-            layer.keys = source.keys.repeat_interleave(repeat, dim=0)
-            layer.values = source.values.repeat_interleave(repeat, dim=0)
         expand = rows // contexts
+        # The cache is read, never written: generate() gets a copy per call, so the context serves many calls.
+        cache = _filled_cache(
+            self.config,
+            [
+                (layer.keys.repeat_interleave(expand, dim=0), layer.values.repeat_interleave(expand, dim=0))
+                for layer in context.cache.layers
+            ],
+        )
         ctx_ids = context.input_ids.repeat_interleave(expand, dim=0)
         ctx_mask = context.attention_mask.repeat_interleave(expand, dim=0)
         ctx_positions = context.position_ids.repeat_interleave(expand, dim=1)
@@ -1069,11 +1436,12 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         # All follow-up tokens but the last run here in chunks (linear memory for a long question); generate() runs
         # the last one itself to produce the first new token.
         cached = ctx_ids.shape[1]
-        self._prefill_chunked(
+        self._compression().prefill(
             cache,
+            self.get_input_embeddings()(input_ids[:, :-1]),
+            full_mask[:, :-1],
             positions[..., cached:-1],
-            lambda start, end: full_mask[:, : cached + end],
-            input_ids=input_ids[:, :-1],
+            self.prefill_chunk_size,
         )
         full_ids = torch.cat([ctx_ids, input_ids], dim=1)
         outputs = super().generate(
