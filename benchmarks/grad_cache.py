@@ -29,19 +29,19 @@ def one_step(batch_size: int, chunk: int | None) -> dict:
     from helpers import colour_image
 
     from crem_hf.tiny import make_tiny_crem, make_tiny_processor
-    from crem_hf.training import CREMTrainer, CREMTrainingArguments
+    from crem_hf.training import CREMTrainer, CREMTrainingArguments, RetrievalBatch, StepBatch
 
     torch.set_num_threads(2)
     processor = make_tiny_processor()
     model = make_tiny_crem(processor, hidden_size=128, num_layers=2, num_heads=4).train()
     names = ["red", "green", "blue", "yellow", "purple", "orange"]
 
-    def make_batch(size: int) -> dict:
+    def make_batch(size: int) -> StepBatch:
         images = [colour_image(names[i % 6], seed=i) for i in range(size)]
         texts = [f"a {names[i % 6]} square number {i}" for i in range(size)]
         query = dict(processor.process_embedding_inputs(images=images))
         target = dict(processor.process_embedding_inputs(texts=texts))
-        return {"retrieval": {"query": query, "target": target, "target_keys": torch.arange(size)}}
+        return StepBatch(RetrievalBatch(query=query, target=target, target_keys=torch.arange(size)))
 
     args = CREMTrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, gc_chunk_size=chunk)
     trainer = CREMTrainer(model=model, args=args)

@@ -88,11 +88,13 @@ def write_colour_data(folder, copies: int = 4) -> dict[str, str]:
     return {"retrieval": retrieval, "generation": generation, "image_root": os.fspath(folder)}
 
 
-def mixed_batch(processor, rows, generation_rows, compress) -> dict:
+def mixed_batch(processor, rows, generation_rows, compress):
     """
-    One CREMTrainer step's inputs over the given rows of a fixed six-colour set: image queries, text targets and
-    one hard negative each (keys mark duplicates), and conversations with the given compress flags.
+    One CREMTrainer step's inputs (a `StepBatch`) over the given rows of a fixed six-colour set: image queries, text
+    targets and one hard negative each (keys mark duplicates), and conversations with the given compress flags.
     """
+    from crem_hf.training import GenerationBatch, RetrievalBatch, StepBatch  # here: the module stays crem_hf-free
+
     names = list(COLOURS)
     rows, generation_rows = list(rows), list(generation_rows)
     images = [colour_image(name, seed=i) for i, name in enumerate(names)]
@@ -105,17 +107,16 @@ def mixed_batch(processor, rows, generation_rows, compress) -> dict:
         for i in generation_rows
     ]
     generation = dict(processor.process_chat(conversations, return_labels=True))
-    generation["compress"] = torch.tensor(list(compress))
-    return {
-        "retrieval": {
-            "query": dict(processor.process_embedding_inputs(images=[images[i] for i in rows])),
-            "target": dict(processor.process_embedding_inputs(texts=[names[i] for i in rows])),
-            "negative": dict(processor.process_embedding_inputs(texts=[names[i] for i in negatives])),
-            "target_keys": torch.tensor(rows),
-            "negative_keys": torch.tensor(negatives),
-        },
-        "generation": generation,
-    }
+    return StepBatch(
+        retrieval=RetrievalBatch(
+            query=dict(processor.process_embedding_inputs(images=[images[i] for i in rows])),
+            target=dict(processor.process_embedding_inputs(texts=[names[i] for i in rows])),
+            negative=dict(processor.process_embedding_inputs(texts=[names[i] for i in negatives])),
+            target_keys=torch.tensor(rows),
+            negative_keys=torch.tensor(negatives),
+        ),
+        generation=GenerationBatch(generation, torch.tensor(list(compress))),
+    )
 
 
 def randomize_lora_b(model, std: float = 0.05, seed: int = 0):

@@ -110,7 +110,7 @@ def test_compute_loss_keeps_a_float64_model_in_float64(processor, tmp_path):
     from helpers import mixed_batch
 
     from crem_hf.tiny import make_tiny_crem
-    from crem_hf.training import CREMTrainer, CREMTrainingArguments
+    from crem_hf.training import CREMTrainer, CREMTrainingArguments, StepBatch
 
     model = make_tiny_crem(processor, seed=0).double()
     args = CREMTrainingArguments(
@@ -119,9 +119,9 @@ def test_compute_loss_keeps_a_float64_model_in_float64(processor, tmp_path):
     trainer = CREMTrainer(model=model, args=args)
     trainer.current_gradient_accumulation_steps = 1
     batch = mixed_batch(processor, rows=range(3), generation_rows=range(2), compress=[True, False])
-    for part in (batch["retrieval"]["query"], batch["generation"]):
+    for part in (batch.retrieval.query, batch.generation.inputs):
         part["pixel_values"] = part["pixel_values"].double()
-    for inputs in ({"generation": batch["generation"]}, batch):
+    for inputs in (StepBatch(generation=batch.generation), batch):
         loss = trainer.compute_loss(model, inputs)
         assert loss.dtype == torch.float64 and loss.requires_grad
 

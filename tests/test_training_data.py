@@ -101,15 +101,15 @@ def test_collator_builds_both_parts(processor, data):
     generation, _ = load_conversations(data["generation"], image_root=data["image_root"])
     item = MixedStepDataset(retrieval, generation, 4, 3)[0]
     batch = CREMCollator(processor, compress_probability=0.5)([item])
-    query, target = batch["retrieval"]["query"], batch["retrieval"]["target"]
+    query, target = batch.retrieval.query, batch.retrieval.target
     assert query["input_ids"].shape[0] == 4 and target["input_ids"].shape[0] == 4
     assert (query["input_ids"] == processor.image_token_id).sum() == 4 * 4
     assert "pixel_values" not in target
     names = item["retrieval"]["pos_text"]
-    assert batch["retrieval"]["target_keys"].tolist() == [content_key(n, "") for n in names]
-    generation_batch = batch["generation"]
-    assert generation_batch["compress"].dtype == torch.bool and generation_batch["compress"].shape == (3,)
-    labels = generation_batch["labels"]
+    assert batch.retrieval.target_keys.tolist() == [content_key(n, "") for n in names]
+    generation_batch = batch.generation
+    assert generation_batch.compress.dtype == torch.bool and generation_batch.compress.shape == (3,)
+    labels = generation_batch.inputs["labels"]
     for row, name in enumerate(item["generation"]["turns"]):
         assert processor.tokenizer.decode(labels[row][labels[row] != -100]) == name[1] + "<|im_end|>"
     with pytest.raises(ValueError, match="per_device_train_batch_size=1"):
@@ -133,8 +133,8 @@ def test_compressed_samples_use_the_compression_mask(model, processor, data):
     generation, _ = load_conversations(data["generation"], image_root=data["image_root"])
     collator = CREMCollator(processor, compress_probability=0.5)
     step = next(s for s in range(50) if 0 < collator.compress_flags(4, s).sum() < 4)
-    batch = collator.generation_batch(generation[:4], step=step)
-    flags = batch.pop("compress")
+    part = collator.generation_batch(generation[:4], step=step)
+    batch, flags = part.inputs, part.compress
     with torch.no_grad():
         mixed = model(**batch, compress=flags, supervised_logits_only=True).supervised_logits
         compressed = model(**batch, compress=True, supervised_logits_only=True).supervised_logits
@@ -266,8 +266,33 @@ def test_collator_names_and_skips_rows_the_processor_cannot_build(processor, tin
         "retrieval row the processor cannot build": 1,
         "generation row the processor cannot build": 1,
     }
-    query = batch["retrieval"]["query"]
+    query = batch.retrieval.query
     assert query["input_ids"].shape[0] == 4, "the retrieval batch keeps its size (a good row stands in)"
-    keys = batch["retrieval"]["query_keys"].tolist()
+    keys = batch.retrieval.query_keys.tolist()
     assert keys[1] == keys[0] and (query["input_ids"][1] == query["input_ids"][0]).all()
-    assert batch["generation"]["input_ids"].shape[0] == 2 and batch["generation"]["compress"].shape == (2,)
+    assert batch.generation.inputs["input_ids"].shape[0] == 2 and batch.generation.compress.shape == (2,)
+
+
+def test_the_step_batch_is_one_typed_contract(processor, data, tmp_path):
+    """The collator builds a StepBatch whose parts check their shapes; the trainer takes nothing else."""
+    from crem_hf.tiny import make_tiny_crem
+    from crem_hf.training import CREMTrainer, CREMTrainingArguments, GenerationBatch, RetrievalBatch, StepBatch
+
+    retrieval, _ = load_retrieval_pairs(data["retrieval"], image_root=data["image_root"])
+    generation, _ = load_conversations(data["generation"], image_root=data["image_root"])
+    batch = CREMCollator(processor, compress_probability=0.5)([MixedStepDataset(retrieval, generation, 2, 2)[0]])
+    assert isinstance(batch, StepBatch) and isinstance(batch.retrieval, RetrievalBatch)
+    assert isinstance(batch.generation, GenerationBatch)
+    assert len(batch.model_inputs()) == 3, "query, target (no negatives in this data) and the conversations"
+    moved = batch.to("cpu")
+    assert moved.generation.inputs["input_ids"].dtype == torch.long and moved.generation.compress.dtype == torch.bool
+    with pytest.raises(ValueError, match="one flag per row"):
+        GenerationBatch(batch.generation.inputs, torch.tensor([True]))
+    with pytest.raises(ValueError, match="negative_keys"):
+        RetrievalBatch(
+            batch.retrieval.query, batch.retrieval.target, negative=batch.retrieval.target, target_keys=torch.arange(2)
+        )
+    args = CREMTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
+    trainer = CREMTrainer(model=make_tiny_crem(processor, seed=0), args=args)
+    with pytest.raises(TypeError, match="StepBatch"):
+        trainer.compute_loss(trainer.model, {"generation": batch.generation.inputs})

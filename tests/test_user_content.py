@@ -266,7 +266,7 @@ def test_collator_rows_are_text(processor, tmp_path, forged):
             "neg_images": [[""], [""]],
         }
         generation = {"image": [path], "turns": [[f"What{extra}?", f"red{extra}", f"Sure{extra}?", f"yes{extra}"]]}
-        return collator.retrieval_batch(retrieval), collator.generation_batch(generation, step=0)
+        return collator.retrieval_batch(retrieval).sides(), collator.generation_batch(generation, step=0).inputs
 
     (retrieval, generation), (plain_retrieval, plain_generation) = rows(forged), rows("")
     for part in ("query", "target", "negative"):

@@ -1,5 +1,6 @@
 """CREM training: data readers, collator, losses, LoRA and the Trainer (`pip install crem-hf[train]`)."""
 
+from .batch import GenerationBatch, RetrievalBatch, StepBatch
 from .collator import CREMCollator, content_key, conversation_messages
 from .data import MixedStepDataset, SkipReport, load_conversations, load_retrieval_pairs, read_rows
 from .lora import LORA_TARGET_MODULES, apply_lora
@@ -13,9 +14,12 @@ __all__ = [
     "CREMCollator",
     "CREMTrainer",
     "CREMTrainingArguments",
+    "GenerationBatch",
     "InfoNCELoss",
     "MixedStepDataset",
+    "RetrievalBatch",
     "SkipReport",
+    "StepBatch",
     "apply_lora",
     "content_key",
     "conversation_messages",

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..processing_crem import CREMProcessor
+from .batch import GenerationBatch, RetrievalBatch, StepBatch
 from .data import build_step_rows
 
 __all__ = ["CREMCollator", "check_compress_probability", "content_key", "conversation_messages"]
@@ -40,9 +41,9 @@ def conversation_messages(image: str, turns: list[str]) -> list[dict]:
 
 class CREMCollator:
     """
-    Collates one [`MixedStepDataset`] item into
-    `{"retrieval": {"query", "target", "negative", "target_keys", "negative_keys", "query_keys"},
-    "generation": {...}}`; the content keys let the loss leave out false negatives.
+    Collates one [`MixedStepDataset`] item into a [`StepBatch`]: a [`RetrievalBatch`] (queries, targets, hard
+    negatives and their content keys, which let the loss leave out false negatives) and a [`GenerationBatch`]
+    (conversations with labels and their compress flags).
 
     Each conversation of the generation part is compressed with probability `compress_probability`, drawn from a
     generator seeded by `(seed, step)`, so a resumed run draws the same flags as an uninterrupted one.
@@ -67,20 +68,20 @@ class CREMCollator:
         self.on_bad_row = on_bad_row
         self.skipped: Counter = Counter()  # rows left out while collating (in this process), by reason
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, items: list[dict[str, Any]]) -> StepBatch:
         if len(items) != 1:
             raise ValueError(
                 f"Got {len(items)} items per batch: one MixedStepDataset item is a whole step, so train with "
                 "per_device_train_batch_size=1 and set retrieval_batch_size / generation_batch_size instead."
             )
         item = items[0]
-        batch: dict[str, Any] = {}
+        batch = StepBatch()
         checked = partial(build_step_rows, on_bad_row=self.on_bad_row, skipped=self.skipped)
         if "retrieval" in item:
-            batch["retrieval"] = checked(self.retrieval_batch, item["retrieval"], "retrieval", keep_size=True)
+            batch.retrieval = checked(self.retrieval_batch, item["retrieval"], "retrieval", keep_size=True)
         if "generation" in item:
             build = partial(self.generation_batch, step=item["step"])
-            batch["generation"] = checked(build, item["generation"], "generation")
+            batch.generation = checked(build, item["generation"], "generation")
         return batch
 
     def _embedding_inputs(self, texts: list[str], images: list[str]) -> dict[str, torch.Tensor]:
@@ -89,35 +90,31 @@ class CREMCollator:
         )
         return dict(batch)
 
-    def retrieval_batch(self, rows: dict[str, list]) -> dict[str, Any]:
+    def retrieval_batch(self, rows: dict[str, list]) -> RetrievalBatch:
         """Queries, positive targets and (flattened) hard negatives, with content keys for deduplication."""
-        batch = {
-            "query": self._embedding_inputs(rows["query_text"], rows["query_image"]),
-            "target": self._embedding_inputs(rows["pos_text"], rows["pos_image"]),
-            "target_keys": torch.tensor(
-                [content_key(t, i) for t, i in zip(rows["pos_text"], rows["pos_image"], strict=True)]
-            ),
-            "query_keys": torch.tensor(
-                [content_key(t, i) for t, i in zip(rows["query_text"], rows["query_image"], strict=True)]
-            ),
-        }
         neg_texts = [t for texts in rows["neg_texts"] for t in texts]
         neg_images = [i for images in rows["neg_images"] for i in images]
-        if neg_texts:
-            batch["negative"] = self._embedding_inputs(neg_texts, neg_images)
-            batch["negative_keys"] = torch.tensor(
-                [content_key(t, i) for t, i in zip(neg_texts, neg_images, strict=True)]
-            )
-        return batch
+        return RetrievalBatch(
+            query=self._embedding_inputs(rows["query_text"], rows["query_image"]),
+            target=self._embedding_inputs(rows["pos_text"], rows["pos_image"]),
+            negative=self._embedding_inputs(neg_texts, neg_images) if neg_texts else None,
+            query_keys=_keys(rows["query_text"], rows["query_image"]),
+            target_keys=_keys(rows["pos_text"], rows["pos_image"]),
+            negative_keys=_keys(neg_texts, neg_images) if neg_texts else None,
+        )
 
     def compress_flags(self, size: int, step: int) -> torch.Tensor:
         """`(size,)` bool: which samples of this step train compressed (Bernoulli(p), reproducible per step)."""
         generator = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + step)
         return torch.rand(size, generator=generator) < self.compress_probability
 
-    def generation_batch(self, rows: dict[str, list], step: int) -> dict[str, Any]:
+    def generation_batch(self, rows: dict[str, list], step: int) -> GenerationBatch:
         """Conversations with labels on every answer, and the per-sample compress flags."""
         conversations = [conversation_messages(i, t) for i, t in zip(rows["image"], rows["turns"], strict=True)]
-        batch = dict(self.processor.process_chat(conversations, return_labels=True))
-        batch["compress"] = self.compress_flags(len(conversations), step)
-        return batch
+        inputs = dict(self.processor.process_chat(conversations, return_labels=True))
+        return GenerationBatch(inputs, self.compress_flags(len(conversations), step))
+
+
+def _keys(texts: list[str], images: list[str]) -> torch.Tensor:
+    """`(len(texts),)` int64 content keys of parallel texts and images."""
+    return torch.tensor([content_key(t, i) for t, i in zip(texts, images, strict=True)], dtype=torch.long)

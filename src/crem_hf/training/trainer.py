@@ -6,11 +6,12 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ..configuration_crem import IGNORE_INDEX
+from .batch import GenerationBatch, RetrievalBatch, StepBatch
 from .collator import check_compress_probability
 from .distributed import all_reduce_sum, world_size
 from .losses import InfoNCELoss, check_temperature
@@ -154,28 +155,29 @@ class CREMTrainer(Trainer):
     def _vision_start_id(self, model) -> int:
         return self.accelerator.unwrap_model(model).config.vision_start_token_id
 
-    def _retrieval(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[Callable]]:
+    def _retrieval(self, model, batch: RetrievalBatch) -> tuple[torch.Tensor, torch.Tensor, list[Callable]]:
         """
         Returns `(loss, accuracy, terms)`: the contrastive loss (with a graph unless the gradient cache ran), and
         the gradient-cache terms still to back-propagate (callables returning a scalar with a graph).
         """
-        sides = [s for s in ("query", "target", "negative") if s in batch]
+        inputs = batch.sides()
+        sides = list(inputs)
         keys = {
-            "positive_keys": batch.get("target_keys"),
-            "negative_keys": batch.get("negative_keys"),
-            "query_keys": batch.get("query_keys"),
+            "positive_keys": batch.target_keys,
+            "negative_keys": batch.negative_keys,
+            "query_keys": batch.query_keys,
         }
         chunk_size = self.args.gc_chunk_size
-        largest = max(batch[s]["input_ids"].shape[0] for s in sides)
+        largest = max(inputs[s]["input_ids"].shape[0] for s in sides)
         if chunk_size is None or chunk_size >= largest:
-            embeddings = {s: self._embed(model, batch[s]) for s in sides}
+            embeddings = {s: self._embed(model, inputs[s]) for s in sides}
             out = self.contrastive(embeddings["query"], embeddings["target"], embeddings.get("negative"), **keys)
             return out.loss, out.accuracy, []
         vision_start = self._vision_start_id(model)
         chunks, states, cached = {}, {}, {}
         with torch.no_grad():
             for side in sides:
-                chunks[side] = split_embedding_batch(batch[side], chunk_size, vision_start)
+                chunks[side] = split_embedding_batch(inputs[side], chunk_size, vision_start)
                 states[side] = []
                 reps = []
                 for chunk in chunks[side]:
@@ -199,28 +201,33 @@ class CREMTrainer(Trainer):
 
         return term
 
-    def _generation(self, model, batch: dict[str, Any]) -> torch.Tensor:
+    def _generation(self, model, batch: GenerationBatch) -> torch.Tensor:
         """The LM loss: token mean over the answer tokens of the whole (global) generation batch."""
-        batch = dict(batch)
-        compress = batch.pop("compress")
-        supervised = (batch["labels"][:, 1:] != -100).sum()
+        supervised = (batch.inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
         # Normalise by the global token count, scaled so that DDP's mean over processes gives the global mean.
         denominator = all_reduce_sum(supervised).clamp(min=1) / world_size()
         # Sparse logits: the LM head runs on the answer tokens only, never on the whole batch x length.
-        out = model(**batch, compress=compress, num_items_in_batch=denominator, supervised_logits_only=True)
-        self._record("compressed_fraction", compress.float().mean())
+        out = model(
+            **batch.inputs, compress=batch.compress, num_items_in_batch=denominator, supervised_logits_only=True
+        )
+        self._record("compressed_fraction", batch.compress.float().mean())
         return out.loss
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model, inputs: StepBatch, return_outputs=False, num_items_in_batch=None):
+        """The step's objective `alpha_r * InfoNCE + alpha_g * LM` over a [`StepBatch`] (`CREMCollator`'s output)."""
         args = self.args
+        if not isinstance(inputs, StepBatch):
+            raise TypeError(
+                f"CREMTrainer trains on a StepBatch (what CREMCollator builds), got {type(inputs).__name__}."
+            )
         # The sums start in the model's precision (at least float32), so a float64 model gets a float64 loss even
         # when a part (the LM loss, upcast to float32 for half-precision models) comes in float32.
         model_dtype = getattr(self.accelerator.unwrap_model(model), "dtype", torch.float32)
         dtype = torch.promote_types(model_dtype, torch.float32)
         value = torch.zeros((), dtype=dtype, device=args.device)  # the objective's value, for the log
         graph = torch.zeros((), dtype=dtype, device=args.device)  # what the Trainer's backward still has to cover
-        if "retrieval" in inputs and args.alpha_r > 0:
-            loss, accuracy, cache_terms = self._retrieval(model, inputs["retrieval"])
+        if inputs.retrieval is not None and args.alpha_r > 0:
+            loss, accuracy, cache_terms = self._retrieval(model, inputs.retrieval)
             self._record("contrastive_loss", loss)
             self._record("retrieval_accuracy", accuracy)
             value = value + args.alpha_r * loss.detach()
@@ -234,8 +241,8 @@ class CREMTrainer(Trainer):
                     self.accelerator.backward(term() * scale)
             if cache_terms:
                 graph = graph + args.alpha_r * cache_terms[-1]()
-        if "generation" in inputs and args.alpha_g > 0:
-            lm_loss = self._generation(model, inputs["generation"])
+        if inputs.generation is not None and args.alpha_g > 0:
+            lm_loss = self._generation(model, inputs.generation)
             self._record("lm_loss", lm_loss)
             value = value + args.alpha_g * lm_loss.detach()
             graph = graph + args.alpha_g * lm_loss
@@ -244,6 +251,35 @@ class CREMTrainer(Trainer):
         self._metric_steps += 1
         loss = graph + (value - graph.detach())  # the objective's value, carrying the remaining graph
         return (loss, None) if return_outputs else loss
+
+    # ------------------------------------------------------------------ the Trainer's view of a StepBatch
+
+    def _prepare_inputs(self, inputs):
+        """Every tensor of a [`StepBatch`] placed as the Trainer places a dict's (device, DeepSpeed dtype)."""
+        if isinstance(inputs, StepBatch):
+            return inputs.map(self._prepare_input)
+        return super()._prepare_inputs(inputs)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """None for step batches: the LM part normalises by its own global count of answer tokens (`_generation`)."""
+        if batch_samples and isinstance(batch_samples[0], StepBatch):
+            return None
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    def floating_point_ops(self, inputs) -> int:
+        """The sum over the step's forward passes (each retrieval side and the generation part)."""
+        if isinstance(inputs, StepBatch):
+            return sum(super(CREMTrainer, self).floating_point_ops(part) for part in inputs.model_inputs())
+        return super().floating_point_ops(inputs)
+
+    def _track_num_input_tokens(self, inputs):
+        """Input tokens of every forward pass of the step, counted once per step."""
+        if isinstance(inputs, StepBatch):
+            parts = inputs.model_inputs()
+            inputs = {
+                name: torch.cat([part[name].flatten() for part in parts]) for name in ("input_ids", "attention_mask")
+            }
+        super()._track_num_input_tokens(inputs)
 
     # ------------------------------------------------------------------ logging
 
