@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import dense_oracle_states, random_image
+from helpers import dense_compression_mask, dense_oracle_states, random_image
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
@@ -118,6 +118,25 @@ def test_compressed_forward_equals_the_dense_oracle(tiny, processor, kind, flags
     )
     assert (reference - native)[compress[:, None] & after & real].abs().max() > 1e-3
     assert float(ours.loss) == pytest.approx(float(reference_loss), abs=1e-5)
+
+
+def test_compressed_hidden_states_equal_the_dense_oracle(tiny, processor):
+    batch = batch_of(processor, "chat")
+    compress = FLAGS["last"](3)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        ours = tiny(**batch, compress=compress, output_hidden_states=True, return_embeddings=True)
+        theirs = tiny.model(
+            **without(batch, "labels", "attention_mask", "mm_token_type_ids"),
+            attention_mask=dense_compression_mask(tiny, ids, mask, compress),
+            position_ids=tiny.compute_position_ids(ids, mask, batch["image_grid_thw"]),
+            output_hidden_states=True,
+        )
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == tiny.config.text_config.num_hidden_layers + 1
+    for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True):
+        assert (a - b)[mask.bool()].abs().max() <= 1e-5
+    assert ours.cache is None and ours.attentions is None
+    assert torch.allclose(ours.embeddings, tiny.get_embedding(**without(batch, "labels")), atol=1e-6)
 
 
 def test_any_padding_gives_the_same_states(tiny, processor):

@@ -92,8 +92,9 @@ class CREMOutput(MultimodalCausalLMOutputWithPast):
             on the embedding-only path (`return_embeddings=True` without labels) and with
             `supervised_logits_only=True`.
         cache (`transformers.Cache`, *optional*):
-            Key/value cache: as Qwen2-VL when no row is compressed; with `compress`, `return_embeddings` or
-            `supervised_logits_only` only when `use_cache=True`.
+            Key/value cache: as Qwen2-VL when no row is compressed; with `return_embeddings` or
+            `supervised_logits_only` only when `use_cache=True`. Never with compressed rows (they run in two phases
+            over a pruned cache: `compress` builds a compressed cache).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Per-layer hidden states `(batch_size, sequence_length, hidden_size)`, when `output_hidden_states=True`.
         attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -192,9 +193,8 @@ def _take(tensor: torch.Tensor, index: torch.LongTensor, dim: int = 1) -> torch.
     return tensor.gather(dim, index.view(view).expand(size))
 
 
-def _filled_cache(config: PreTrainedConfig, states: list[tuple[torch.Tensor, torch.Tensor]], cls=DynamicCache):
-    """A `cls` (a `DynamicCache`) whose layers hold `states`, one `(keys, values)` pair per layer, as they are."""
-    cache = cls(config=config)
+def _filled(cache: DynamicCache, states: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """`cache` (empty) with its layers holding `states`, one `(keys, values)` pair per layer, as they are (no copy)."""
     for layer, (keys, values) in zip(cache.layers, states, strict=True):
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values = keys, values
@@ -278,9 +278,8 @@ class _PhaseCache(DynamicCache):
     def __init__(self, config: PreTrainedConfig, start: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
         super().__init__(config=config)
         self.start, self.closed = start, False
-        for layer, (keys, values) in zip(self.layers, start or [], strict=start is not None):
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
+        if start is not None:
+            _filled(self, start)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if not self.closed:
@@ -510,7 +509,7 @@ class ChorusCompression:
                 **kwargs,
             )
         if keep_cache:
-            cache = _filled_cache(self.config, [(layer.keys, layer.values) for layer in tails.layers])
+            cache = _filled(DynamicCache(config=self.config), [(layer.keys, layer.values) for layer in tails.layers])
         else:
             cache = None
             tails.close()
@@ -649,7 +648,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
     """
     Qwen2-VL with N learnable chorus tokens: a multimodal embedding model (`get_embedding`) and a chat model that
     answers either natively (`generate(compress=False)`, plain Qwen2-VL) or from the chorus tokens alone
-    (`generate(compress=True)`: the image and input text are masked out and dropped from the KV cache).
+    (`generate(compress=True)`: the image and input text are pruned from the KV cache, see [`ChorusCompression`]).
 
     Build one from a Qwen2-VL checkpoint with [`from_qwen2vl`], or load a saved CREM folder with `from_pretrained`.
     """
@@ -813,8 +812,9 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         mm_token_type_ids: torch.Tensor | None = None,
     ) -> torch.LongTensor:
         """
-        MRoPE position ids `(3, batch_size, sequence_length)` from the 2-D padding mask, so that a custom 4-D mask
-        never reaches the RoPE code and every row's positions start at 0 after its padding.
+        MRoPE position ids `(3, batch_size, sequence_length)` from the 2-D padding mask, passed explicitly so that
+        every row's positions start at 0 after its padding and stay the original ones when the rows are re-packed
+        or pruned.
         """
         if mm_token_type_ids is None:
             mm_token_type_ids = torch.zeros_like(input_ids)
@@ -1017,6 +1017,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             inputs,
             flags if compressing else None,
             labels=labels,
+            cache=cache,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             return_embeddings=return_embeddings,
@@ -1089,6 +1090,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         inputs: dict,
         compress: torch.BoolTensor | None,
         labels: torch.LongTensor | None,
+        cache: Cache | None,
         use_cache: bool,
         logits_to_keep: int | torch.Tensor,
         return_embeddings: bool,
@@ -1100,7 +1102,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         is not `None` only when some row is compressed), then the LM head, the loss and the embedding.
         """
         if compress is None:
-            outputs = self.model(**inputs, use_cache=use_cache, return_dict=True, **kwargs)
+            outputs = self.model(**inputs, cache=cache, use_cache=use_cache, return_dict=True, **kwargs)
         else:
             outputs = self._compressed_states(inputs, compress, use_cache, **kwargs)
         hidden = outputs.last_hidden_state
@@ -1298,11 +1300,12 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
           with `compress` unset or `False`, the call and its result are exactly Qwen2-VL's: same arguments, same
           outputs, same `GenerateOutput` fields.
         * Only `inputs` and `generation_config` may be passed by position; every other argument is a keyword.
-        * `compress=True` (or a bool tensor `(batch_size,)` choosing rows): the rows' prompts are prefilled under
-          compression-aware attention (in chunks of `prefill_chunk_size` tokens, so memory grows linearly with the
-          prompt), the KV cache is pruned to the kept prefix, the chorus block and the tail (the question), and
-          decoding continues at the original MRoPE positions; the result equals a full forward under the
-          compression mask. Rows whose flag is `False` keep their whole prompt (native attention) in the same call.
+        * `compress=True` (or a bool tensor `(batch_size,)` choosing rows): [`compress`] prefills the prompts
+          causally up to the chorus block, prunes the KV cache to the kept prefix and the chorus block, runs the tail
+          (the question) over it (in chunks of `prefill_chunk_size` tokens, so memory grows linearly with the
+          prompt), and decoding continues at the original MRoPE positions, with any attention kernel; the result
+          equals a full forward under the dense compression mask (the tests' oracle). Rows whose flag is `False`
+          keep their whole prompt (native attention) in the same call.
           Greedy, sampling, beam search, `num_return_sequences`, `output_scores`/`output_logits` and
           `return_dict_in_generate` work; `sequences` start with the caller's prompt. The prompt is prefilled before
           the generation loop, so the loop's first step runs only the prompt's last token: its
@@ -1418,8 +1421,8 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         kwargs.pop("mm_token_type_ids", None)
         expand = rows // contexts
         # The cache is read, never written: generate() gets a copy per call, so the context serves many calls.
-        cache = _filled_cache(
-            self.config,
+        cache = _filled(
+            DynamicCache(config=self.config),
             [
                 (layer.keys.repeat_interleave(expand, dim=0), layer.values.repeat_interleave(expand, dim=0))
                 for layer in context.cache.layers
