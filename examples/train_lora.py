@@ -13,6 +13,7 @@ p = 0.5 compressed generation samples. Defaults follow the paper's Table 1.
 `--model` takes a Qwen2-VL checkpoint (converted on the fly, N chorus tokens added) or a CREM folder.
 Checkpoints hold the adapter (with the chorus rows) and the processor; `--resume_from_checkpoint` continues a run.
 The run's summary (bad rows skipped per reason, final metrics) is written to `<output_dir>/run_summary.json`.
+Exit status 0 on success; 1 with a one-line reason on stderr for a bad input (2: bad usage).
 """
 
 from __future__ import annotations
@@ -25,20 +26,19 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import HfArgumentParser, set_seed
 
-from crem_hf.io import write_json_atomically
+from crem_hf.io import apply_umask, run_command, write_json_atomically
 from crem_hf.loading import load_crem
 from crem_hf.training import (
-    CREMCollator,
-    CREMTrainer,
     CREMTrainingArguments,
-    MixedStepDataset,
     apply_lora,
+    build_trainer,
     load_conversations,
     load_retrieval_pairs,
     whole_run_loss,
 )
 
 logger = logging.getLogger("train_lora")
+PROG = "examples/train_lora.py"
 
 
 @dataclass
@@ -89,12 +89,20 @@ class DataArguments:
     preprocessing_num_proc: int | None = None
 
 
+class ArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose usage errors are one line, as every crem-hf command's."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _source(paths: list[str]) -> str | list[str]:
     return paths[0] if len(paths) == 1 else paths
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, CREMTrainingArguments))
+    """Train; returns the run's summary (also written to `<output_dir>/run_summary.json`)."""
+    parser = ArgumentParser((ModelArguments, DataArguments, CREMTrainingArguments), prog=PROG)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     if not data_args.retrieval_data and not data_args.generation_data:
@@ -141,23 +149,14 @@ def main(argv: list[str] | None = None) -> dict:
             reports.append(report)
     for report in reports:
         logger.info(report.summary())
-    train_dataset = MixedStepDataset(
+    trainer = build_trainer(
+        model,
+        processor,
+        training_args,
         retrieval,
         generation,
-        retrieval_per_step=training_args.retrieval_batch_size if retrieval is not None else 0,
-        generation_per_step=training_args.generation_batch_size if generation is not None else 0,
-        seed=training_args.seed,
         homogeneous=data_args.homogeneous_batches,
-    )
-    collator = CREMCollator(
-        processor, training_args.compress_probability, seed=training_args.seed, on_bad_row=data_args.on_bad_row
-    )
-    trainer = CREMTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        data_collator=collator,
-        processing_class=processor,
+        on_bad_row=data_args.on_bad_row,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
@@ -165,17 +164,19 @@ def main(argv: list[str] | None = None) -> dict:
         "model": asdict(model_args),
         "data": [report.as_dict() for report in reports],
         # Rows the processor could not build, left out while training (counted by this process).
-        "skipped_while_collating": dict(collator.skipped),
+        "skipped_while_collating": dict(trainer.data_collator.skipped),
         # The Trainer's train_loss covers the steps since the last resume; the summary's covers the whole run.
         "train": {**result.metrics, "train_loss": whole_run_loss(trainer.state.log_history)},
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
         write_json_atomically(os.path.join(training_args.output_dir, "run_summary.json"), summary)
+        # safetensors writes its files 0600 whatever the umask: give the run's files the modes others' get.
+        apply_umask(training_args.output_dir)
     # Every process leaves together: one that exits while another still talks to the group gets aborted by gloo.
     trainer.accelerator.wait_for_everyone()
     return summary
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(run_command(PROG, lambda: main(sys.argv[1:])))

@@ -152,3 +152,19 @@ def test_demo_commands_exit_0_or_fail_in_one_line(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(main_job, "run", lambda config: {"results": {}})
     monkeypatch.setattr(ablation, "run", lambda args: {"results": {}})
     assert main_job.main(["--stage1-steps", "1"]) == 0 and ablation.main(["--stage2-steps", "1"]) == 0
+
+
+def test_train_lora_fails_in_one_line(tmp_path):
+    """examples/train_lora.py keeps the commands' contract: 1 and one line for a bad input, 2 for bad usage."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_lora.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    common = ["--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu"]
+    missing = str(tmp_path / "no-model")
+    runs = [
+        ([*common, "--model", missing, "--generation_data", "x.json"], 1, missing),
+        (common, 2, "--retrieval_data"),
+    ]
+    for argv, status, fragment in runs:
+        done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == status, done.stderr
+        one_line(done.stderr, "examples/train_lora.py: error:", fragment)

@@ -9,6 +9,7 @@ import pytest
 
 from crem_hf.demo.digits import DIGIT_REGISTRY, NUM_CANDIDATES, build_digits_data
 from crem_hf.formats import read_rows
+from crem_hf.io import current_umask
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +76,5 @@ def test_shrunken_main_job_learns_clearly(tmp_path):
     for name in ("results.json", "results.md", "training.png", "model/config.json", "model/modeling_crem.py"):
         assert (tmp_path / name).exists(), name
     assert json.loads((tmp_path / "results.json").read_text())["data"][0]["kept"] == 5 * 1437
+    # safetensors writes 0600; the saved model gets the modes the umask gives.
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()

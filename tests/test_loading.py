@@ -355,7 +355,7 @@ def test_train_lora_on_the_real_layout_then_crem_export(checkpoint, saved, tmp_p
     assert loaded["tied"]
     assert_exact_state(loaded["state"], saved, new_chorus_rows=True)
 
-    export(["--model", str(out), "--output-dir", str(tmp_path / "hub")])
+    assert export(["--model", str(out), "--output-dir", str(tmp_path / "hub")]) == 0
     exported = read_weights(tmp_path / "hub")
     adapter = load_file(out / "adapter_model.safetensors")
     settings = json.loads((out / "adapter_config.json").read_text())

@@ -11,13 +11,13 @@ import pytest
 import torch
 from helpers import colour_image, mixed_batch, randomize_lora_b, write_colour_data
 
+from crem_hf.io import current_umask
 from crem_hf.tiny import make_tiny_crem, make_tiny_qwen2vl, make_tiny_qwen2vl_processor
 from crem_hf.training import (
-    CREMCollator,
     CREMTrainer,
     CREMTrainingArguments,
-    MixedStepDataset,
     apply_lora,
+    build_trainer,
     load_conversations,
     load_retrieval_pairs,
     split_embedding_batch,
@@ -92,14 +92,7 @@ def make_run(processor, data, tmp_path, lora: bool = True, **overrides):
     model = make_tiny_crem(processor, seed=2)
     if lora:
         model = apply_lora(model, dropout=0.1)
-    dataset = MixedStepDataset(retrieval, generation, args.retrieval_batch_size, args.generation_batch_size, seed=0)
-    return CREMTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=CREMCollator(processor, args.compress_probability, seed=0),
-        processing_class=processor,
-    )
+    return build_trainer(model, processor, args, retrieval, generation)
 
 
 def history(trainer, key: str) -> list[float]:
@@ -184,4 +177,6 @@ def test_train_lora_example_end_to_end(tmp_path, processes):
     assert "missing image: 1" in result.stderr
     assert summary["train"]["train_loss"] > 0
     assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint-2").is_dir()
+    # safetensors writes 0600; the run's files get the modes the umask gives (this process's, inherited).
+    assert (out / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16

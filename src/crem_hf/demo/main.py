@@ -29,17 +29,15 @@ from ..evaluation import (
     evaluate_mmeb,
     load_caption_rows,
 )
-from ..io import ArgumentParser, run_command, write_json_atomically, write_text_atomically
+from ..io import ArgumentParser, apply_umask, run_command, write_json_atomically, write_text_atomically
 from ..loading import merge_adapter
 from ..modeling_crem import CREMForEmbeddingAndGeneration
 from ..processing_crem import CREMProcessor
 from ..tiny import make_tiny_qwen2vl, make_tiny_qwen2vl_processor, make_tiny_tokenizer
 from ..training import (
-    CREMCollator,
-    CREMTrainer,
     CREMTrainingArguments,
-    MixedStepDataset,
     apply_lora,
+    build_trainer,
     conversation_messages,
     load_conversations,
     load_retrieval_pairs,
@@ -253,16 +251,7 @@ def train_stage2(workspace: Workspace, base, config: MainJobConfig, folder: str,
         compress_probability=config.compress_probability,
         **_common_args(config, os.path.join(folder, "stage2"), config.stage2_steps, config.stage2_learning_rate),
     )
-    steps = MixedStepDataset(
-        workspace.pairs, workspace.conversations, config.batch_size, config.batch_size, config.seed, homogeneous=True
-    )
-    trainer = CREMTrainer(
-        model=model,
-        args=args,
-        train_dataset=steps,
-        data_collator=CREMCollator(processor, config.compress_probability, seed=config.seed),
-        processing_class=processor,
-    )
+    trainer = build_trainer(model, processor, args, workspace.pairs, workspace.conversations, homogeneous=True)
     trainer.train()
     trained = merge_adapter(model)
     after = evaluate_crem(trained, processor, workspace.data, config, os.path.join(folder, "eval_after"))
@@ -287,6 +276,7 @@ def run(config: MainJobConfig) -> dict[str, Any]:
 
     trained.save_pretrained(os.path.join(out, "model"))
     processor.save_pretrained(os.path.join(out, "model"))
+    apply_umask(os.path.join(out, "model"))  # safetensors writes 0600 whatever the umask
     histories = {"stage 1 LM": stage1_history, **histories}
     plot(os.path.join(out, "training.png"), histories, results)
     summary = {

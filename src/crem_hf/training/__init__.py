@@ -1,6 +1,7 @@
 """CREM training: data readers, collator, losses, LoRA and the Trainer (`pip install crem-hf[train]`)."""
 
 from .batch import GenerationBatch, RetrievalBatch, StepBatch
+from .builder import build_trainer
 from .collator import CREMCollator, content_key, conversation_messages
 from .data import MixedStepDataset, SkipReport, load_conversations, load_retrieval_pairs, read_rows
 from .lora import LORA_TARGET_MODULES, apply_lora
@@ -21,6 +22,7 @@ __all__ = [
     "SkipReport",
     "StepBatch",
     "apply_lora",
+    "build_trainer",
     "content_key",
     "conversation_messages",
     "load_conversations",
