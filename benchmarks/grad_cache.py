@@ -43,7 +43,9 @@ def one_step(batch_size: int, chunk: int | None) -> dict:
         target = dict(processor.process_embedding_inputs(texts=texts))
         return StepBatch(RetrievalBatch(query=query, target=target, target_keys=torch.arange(size)))
 
-    args = CREMTrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, gc_chunk_size=chunk)
+    args = CREMTrainingArguments(
+        output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, gradient_cache_chunk_size=chunk
+    )
     trainer = CREMTrainer(model=model, args=args)
     trainer.current_gradient_accumulation_steps = 1
     trainer.training_step(model, make_batch(2))  # warm-up: allocator and kernels

@@ -45,7 +45,7 @@ def main() -> None:
     processor = make_tiny_processor()
     model = build_model(processor, options.lora, torch.float64 if options.float64 else torch.float32)
     args = CREMTrainingArguments(
-        output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, gc_chunk_size=options.gc_chunk_size,
+        output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, gradient_cache_chunk_size=options.gc_chunk_size,
         ddp_backend="gloo" if "LOCAL_RANK" in os.environ else None,
     )  # fmt: skip
     trainer = CREMTrainer(model=model, args=args)

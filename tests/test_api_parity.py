@@ -198,7 +198,7 @@ def test_trainer_lm_loss_never_builds_full_logits(processor, tmp_path):
         use_cpu=True,
         retrieval_batch_size=2,
         generation_batch_size=4,
-        gc_chunk_size=None,
+        gradient_cache_chunk_size=None,
         alpha_r=0.0,
         save_strategy="no",
         disable_tqdm=True,

@@ -114,7 +114,7 @@ def test_compute_loss_keeps_a_float64_model_in_float64(processor, tmp_path):
 
     model = make_tiny_crem(processor, seed=0).double()
     args = CREMTrainingArguments(
-        output_dir=str(tmp_path), report_to=[], use_cpu=True, gc_chunk_size=None, save_strategy="no"
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, gradient_cache_chunk_size=None, save_strategy="no"
     )
     trainer = CREMTrainer(model=model, args=args)
     trainer.current_gradient_accumulation_steps = 1

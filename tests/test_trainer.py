@@ -33,7 +33,7 @@ def training_args(tmp_path, **overrides) -> CREMTrainingArguments:
         "use_cpu": True,
         "retrieval_batch_size": 6,
         "generation_batch_size": 4,
-        "gc_chunk_size": None,
+        "gradient_cache_chunk_size": None,
         "warmup_steps": 0,
         "logging_steps": 1,
         "save_strategy": "no",
@@ -62,8 +62,8 @@ def test_gradient_cache_equals_full_batch_gradient(processor, tmp_path, lora):
         model = randomize_lora_b(apply_lora(model, dropout=0.0))
     model.train()
     batch = mixed_batch(processor, rows=range(6), generation_rows=range(4), compress=[True, False, True, False])
-    plain_loss, plain = step_gradients(model, tmp_path, batch, gc_chunk_size=None)
-    cached_loss, cached = step_gradients(model, tmp_path, batch, gc_chunk_size=4)
+    plain_loss, plain = step_gradients(model, tmp_path, batch, gradient_cache_chunk_size=None)
+    cached_loss, cached = step_gradients(model, tmp_path, batch, gradient_cache_chunk_size=4)
     assert cached_loss == pytest.approx(plain_loss, rel=1e-6)
     assert plain.keys() == cached.keys()
     if lora:
@@ -103,7 +103,9 @@ def history(trainer, key: str) -> list[float]:
 def test_short_run_lowers_both_losses(processor, tmp_path):
     data = write_colour_data(tmp_path / "data", copies=4)
     # Full fine-tuning: the tiny base is random, so LoRA alone has no language model to adapt.
-    trainer = make_run(processor, data, tmp_path, lora=False, max_steps=40, learning_rate=3e-3, gc_chunk_size=3)
+    trainer = make_run(
+        processor, data, tmp_path, lora=False, max_steps=40, learning_rate=3e-3, gradient_cache_chunk_size=3
+    )
     trainer.train()
     contrastive, lm = history(trainer, "contrastive_loss"), history(trainer, "lm_loss")
     assert len(contrastive) == 40 and len(lm) == 40
@@ -118,7 +120,13 @@ def test_short_run_lowers_both_losses(processor, tmp_path):
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(processor, tmp_path):
     data = write_colour_data(tmp_path / "data", copies=2)
-    settings = {"max_steps": 6, "learning_rate": 3e-3, "gc_chunk_size": 2, "save_strategy": "steps", "save_steps": 3}
+    settings = {
+        "max_steps": 6,
+        "learning_rate": 3e-3,
+        "gradient_cache_chunk_size": 2,
+        "save_strategy": "steps",
+        "save_steps": 3,
+    }
     full = make_run(processor, data, tmp_path / "a", **settings)
     full.train()
     checkpoint = tmp_path / "a" / "run" / "checkpoint-3"
@@ -135,7 +143,7 @@ def test_resume_reproduces_the_uninterrupted_run(processor, tmp_path):
     [
         ({"temperature": 0.0}, "temperature"),
         ({"compress_probability": 1.2}, "compress_probability"),
-        ({"gc_chunk_size": 0}, "gc_chunk_size"),
+        ({"gradient_cache_chunk_size": 0}, "gradient_cache_chunk_size"),
         ({"alpha_r": 0.0, "alpha_g": 0.0}, "alpha_r"),
         ({"per_device_train_batch_size": 4}, "per_device_train_batch_size"),
     ],
@@ -163,7 +171,7 @@ def test_train_lora_example_end_to_end(tmp_path, processes):
         "--retrieval_data", data["retrieval"], "--retrieval_image_root", data["image_root"],
         "--generation_data", data["generation"], "--generation_image_root", data["image_root"],
         "--min_image_tokens", "4", "--max_image_tokens", "16",
-        "--retrieval_batch_size", "4", "--generation_batch_size", "2", "--gc_chunk_size", "2",
+        "--retrieval_batch_size", "4", "--generation_batch_size", "2", "--gradient_cache_chunk_size", "2",
         "--max_steps", "3", "--save_steps", "2", "--logging_steps", "1", "--warmup_steps", "0",
         "--learning_rate", "1e-3", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
     ]  # fmt: skip

@@ -34,9 +34,12 @@ class CREMTrainingArguments(TrainingArguments):
 
     retrieval_batch_size: int = field(default=128, metadata={"help": "Retrieval pairs per step and process."})
     generation_batch_size: int = field(default=16, metadata={"help": "Conversations per step and process."})
-    gc_chunk_size: int | None = field(
+    gradient_cache_chunk_size: int | None = field(
         default=8,
-        metadata={"help": "Gradient-cache chunk size (embeddings per forward); None embeds the batch in one go."},
+        metadata={
+            "help": "Gradient-cache chunk size (embeddings per forward); None embeds the batch in one go.",
+            "aliases": ["--gc_chunk_size"],
+        },
     )
     temperature: float = field(default=0.02, metadata={"help": "InfoNCE softmax temperature over cosine similarities."})
     alpha_r: float = field(default=1.0, metadata={"help": "Weight of the contrastive loss."})
@@ -53,9 +56,10 @@ class CREMTrainingArguments(TrainingArguments):
         super().__post_init__()
         check_temperature(self.temperature)
         check_compress_probability(self.compress_probability)
-        if self.gc_chunk_size is not None and self.gc_chunk_size <= 0:
+        if self.gradient_cache_chunk_size is not None and self.gradient_cache_chunk_size <= 0:
             raise ValueError(
-                f"gc_chunk_size must be > 0 (or None to turn the gradient cache off), got {self.gc_chunk_size}."
+                "gradient_cache_chunk_size must be > 0 (or None to turn the gradient cache off), got "
+                f"{self.gradient_cache_chunk_size}."
             )
         if self.alpha_r < 0 or self.alpha_g < 0 or self.alpha_r + self.alpha_g == 0:
             raise ValueError(f"alpha_r and alpha_g must be >= 0 and not both 0, got {self.alpha_r}, {self.alpha_g}.")
@@ -124,10 +128,10 @@ class CREMTrainer(Trainer):
     `loss = alpha_r * InfoNCE + alpha_g * LM`, where each generation sample is compressed with probability p (the
     collator's flags). Both parts, the in-batch retrieval accuracy and the compressed fraction are logged.
 
-    With `gc_chunk_size`, the retrieval part runs through a gradient cache: every embedding is first computed in
-    chunks without a graph, the loss and its gradient with respect to the embeddings are computed on the whole
-    (global) batch, then each chunk is re-run with a graph and back-propagated with that gradient. Memory is that of
-    one chunk; the gradient equals the full-batch gradient. Negatives come from all processes.
+    With `gradient_cache_chunk_size`, the retrieval part runs through a gradient cache: every embedding is first
+    computed in chunks without a graph, the loss and its gradient with respect to the embeddings are computed on the
+    whole (global) batch, then each chunk is re-run with a graph and back-propagated with that gradient. Memory is
+    that of one chunk; the gradient equals the full-batch gradient. Negatives come from all processes.
     """
 
     # compute_loss returns a per-step mean; the Trainer divides it by the accumulation steps (so do the cache's
@@ -167,7 +171,7 @@ class CREMTrainer(Trainer):
             "negative_keys": batch.negative_keys,
             "query_keys": batch.query_keys,
         }
-        chunk_size = self.args.gc_chunk_size
+        chunk_size = self.args.gradient_cache_chunk_size
         largest = max(inputs[s]["input_ids"].shape[0] for s in sides)
         if chunk_size is None or chunk_size >= largest:
             embeddings = {s: self._embed(model, inputs[s]) for s in sides}
