@@ -18,7 +18,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from crem_hf.io import write_json_atomically, write_text_atomically  # noqa: E402
+from crem_hf.io import format_markdown_table, write_json_atomically, write_text_atomically  # noqa: E402
 from crem_hf.tiny import make_tiny_crem, make_tiny_processor  # noqa: E402
 
 # Qwen2-VL-2B's language model: 28 layers, 12 heads of 128, 2 key/value heads, hidden 1536, vocabulary 151,936.
@@ -87,12 +87,12 @@ def build(hidden_size: int, num_layers: int, real_vocabulary: bool, max_image_to
 def report(name: str, args, rows: list[dict], notes: str = "") -> str:
     """Print a markdown table of `rows` and write it with the JSON under `--output-dir`."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-    for row in rows:
-        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    table = f"### {name}\n\nMachine: {machine()}; dtype {args.dtype}; attention {args.attn}.\n\n" + "\n".join(lines)
-    table += f"\n\n{notes}\n" if notes else "\n"
+    cells = [
+        [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
+    ]
+    table = f"### {name}\n\nMachine: {machine()}; dtype {args.dtype}; attention {args.attn}.\n\n"
+    table += format_markdown_table(columns, cells)
+    table += f"\n{notes}\n" if notes else ""
     print(table)
     os.makedirs(args.output_dir, exist_ok=True)
     write_text_atomically(os.path.join(args.output_dir, f"{name}.md"), table)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import pytest
 from helpers import colour_image
 
-from crem_hf.io import write_json_atomically, write_text_atomically
+from crem_hf.io import format_markdown_table, write_json_atomically, write_text_atomically
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IO_MODULE = os.path.join(HERE, os.pardir, "src", "crem_hf", "io.py")
@@ -313,3 +313,9 @@ def test_stale_export_folders_go_and_others_stay(model, processor, tmp_path):
     left = hidden(tmp_path)
     assert not set(dead + old_version + [orphan_lock, ".crem.incomplete-dead0001.lock"]) & set(left), left
     assert left == sorted([recent_old_version, live, live + ".lock", unrelated])
+
+
+def test_every_report_table_comes_from_one_writer():
+    assert format_markdown_table(["a", "b"], [[1, "x"], ("2", 3.5)]) == "| a | b |\n|---|---|\n| 1 | x |\n| 2 | 3.5 |\n"
+    with pytest.raises(ValueError, match="row 1 has 1 cells for 2 columns"):
+        format_markdown_table(["a", "b"], [[1, 2], [3]])

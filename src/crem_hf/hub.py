@@ -29,6 +29,7 @@ from .io import (
     apply_umask,
     check_model_source,
     check_writable_folder,
+    format_markdown_table,
     run_command,
     write_text_atomically,
 )
@@ -97,10 +98,9 @@ def load_for_export(path: str | os.PathLike, base_model: str | os.PathLike | Non
 def _results_rows(eval_results: dict[str, Any] | None) -> str:
     if not eval_results:
         return "No evaluation results were given for this export."
-    lines = ["| subset | Precision@1 |", "| --- | --- |"]
-    lines += [f"| {name} | {100 * r['precision_at_1']:.1f} |" for name, r in eval_results["subsets"].items()]
-    lines += [f"| **{key}** | {100 * value:.1f} |" for key, value in eval_results.get("summary", {}).items()]
-    return "\n".join(lines)
+    rows = [(name, f"{100 * r['precision_at_1']:.1f}") for name, r in eval_results["subsets"].items()]
+    rows += [(f"**{key}**", f"{100 * value:.1f}") for key, value in eval_results.get("summary", {}).items()]
+    return format_markdown_table(("subset", "Precision@1"), rows).rstrip("\n")
 
 
 def render_model_card(config: CREMConfig, info: CardInfo):

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "check_writable_file",
     "check_writable_folder",
     "current_umask",
+    "format_markdown_table",
     "positive_int",
     "run_command",
     "write_files_atomically",
@@ -196,6 +197,25 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
 def write_json_atomically(path: str | os.PathLike, payload: Any) -> None:
     """`write_text_atomically` of `payload` as indented JSON."""
     write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+
+
+def format_markdown_table(header: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
+    """
+    A GitHub markdown table (the one writer of every report's table): the header, the rule and one line per row,
+    each cell as `str` gives it, ending with a newline.
+
+    Raises:
+        ValueError: a row with another number of cells than the header.
+    """
+    lines = ["| " + " | ".join(str(cell) for cell in header) + " |", "|" + "---|" * len(header)]
+    for index, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"Table row {index} has {len(row)} cells for {len(header)} columns.")
+        lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- command lines

@@ -15,7 +15,14 @@ import os
 import time
 from typing import Any
 
-from ..io import ArgumentParser, positive_int, run_command, write_json_atomically, write_text_atomically
+from ..io import (
+    ArgumentParser,
+    format_markdown_table,
+    positive_int,
+    run_command,
+    write_json_atomically,
+    write_text_atomically,
+)
 from .main import MainJobConfig, evaluate_base, prepare, train_stage1, train_stage2
 
 __all__ = ["VARIANTS", "main", "run"]
@@ -45,16 +52,9 @@ COLUMNS = [
 
 
 def table(rows: dict[str, dict[str, float]], base: dict[str, float]) -> str:
-    lines = [
-        "| variant | " + " | ".join(h for h, _ in COLUMNS) + " |",
-        "|---" * (len(COLUMNS) + 1) + "|",
-        "| stage 1 base (no chorus) | "
-        + " | ".join(f"{100 * base[k]:.1f}" if k in base else "-" for _, k in COLUMNS)
-        + " |",
-    ]
-    for name, result in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * result[k]:.1f}" for _, k in COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+    lines = [["stage 1 base (no chorus)", *(f"{100 * base[k]:.1f}" if k in base else "-" for _, k in COLUMNS)]]
+    lines += [[name, *(f"{100 * result[k]:.1f}" for _, k in COLUMNS)] for name, result in rows.items()]
+    return format_markdown_table(["variant", *(heading for heading, _ in COLUMNS)], lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,14 @@ from ..evaluation import (
     evaluate_mmeb,
     load_caption_rows,
 )
-from ..io import ArgumentParser, apply_umask, run_command, write_json_atomically, write_text_atomically
+from ..io import (
+    ArgumentParser,
+    apply_umask,
+    format_markdown_table,
+    run_command,
+    write_json_atomically,
+    write_text_atomically,
+)
 from ..loading import merge_adapter
 from ..modeling_crem import CREMForEmbeddingAndGeneration
 from ..processing_crem import CREMProcessor
@@ -143,11 +150,11 @@ def evaluate_base(model, processor: CREMProcessor, data, config: MainJobConfig) 
 def markdown_report(results: dict[str, dict[str, float]]) -> str:
     columns = list(results)
     metrics = list(dict.fromkeys(metric for column in results.values() for metric in column))
-    lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for metric in metrics:
-        cells = [f"{100 * results[c][metric]:.1f}" if metric in results[c] else "-" for c in columns]
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [
+        [metric, *(f"{100 * results[c][metric]:.1f}" if metric in results[c] else "-" for c in columns)]
+        for metric in metrics
+    ]
+    return format_markdown_table(["metric", *columns], rows)
 
 
 def plot(path: str, histories: dict[str, list[tuple[int, float]]], results: dict[str, dict[str, float]]) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..formats import OUTSIDE_ROOT, locate_subset, parse_side, read_rows
-from ..io import check_writable_folder, write_files_atomically
+from ..io import check_writable_folder, format_markdown_table, write_files_atomically
 from .encoding import encode_items
 
 __all__ = [
@@ -242,18 +242,16 @@ def markdown_table(
     """Per-subset scores (x100) grouped by meta-task with their averages, then All / IND / OOD (paper Table 6)."""
     registry = registry if registry is not None else MMEB_DATASETS
     summary = summarize(scores, registry)
-    lines = [f"| Dataset | {column} |", "| --- | --- |"]
+    rows = []
     for task in META_TASKS:
         names = [n for n in scores if registry[n][0] == task]
         if not names:
             continue
-        lines += [f"| {n}{'°' if registry[n][1] else ''} | {100 * scores[n]:.1f} |" for n in names]
-        lines.append(f"| *All {task}* | {100 * summary[task]:.1f} |")
-    lines.append(f"| **All ({len(scores)})** | {100 * summary['Overall']:.1f} |")
-    for key in ("IND", "OOD"):
-        if key in summary:
-            lines.append(f"| All {key} | {100 * summary[key]:.1f} |")
-    return "\n".join(lines) + "\n"
+        rows += [(f"{n}{'°' if registry[n][1] else ''}", f"{100 * scores[n]:.1f}") for n in names]
+        rows.append((f"*All {task}*", f"{100 * summary[task]:.1f}"))
+    rows.append((f"**All ({len(scores)})**", f"{100 * summary['Overall']:.1f}"))
+    rows += [(f"All {key}", f"{100 * summary[key]:.1f}") for key in ("IND", "OOD") if key in summary]
+    return format_markdown_table(("Dataset", column), rows)
 
 
 def evaluate_mmeb(
