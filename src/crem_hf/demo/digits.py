@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..evaluation.retrieval import I2T_INSTRUCTION, IMAGE_INSTRUCTION, T2I_INSTRUCTION
+from ..evaluation.retrieval import I2T_INSTRUCTION, T2I_INSTRUCTION
 from ..formats import LLAVA_IMAGE_PLACEHOLDER, MMEB_IMAGE_PLACEHOLDER
+from ..processing_crem import DEFAULT_IMAGE_INSTRUCTION, DEFAULT_SYSTEM_PROMPT
 
 __all__ = ["DIGIT_REGISTRY", "DigitsData", "PROMPT_CORPUS", "WORDS", "build_digits_data"]
 
@@ -43,7 +44,7 @@ DIGIT_REGISTRY = {
 }
 #: The words and phrases of every prompt, for a tokenizer that keeps them short.
 PROMPT_CORPUS = [
-    "You are a helpful assistant.",
+    DEFAULT_SYSTEM_PROMPT,
     "system\n",
     "user\n",
     "assistant\n",
@@ -54,7 +55,7 @@ PROMPT_CORPUS = [
     RIGHT_QUESTION,
     T2I_INSTRUCTION,
     I2T_INSTRUCTION,
-    IMAGE_INSTRUCTION,
+    DEFAULT_IMAGE_INSTRUCTION,
     "the digit",
     "left of",
     *WORDS,
@@ -179,12 +180,16 @@ def build_digits_data(folder: str | os.PathLike, seed: int = 0) -> DigitsData:
         text = label(labels[index])
         retrieval["digits_cls"].append(_train_pair(image + CLASSIFY_INSTRUCTION, path, text))
         retrieval["digits_vqa"].append(_train_pair(f"{image}{VQA_INSTRUCTION} {QUESTION}", path, text))
-        retrieval["digits_t2i"].append(_train_pair(f"{T2I_INSTRUCTION} {text}", "", image + IMAGE_INSTRUCTION, path))
+        retrieval["digits_t2i"].append(
+            _train_pair(f"{T2I_INSTRUCTION} {text}", "", image + DEFAULT_IMAGE_INSTRUCTION, path)
+        )
         conversations.append(_conversation(f"scan-{index}", path, [QUESTION, word]))
     for left, right in _pairs(train, labels, len(train), rng):
         path, text = writer.pair(left, right), caption(labels[left], labels[right])
         retrieval["pairs_i2t"].append(_train_pair(image + I2T_INSTRUCTION, path, text))
-        retrieval["pairs_t2i"].append(_train_pair(f"{T2I_INSTRUCTION} {text}", "", image + IMAGE_INSTRUCTION, path))
+        retrieval["pairs_t2i"].append(
+            _train_pair(f"{T2I_INSTRUCTION} {text}", "", image + DEFAULT_IMAGE_INSTRUCTION, path)
+        )
         turns = [LEFT_QUESTION, WORDS[labels[left]], RIGHT_QUESTION, WORDS[labels[right]]]
         conversations.append(_conversation(f"pair-{left}-{right}", path, turns))
     data = DigitsData(
@@ -215,7 +220,7 @@ def build_digits_data(folder: str | os.PathLike, seed: int = 0) -> DigitsData:
         vqa.append(_eval_row(f"{image}{VQA_INSTRUCTION} {QUESTION}", path, candidates))
         other_digits = rng.sample([d for d in range(len(WORDS)) if d != digit], NUM_CANDIDATES - 1)
         images = [path] + [writer.scan(rng.choice(by_digit[d])) for d in other_digits]
-        t2i.append(_eval_row(f"{T2I_INSTRUCTION} {label(digit)}", "", [image + IMAGE_INSTRUCTION], images))
+        t2i.append(_eval_row(f"{T2I_INSTRUCTION} {label(digit)}", "", [image + DEFAULT_IMAGE_INSTRUCTION], images))
         qa_single.append({"image": path, "question": QUESTION, "answer": WORDS[digit]})
     pair_captions = [caption(labels[a], labels[b]) for a, b in test_pairs]
     pair_paths = [writer.pair(a, b) for a, b in test_pairs]
@@ -229,7 +234,7 @@ def build_digits_data(folder: str | os.PathLike, seed: int = 0) -> DigitsData:
         )
         others = [p for p, c in zip(pair_paths, pair_captions, strict=True) if c not in (text, swapped)]
         images = [path, writer.pair(right, left), *rng.sample(others, NUM_CANDIDATES - 2)]
-        pairs_t2i.append(_eval_row(f"{T2I_INSTRUCTION} {text}", "", [image + IMAGE_INSTRUCTION], images))
+        pairs_t2i.append(_eval_row(f"{T2I_INSTRUCTION} {text}", "", [image + DEFAULT_IMAGE_INSTRUCTION], images))
         qa_pairs.append({"image": path, "question": LEFT_QUESTION, "answer": WORDS[labels[left]]})
         swap.append({"image": path, "caption": text, "negative_caption": swapped})
         captions.append({"image": path, "captions": [text]})

@@ -12,7 +12,6 @@ from ..formats import image_problem, read_rows, resolve_path
 from .encoding import encode_items
 
 __all__ = [
-    "IMAGE_INSTRUCTION",
     "I2T_INSTRUCTION",
     "T2I_INSTRUCTION",
     "evaluate_compositional",
@@ -24,7 +23,6 @@ __all__ = [
 # MMEB's wordings for everyday images and captions (MSCOCO_t2i / MSCOCO_i2t).
 T2I_INSTRUCTION = "Find me an everyday image that matches the given caption:"
 I2T_INSTRUCTION = "Find an image caption describing the given everyday image."
-IMAGE_INSTRUCTION = "Represent the given image."
 RECALL_KS = (1, 5, 10)
 
 
@@ -69,9 +67,8 @@ def evaluate_image_text_retrieval(model, processor, rows: list[dict], batch_size
     caption_queries = encode_items(
         model, processor, captions, [None] * len(captions), T2I_INSTRUCTION, batch_size, "t2i queries"
     )
-    image_targets = encode_items(
-        model, processor, [None] * len(images), images, IMAGE_INSTRUCTION, batch_size, "t2i images"
-    )
+    # No instruction: the processor gives an image without one its `image_instruction` (MMEB's for image targets).
+    image_targets = encode_items(model, processor, [None] * len(images), images, None, batch_size, "t2i images")
     image_queries = encode_items(
         model, processor, [None] * len(images), images, I2T_INSTRUCTION, batch_size, "i2t queries"
     )
