@@ -293,6 +293,22 @@ def test_sentence_transformers_inputs_are_text(model, processor):
     assert vectors.shape == (2, model.config.text_config.hidden_size)
 
 
+def test_sentence_transformers_reads_message_parts_as_the_processor_does(model, processor, images):
+    """One parser of message parts: a part without a type, or an empty text, is refused alike by both."""
+    from crem_hf.st_module import CREMSentenceEmbedding
+
+    module = CREMSentenceEmbedding(model=model, processor=processor)
+    for parts, error in [([{"text": "untyped"}], "expected a {'type'"), ([{"type": "text", "text": " "}], "empty")]:
+        with pytest.raises(ValueError, match=error):
+            module.preprocess([[{"role": "user", "content": parts}]])
+        with pytest.raises(ValueError, match=error):
+            processor.process_chat([[{"role": "user", "content": parts}]])
+    message = [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "a"}]}]
+    both = module.preprocess([message])
+    alone = processor.process_embedding_inputs(images=[images[0]], texts=["a"])
+    assert torch.equal(both["input_ids"], alone["input_ids"])
+
+
 # ---------------------------------------------------------------- a bare string is refused, never split
 
 

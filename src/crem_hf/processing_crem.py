@@ -737,13 +737,13 @@ class CREMProcessor(Qwen2VLProcessor):
             messages = self._rows(messages, f"conversations[{i}]")
             if not messages or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
                 raise ValueError(f"conversations[{i}] must start with a user turn (got {messages[:1]}).")
-            first_images, first_text = self._split_content(messages[0].get("content"), f"conversations[{i}][0]")
+            first_images, first_text = self.split_message_content(messages[0].get("content"), f"conversations[{i}][0]")
             turns = []
             for j, message in enumerate(messages[1:], start=1):
                 role = message.get("role") if isinstance(message, dict) else None
                 if role not in ("user", "assistant"):
                     raise ValueError(f"conversations[{i}][{j}]: role must be 'user' or 'assistant', got {role!r}.")
-                images, text = self._split_content(message.get("content"), f"conversations[{i}][{j}]")
+                images, text = self.split_message_content(message.get("content"), f"conversations[{i}][{j}]")
                 if images:
                     raise ValueError(f"conversations[{i}][{j}]: images are supported in the first user turn only.")
                 turns.append((role, text))
@@ -766,9 +766,22 @@ class CREMProcessor(Qwen2VLProcessor):
 
     # ------------------------------------------------------------------ helpers
 
-    def _split_content(self, content: Any, where: str) -> tuple[list[Any], str | None]:
+    @classmethod
+    def split_message_content(cls, content: Any, where: str = "content") -> tuple[list[Any], str | None]:
+        """
+        The images and the text of one chat message's content: a string, or a list of parts
+        `{"type": "image", "image" | "url" | "path": ...}` and `{"type": "text", "text": ...}` (the qwen-vl-utils
+        and Sentence Transformers form). The one parser of message parts: `process_chat` and the Sentence
+        Transformers module use it.
+
+        Returns:
+            `(images, text)`: the images in order, and the texts joined by spaces (`None` when there is none).
+        Raises:
+            TypeError: content that is neither a string nor a list, or a text that is not a string.
+            ValueError: a part of another type, or an empty text; the message says `where`.
+        """
         if isinstance(content, str):
-            return [], self._text(content, where)
+            return [], cls._text(content, where)
         if not isinstance(content, list):
             raise TypeError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}.")
         images, texts = [], []
@@ -777,7 +790,7 @@ class CREMProcessor(Qwen2VLProcessor):
             if kind == "image":
                 images.append(part.get("image", part.get("url", part.get("path"))))
             elif kind == "text":
-                texts.append(self._text(part.get("text"), f"{where} part {k}"))
+                texts.append(cls._text(part.get("text"), f"{where} part {k}"))
             else:
                 raise ValueError(f"{where} part {k}: expected a {{'type': 'image' | 'text'}} dict, got {part!r}.")
         return images, " ".join(texts) if texts else None

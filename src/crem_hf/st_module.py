@@ -193,19 +193,13 @@ class CREMSentenceEmbedding(InputModule):
     def _from_messages(self, messages: Any, index: int) -> tuple[Any, str | None]:
         messages = [messages] if isinstance(messages, dict) else list(messages)
         images, texts = [], []
-        for message in messages:
+        for k, message in enumerate(messages):
             if message.get("role", "user") != "user":
                 raise ValueError(f"inputs[{index}]: only user messages can be embedded.")
-            content = message["content"]
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            for part in parts:
-                kind = part.get("type") or ("image" if "image" in part else "text")
-                if kind == "image":
-                    images.append(part.get("image", part.get("url", part.get("path"))))
-                elif kind == "text":
-                    texts.append(part["text"])
-                else:
-                    raise ValueError(f"inputs[{index}]: content type {kind!r} is not supported.")
+            # The processor's parser (remote code of the same folder): one reading of message parts.
+            found, text = self.processor.split_message_content(message["content"], f"inputs[{index}] message {k}")
+            images += found
+            texts += [text] if text is not None else []
         if len(images) > 1:
             raise ValueError(f"inputs[{index}]: CREM embeds one image per input, got {len(images)}.")
         return (self._image(images[0], index) if images else None), (" ".join(texts) or None)
