@@ -1,5 +1,5 @@
-"""The public data formats CREM reads (MMEB, LLaVA): their image placeholders, how one text side is parsed, and
-where a subset's rows live in a local copy of a Hub dataset.
+"""The public data formats CREM reads (MMEB, LLaVA): their image placeholders, how one text side is parsed, where a
+subset's rows live in a local copy of a Hub dataset, and a conversation as chat messages.
 
 Shared by the training readers and the evaluation, so both read a row the same way.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LLAVA_IMAGE_PLACEHOLDER",
     "MMEB_IMAGE_PLACEHOLDER",
+    "conversation_messages",
     "image_problem",
     "locate_subset",
     "outside_root",
@@ -37,6 +38,16 @@ OUTSIDE_ROOT = "image path outside the image root"
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _FLAT_SUFFIXES = (".jsonl", ".json", ".parquet")
 ANY_PLACEHOLDER = re.compile(r"<\|image_\d+\|>|<image>|<\|image_pad\|>|<\|vision_start\|>")
+
+
+def conversation_messages(image: Any, turns: list[str]) -> list[dict]:
+    """
+    One image and alternating user / assistant turns (a `load_conversations` row, or a question alone) as chat
+    messages for `CREMProcessor.process_chat`: the image and the first turn's text in the first user message.
+    """
+    first = [{"type": "image", "image": image}, {"type": "text", "text": turns[0]}]
+    later = [{"role": "assistant" if i % 2 else "user", "content": text} for i, text in enumerate(turns[1:], 1)]
+    return [{"role": "user", "content": first}, *later]
 
 
 def resolve_path(path: str | None, root: str | None) -> str:

@@ -29,6 +29,7 @@ from ..evaluation import (
     evaluate_mmeb,
     load_caption_rows,
 )
+from ..formats import conversation_messages
 from ..io import (
     ArgumentParser,
     apply_umask,
@@ -45,7 +46,6 @@ from ..training import (
     CREMTrainingArguments,
     apply_lora,
     build_trainer,
-    conversation_messages,
     load_conversations,
     load_retrieval_pairs,
 )

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..formats import conversation_messages
+
 __all__ = ["evaluate_generation", "normalize_answer"]
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -45,15 +47,7 @@ def evaluate_generation(
     predictions = []
     for start in tqdm(range(0, len(rows), batch_size), desc="compressed QA" if compress else "native QA", leave=False):
         chunk = rows[start : start + batch_size]
-        conversations = [
-            [
-                {
-                    "role": "user",
-                    "content": [{"type": "image", "image": r["image"]}, {"type": "text", "text": r["question"]}],
-                }
-            ]
-            for r in chunk
-        ]
+        conversations = [conversation_messages(r["image"], [r["question"]]) for r in chunk]
         batch = processor.process_chat(conversations, compress_layout=chorus).to(device)
         mode = {"compress": True} if compress else {}  # native: any Qwen2-VL model works
         out = model.generate(**batch, **mode, max_new_tokens=max_new_tokens, do_sample=False)

@@ -2,7 +2,7 @@
 
 from .batch import GenerationBatch, RetrievalBatch, StepBatch
 from .builder import build_trainer
-from .collator import CREMCollator, content_key, conversation_messages
+from .collator import CREMCollator, content_key
 from .data import MixedStepDataset, SkipReport, load_conversations, load_retrieval_pairs, read_rows
 from .lora import LORA_TARGET_MODULES, apply_lora
 from .losses import ContrastiveOutput, InfoNCELoss
@@ -24,7 +24,6 @@ __all__ = [
     "apply_lora",
     "build_trainer",
     "content_key",
-    "conversation_messages",
     "load_conversations",
     "load_retrieval_pairs",
     "read_rows",

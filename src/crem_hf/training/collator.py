@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
+from ..formats import conversation_messages
 from ..processing_crem import CREMProcessor
 from .batch import GenerationBatch, RetrievalBatch, StepBatch
 from .data import build_step_rows
 
-__all__ = ["CREMCollator", "check_compress_probability", "content_key", "conversation_messages"]
+__all__ = ["CREMCollator", "check_compress_probability", "content_key"]
 
 # Keeps the per-step seeds of the compress draws apart from each other.
 _SEED_STRIDE = 1_000_003
@@ -30,13 +31,6 @@ def content_key(text: str, image: str) -> int:
     """A stable int64 key of one target's content (the same on every process, unlike `hash`)."""
     digest = hashlib.blake2b(f"{image}\x00{text}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
-
-
-def conversation_messages(image: str, turns: list[str]) -> list[dict]:
-    """A read conversation (`load_conversations` row) as chat messages: the image in the first user turn."""
-    first = [{"type": "image", "image": image}, {"type": "text", "text": turns[0]}]
-    later = [{"role": "assistant" if i % 2 else "user", "content": text} for i, text in enumerate(turns[1:], 1)]
-    return [{"role": "user", "content": first}, *later]
 
 
 class CREMCollator:
