@@ -7,16 +7,10 @@ import json
 import pytest
 import torch
 
-from crem_hf.evaluation import (
-    MMEB_DATASETS,
-    evaluate_mmeb,
-    load_mmeb_subset,
-    markdown_table,
-    normalize_answer,
-    precision_at_1,
-    recall_at_k,
-    summarize,
-)
+from crem_hf.evaluation import MMEB_DATASETS, evaluate_mmeb, load_mmeb_subset, markdown_table, summarize
+from crem_hf.evaluation.generation import normalize_answer
+from crem_hf.evaluation.mmeb import precision_at_1
+from crem_hf.evaluation.retrieval import recall_at_k
 
 # The CREM 2B column of the paper's Table 6 (supplement), per dataset.
 CREM_2B = {
@@ -127,7 +121,7 @@ def test_evaluate_mmeb_writes_results_and_never_overwrites_them_on_failure(model
 def test_encoding_is_order_independent(model, processor):
     from helpers import colour_image
 
-    from crem_hf.evaluation import encode_items
+    from crem_hf.evaluation.encoding import encode_items
 
     texts, images = (
         ["a", None, "long text here", None],

@@ -12,7 +12,8 @@ import pytest
 import torch
 from helpers import colour_image
 
-from crem_hf.evaluation import encode_items, evaluate_mmeb, load_mmeb_subset
+from crem_hf.evaluation import evaluate_mmeb, load_mmeb_subset
+from crem_hf.evaluation.encoding import encode_items
 from crem_hf.training import load_retrieval_pairs
 
 CLASSIFY = "<|image_1|>\nRepresent the given image for classification."

@@ -20,8 +20,8 @@ from crem_hf.training import (
     build_trainer,
     load_conversations,
     load_retrieval_pairs,
-    split_embedding_batch,
 )
+from crem_hf.training.trainer import split_embedding_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import colour_image, write_colour_data
 
-from crem_hf.training import CREMCollator, MixedStepDataset, content_key, load_conversations, load_retrieval_pairs
+from crem_hf.training import CREMCollator, MixedStepDataset, load_conversations, load_retrieval_pairs
+from crem_hf.training.collator import content_key
 
 
 @pytest.fixture

@@ -1,16 +1,19 @@
-"""CREM training: data readers, collator, losses, LoRA and the Trainer (`pip install crem-hf[train]`)."""
+"""CREM training: data readers, collator, losses, LoRA and the Trainer (`pip install crem-hf[train]`).
+
+The public API is listed in `__all__`; the modules' helpers (`collator.content_key`,
+`trainer.split_embedding_batch`, ...) are internals.
+"""
 
 from .batch import GenerationBatch, RetrievalBatch, StepBatch
 from .builder import build_trainer
-from .collator import CREMCollator, content_key
-from .data import MixedStepDataset, SkipReport, load_conversations, load_retrieval_pairs, read_rows
-from .lora import LORA_TARGET_MODULES, apply_lora
+from .collator import CREMCollator
+from .data import MixedStepDataset, SkipReport, load_conversations, load_retrieval_pairs
+from .lora import apply_lora
 from .losses import ContrastiveOutput, InfoNCELoss
 from .run_log import whole_run_loss
-from .trainer import CREMTrainer, CREMTrainingArguments, split_embedding_batch
+from .trainer import CREMTrainer, CREMTrainingArguments
 
 __all__ = [
-    "LORA_TARGET_MODULES",
     "ContrastiveOutput",
     "CREMCollator",
     "CREMTrainer",
@@ -23,10 +26,7 @@ __all__ = [
     "StepBatch",
     "apply_lora",
     "build_trainer",
-    "content_key",
     "load_conversations",
     "load_retrieval_pairs",
-    "read_rows",
-    "split_embedding_batch",
     "whole_run_loss",
 ]

@@ -39,7 +39,6 @@ __all__ = [
     "build_step_rows",
     "load_conversations",
     "load_retrieval_pairs",
-    "read_rows",
 ]
 
 logger = logging.getLogger(__name__)
