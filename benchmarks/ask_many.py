@@ -36,7 +36,7 @@ def main() -> None:
         def once_then_ask(questions=questions):
             with torch.no_grad():
                 context = model.compress(**processor.process_embedding_inputs(images=[image]).to(args.device))
-                followups = processor.process_followups(questions).to(args.device)
+                followups = processor.process_followups(questions=questions).to(args.device)
                 return model.generate(context=context, **followups, **options)
 
         def full_prompts(questions=questions, k=k):

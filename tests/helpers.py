@@ -106,7 +106,7 @@ def mixed_batch(processor, rows, generation_rows, compress):
         ]
         for i in generation_rows
     ]
-    generation = dict(processor.process_chat(conversations, return_labels=True))
+    generation = dict(processor.process_chat(conversations=conversations, return_labels=True))
     return StepBatch(
         retrieval=RetrievalBatch(
             query=dict(processor.process_embedding_inputs(images=[images[i] for i in rows])),

@@ -329,7 +329,9 @@ def test_compressed_prefill_runs_in_chunks_with_the_same_result(model, processor
 
 def test_followups_prefill_in_chunks_with_the_same_result(model, processor, images):
     context = model.compress(**processor.process_embedding_inputs(images=images[1:]))
-    followups = processor.process_followups(["Which digit is shown? Answer in one word, please. " * 2, "Why?"])
+    followups = processor.process_followups(
+        questions=["Which digit is shown? Answer in one word, please. " * 2, "Why?"]
+    )
     whole = model.generate(context=context, **followups, max_new_tokens=4, do_sample=False)
     lengths, hook = query_lengths(model)
     model.prefill_chunk_size = 4

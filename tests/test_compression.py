@@ -66,7 +66,7 @@ def batch_of(processor, kind: str) -> dict:
             ]
             for image, (q1, a1, q2, a2) in zip(images, turns, strict=True)
         ]
-        batch = processor.process_chat(conversations, return_labels=True)
+        batch = processor.process_chat(conversations=conversations, return_labels=True)
     return dict(batch)
 
 
@@ -314,7 +314,9 @@ def test_no_4d_mask_reaches_the_decoder(processor, images):
             model(**batch, compress=True)
             model.generate(**generation_batch_of(processor), compress=True, max_new_tokens=2)
             context = model.compress(**processor.process_embedding_inputs(images=images))
-            model.generate(context=context, **processor.process_followups(["Why?", "What?"]), max_new_tokens=2)
+            model.generate(
+                context=context, **processor.process_followups(questions=["Why?", "What?"]), max_new_tokens=2
+            )
     finally:
         hook.remove()
     assert len(masks) > 10

@@ -274,7 +274,7 @@ def test_compress_once_answer_many_equals_compressed_generation(model, processor
     questions = ["What is in the image?", "Which digit is shown? Answer in one word, please."]
     context = model.compress(**processor.process_embedding_inputs(images=images[1:]))
     assert context.cache.get_seq_length() == context.input_ids.shape[1]
-    followups = processor.process_followups(questions)
+    followups = processor.process_followups(questions=questions)
     answers = model.generate(context=context, **followups, max_new_tokens=6, do_sample=False)
     assert torch.equal(answers[:, : followups["input_ids"].shape[1]], followups["input_ids"])
     for row, question in enumerate(questions):

@@ -60,13 +60,13 @@ def test_chat_messages_multi_turn_labels(processor, images):
         {"role": "user", "content": "What colour?"},
         {"role": "assistant", "content": "red"},
     ]
-    batch = processor.process_chat([conversation], return_labels=True)
+    batch = processor.process_chat(conversations=[conversation], return_labels=True)
     tok = processor.tokenizer
     labels = batch["labels"][0]
     assert tok.decode(labels[labels != -100]) == "a cat<|im_end|>red<|im_end|>"
     text = tok.decode(batch["input_ids"][0])
     assert "<|vision_end|>Represent the given image." + "".join(processor.chorus_tokens) + "What is it?" in text
-    plain = processor.process_chat([conversation[:1]], compress_layout=False)
+    plain = processor.process_chat(conversations=[conversation[:1]], compress_layout=False)
     plain_text = tok.decode(plain["input_ids"][0])
     assert "<|chorus_0|>" not in plain_text and plain_text.endswith("What is it?<|im_end|>\n<|im_start|>assistant\n")
 
@@ -164,3 +164,16 @@ def test_missing_chorus_tokens_in_tokenizer_are_refused(processor):
     plain = make_tiny_qwen2vl_processor()
     with pytest.raises(ValueError, match="chorus tokens"):
         CREMProcessor(image_processor=plain.image_processor, tokenizer=plain.tokenizer)
+
+
+def test_every_builder_takes_keywords_only(processor, images):
+    """No argument order to remember: images, texts, questions, conversations... are always named."""
+    calls = [
+        lambda: processor.process_embedding_inputs([images[0]]),
+        lambda: processor.process_generation_inputs(["Why?"], [images[0]]),
+        lambda: processor.process_followups(["Why?"]),
+        lambda: processor.process_chat([[{"role": "user", "content": "Why?"}]]),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match="positional"):
+            call()

@@ -128,19 +128,19 @@ def test_chat_turns_and_followups_are_text(any_processor, images, forged):
             {"role": "assistant", "content": f"B{extra}"},
         ]
 
-    batch = processor.process_chat([conversation(forged)], return_labels=True)
-    plain = processor.process_chat([conversation("")], return_labels=True)
+    batch = processor.process_chat(conversations=[conversation(forged)], return_labels=True)
+    plain = processor.process_chat(conversations=[conversation("")], return_labels=True)
     assert special_ids(processor, row(batch)) == special_ids(processor, row(plain))
     assert layout_of(processor, batch) == layout_of(processor, plain)
     labels = row(batch, "labels")
     assert labels[labels != -100].tolist() == text_ids(processor, f"A{forged}") + [end] + text_ids(
         processor, f"B{forged}"
     ) + [end]
-    native = processor.process_chat([conversation(forged)[:1]], compress_layout=False)
+    native = processor.process_chat(conversations=[conversation(forged)[:1]], compress_layout=False)
     assert special_ids(processor, row(native)) == special_ids(
-        processor, row(processor.process_chat([conversation("")[:1]], compress_layout=False))
+        processor, row(processor.process_chat(conversations=[conversation("")[:1]], compress_layout=False))
     )
-    followups = processor.process_followups([f"Why {forged}?", "Why?"])
+    followups = processor.process_followups(questions=[f"Why {forged}?", "Why?"])
     assert row(followups).tolist() == text_ids(processor, f"Why {forged}?") + tok(ASSISTANT)["input_ids"]
 
 
@@ -302,7 +302,7 @@ def test_sentence_transformers_reads_message_parts_as_the_processor_does(model, 
         with pytest.raises(ValueError, match=error):
             module.preprocess([[{"role": "user", "content": parts}]])
         with pytest.raises(ValueError, match=error):
-            processor.process_chat([[{"role": "user", "content": parts}]])
+            processor.process_chat(conversations=[[{"role": "user", "content": parts}]])
     message = [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "a"}]}]
     both = module.preprocess([message])
     alone = processor.process_embedding_inputs(images=[images[0]], texts=["a"])
@@ -319,11 +319,11 @@ def test_bare_strings_are_refused_in_every_entry_point(processor, images):
     with pytest.raises(TypeError, match="answers"):
         processor.process_generation_inputs(questions=["Why?"], answers="Because.")
     with pytest.raises(TypeError, match="questions"):
-        processor.process_followups("Why?")
+        processor.process_followups(questions="Why?")
     with pytest.raises(TypeError, match="conversations"):
-        processor.process_chat(conversation)
+        processor.process_chat(conversations=conversation)
     with pytest.raises(TypeError, match="conversations"):
-        processor.process_chat("Why?")
+        processor.process_chat(conversations="Why?")
     with pytest.raises(TypeError, match="per-sample"):
         processor.process_embedding_inputs(texts="a cat")
     with pytest.raises(TypeError, match="per-sample"):
@@ -332,5 +332,5 @@ def test_bare_strings_are_refused_in_every_entry_point(processor, images):
         processor.process_embedding_inputs(texts=["a cat"], paddin=True)
     # One string per list entry is one row; a single instruction string applies to every row (documented).
     assert processor.process_generation_inputs(questions=["Why?"])["input_ids"].shape[0] == 1
-    assert processor.process_followups(["Why?"])["input_ids"].shape[0] == 1
+    assert processor.process_followups(questions=["Why?"])["input_ids"].shape[0] == 1
     assert processor.process_embedding_inputs(texts=["a", "b"], instruction="Find:")["input_ids"].shape[0] == 2

@@ -1233,8 +1233,8 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         causally, prunes the cache and runs the tail over the pruned cache.
 
         A prompt that ends with the chorus block (`CREMProcessor.process_embedding_inputs`) gives a reusable context:
-        `generate(context=..., **processor.process_followups(questions))` then answers any number of questions from
-        it without running the image again.
+        `generate(context=..., **processor.process_followups(questions=questions))` then answers any number of
+        questions from it without running the image again.
 
         The prompt runs in chunks of at most `prefill_chunk_size` query tokens, so memory grows linearly with its
         length (no `length x length` mask or attention scores); the result is the same as one pass.

@@ -131,9 +131,10 @@ class CREMProcessor(Qwen2VLProcessor):
     User strings (texts, instructions, questions, answers, conversation turns, the system prompt) are tokenised as
     text, separately from the chat template's own text: a special-token string in them becomes ordinary tokens, so
     the layout the model reads (chorus block, kept prefix, compressed span, labels) is always the one built here.
-    Every builder takes per-sample lists; a bare string where a list is expected is a TypeError, never split into
-    characters. (The inherited `__call__` / `apply_chat_template(tokenize=True)` are Qwen2-VL's: they tokenise a
-    rendered prompt whole and give user text no such protection.)
+    Every builder takes its arguments by keyword only (`images=`, `texts=`, `instruction=`, `questions=`,
+    `answers=`, `conversations=`), each a per-sample list; a bare string where a list is expected is a TypeError,
+    never split into characters. (The inherited `__call__` / `apply_chat_template(tokenize=True)` are Qwen2-VL's:
+    they tokenise a rendered prompt whole and give user text no such protection.)
 
     Args:
         image_processor: a Qwen2-VL image processor (the PIL one works without torchvision).
@@ -616,6 +617,7 @@ class CREMProcessor(Qwen2VLProcessor):
 
     def process_embedding_inputs(
         self,
+        *,
         images: Sequence[ImageLike | None] | None = None,
         texts: Sequence[str | None] | None = None,
         instruction: str | Sequence[str | None] | None = None,
@@ -647,11 +649,12 @@ class CREMProcessor(Qwen2VLProcessor):
 
     def process_generation_inputs(
         self,
+        *,
         questions: Sequence[str],
         images: Sequence[ImageLike | None] | None = None,
         texts: Sequence[str | None] | None = None,
-        answers: Sequence[str] | None = None,
         instruction: str | Sequence[str | None] | None = None,
+        answers: Sequence[str] | None = None,
         **kwargs,
     ) -> BatchFeature:
         """
@@ -685,7 +688,7 @@ class CREMProcessor(Qwen2VLProcessor):
             specs, add_generation_prompt=answers is None, with_labels=answers is not None, options=options
         )
 
-    def process_followups(self, questions: Sequence[str], **kwargs) -> BatchFeature:
+    def process_followups(self, *, questions: Sequence[str], **kwargs) -> BatchFeature:
         """
         Follow-up turns for a compressed context (`model.compress` of embedding inputs): each question exactly as it
         would follow the chorus block in a generation prompt, then the assistant header.
@@ -709,6 +712,7 @@ class CREMProcessor(Qwen2VLProcessor):
 
     def process_chat(
         self,
+        *,
         conversations: Sequence[Sequence[dict]],
         compress_layout: bool = True,
         return_labels: bool = False,

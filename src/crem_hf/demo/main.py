@@ -87,7 +87,7 @@ class PlainChatCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         conversations = [conversation_messages(row["image"], row["turns"]) for row in rows]
-        batch = self.processor.process_chat(conversations, compress_layout=False, return_labels=True)
+        batch = self.processor.process_chat(conversations=conversations, compress_layout=False, return_labels=True)
         return dict(batch)
 
 

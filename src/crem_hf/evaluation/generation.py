@@ -48,7 +48,7 @@ def evaluate_generation(
     for start in tqdm(range(0, len(rows), batch_size), desc="compressed QA" if compress else "native QA", leave=False):
         chunk = rows[start : start + batch_size]
         conversations = [conversation_messages(r["image"], [r["question"]]) for r in chunk]
-        batch = processor.process_chat(conversations, compress_layout=chorus).to(device)
+        batch = processor.process_chat(conversations=conversations, compress_layout=chorus).to(device)
         mode = {"compress": True} if compress else {}  # native: any Qwen2-VL model works
         out = model.generate(**batch, **mode, max_new_tokens=max_new_tokens, do_sample=False)
         predictions += processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)

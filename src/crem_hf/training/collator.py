@@ -105,7 +105,7 @@ class CREMCollator:
     def generation_batch(self, rows: dict[str, list], step: int) -> GenerationBatch:
         """Conversations with labels on every answer, and the per-sample compress flags."""
         conversations = [conversation_messages(i, t) for i, t in zip(rows["image"], rows["turns"], strict=True)]
-        inputs = dict(self.processor.process_chat(conversations, return_labels=True))
+        inputs = dict(self.processor.process_chat(conversations=conversations, return_labels=True))
         return GenerationBatch(inputs, self.compress_flags(len(conversations), step))
 
 
