@@ -3,9 +3,10 @@
 Every generation row is compressed (the tail may not see the image or the input text: causal prefill up to the chorus
 block, prune, the tail over the pruned cache) or none is; a third variant runs the same compressed step under the
 dense `batch x L x L` compression mask (`dense_compression_mask` of tests/helpers.py: the oracle the tests compare
-with, and what training used before compression became pruning). The questions differ in length, so the rows are
-re-packed before the compressed step (the general case). Each configuration runs in its own process, so that the
-process's peak resident memory (`ru_maxrss`, above the level before the step) belongs to that step alone.
+with, and what training used before compression became pruning). Two batch layouts: `aligned` (equal questions: no
+padding, the chorus blocks end at one column, so the compressed step runs in place) and `varied` (questions of three
+lengths: left padding, and the compressed step re-packs its rows first). Each configuration runs in its own process,
+so that the process's peak resident memory (`ru_maxrss`, above the level before the step) belongs to that step alone.
 
     python benchmarks/train_step.py [--device cuda --dtype bfloat16 --attn flash_attention_2]
 """
@@ -16,13 +17,16 @@ import importlib.util
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import time
 
-from common import arguments, build, image_with_tokens, median_seconds, report
+from common import arguments, build, image_with_tokens, report, synchronize
 
 IMAGE_TOKENS = (1280, 4096)
 BATCHES = (4, 8)
+LAYOUTS = ("aligned", "varied")
 VARIANTS = ("uncompressed", "compressed", "dense mask")
 HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "helpers.py")
 
@@ -35,8 +39,8 @@ def dense_compression_mask():
     return helpers.dense_compression_mask
 
 
-def one_step(image_tokens: int, batch_size: int, variant: str, args) -> dict:
-    """Runs in the child process: build, warm up on a small batch, then one forward + backward."""
+def one_step(image_tokens: int, batch_size: int, layout: str, variant: str, args) -> dict:
+    """Runs in the child process: build, warm up on a small batch, then forward + backward at full size."""
     import torch
     import torch.nn.functional as F
 
@@ -47,8 +51,9 @@ def one_step(image_tokens: int, batch_size: int, variant: str, args) -> dict:
 
     def make_batch(size: int, tokens: int) -> dict:
         images = [image_with_tokens(processor, tokens, seed=i) for i in range(size)]
+        repeats = [i % 3 if layout == "varied" else 0 for i in range(size)]
         batch = processor.process_generation_inputs(
-            questions=["Which digit is shown?" + " Answer in one word." * (i % 3) for i in range(size)],
+            questions=["Which digit is shown?" + " Answer in one word." * r for r in repeats],
             images=images,
             texts=[f"photo {i}" for i in range(size)],
             answers=["seven"] * size,
@@ -74,6 +79,7 @@ def one_step(image_tokens: int, batch_size: int, variant: str, args) -> dict:
 
     step(make_batch(1, 16))  # warm-up: allocator and kernels
     batch = make_batch(batch_size, image_tokens)
+    padded = bool((batch["attention_mask"] == 0).any())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -83,53 +89,75 @@ def one_step(image_tokens: int, batch_size: int, variant: str, args) -> dict:
         peak = (torch.cuda.max_memory_allocated() - before_cuda) / 2**20
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
-    seconds = median_seconds(lambda: step(batch), max(args.repeats, 1), args.device, warmup=0)
-    return {"seconds": seconds, "peak_mib": peak, "length": int(batch["input_ids"].shape[1])}
+    wall, cpu = [], []
+    for _ in range(max(args.repeats, 1)):
+        synchronize(args.device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step(batch)
+        synchronize(args.device)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {
+        "seconds": statistics.median(wall),
+        "cpu_seconds": statistics.median(cpu),
+        "peak_mib": peak,
+        "length": int(batch["input_ids"].shape[1]),
+        "padded": padded,
+    }
 
 
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0])
-    parser.add_argument("--child", nargs=3, metavar=("IMAGE_TOKENS", "BATCH", "VARIANT"), default=None)
+    parser.add_argument("--child", nargs=4, metavar=("IMAGE_TOKENS", "BATCH", "LAYOUT", "VARIANT"), default=None)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     args = parser.parse_args()
     if args.child:
-        tokens, batch, variant = int(args.child[0]), int(args.child[1]), args.child[2]
-        print(json.dumps(one_step(tokens, batch, variant, args)))
+        tokens, batch, layout, variant = int(args.child[0]), int(args.child[1]), args.child[2], args.child[3]
+        print(json.dumps(one_step(tokens, batch, layout, variant, args)))
         return
+    # On a shared CPU the wall time swings with other processes' load; the process's CPU time measures the work.
+    clock = "cpu s" if args.device == "cpu" else "step s"
     rows = []
     shared = ["--device", args.device, "--dtype", args.dtype, "--attn", args.attn, "--repeats", str(args.repeats)]
     for tokens in IMAGE_TOKENS:
         for batch in BATCHES:
-            row = {"image tokens": tokens, "batch": batch}
-            for variant in args.variants:
-                out = subprocess.run(
-                    [sys.executable, __file__, *shared, "--child", str(tokens), str(batch), variant],
-                    capture_output=True,
-                    text=True,
-                )
-                if out.returncode != 0:
-                    row[f"{variant} peak MiB"] = row[f"{variant} step s"] = "failed"
-                    print(out.stderr[-2000:], file=sys.stderr)
-                    continue
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                row["length"] = result["length"]
-                row[f"{variant} peak MiB"] = result["peak_mib"]
-                row[f"{variant} step s"] = result["seconds"]
-            for variant in args.variants[1:]:
-                if isinstance(row.get(f"{variant} peak MiB"), float) and isinstance(
-                    row.get("uncompressed peak MiB"), float
-                ):
-                    row[f"{variant} / uncompressed memory"] = row[f"{variant} peak MiB"] / row["uncompressed peak MiB"]
-                    row[f"{variant} / uncompressed time"] = row[f"{variant} step s"] / row["uncompressed step s"]
-            rows.append(row)
-            print(row, flush=True)
+            for layout in args.layouts:
+                row = {"image tokens": tokens, "batch": batch, "layout": layout}
+                for variant in args.variants:
+                    out = subprocess.run(
+                        [sys.executable, __file__, *shared, "--child", str(tokens), str(batch), layout, variant],
+                        capture_output=True,
+                        text=True,
+                    )
+                    if out.returncode != 0:
+                        row[f"{variant} peak MiB"] = row[f"{variant} step s"] = "failed"
+                        print(out.stderr[-2000:], file=sys.stderr)
+                        continue
+                    result = json.loads(out.stdout.strip().splitlines()[-1])
+                    row["length"], row["padded"] = result["length"], result["padded"]
+                    row[f"{variant} peak MiB"] = result["peak_mib"]
+                    row[f"{variant} step s"] = result["seconds"]
+                    if args.device == "cpu":
+                        row[f"{variant} cpu s"] = result["cpu_seconds"]
+                for variant in args.variants:
+                    if variant == "uncompressed" or not isinstance(row.get(f"{variant} peak MiB"), float):
+                        continue
+                    if isinstance(row.get("uncompressed peak MiB"), float):
+                        base_memory, base_time = row["uncompressed peak MiB"], row[f"uncompressed {clock}"]
+                        row[f"{variant} / uncompressed memory"] = row[f"{variant} peak MiB"] / base_memory
+                        row[f"{variant} / uncompressed time"] = row[f"{variant} {clock}"] / base_time
+                rows.append(row)
+                print(row, flush=True)
     notes = (
         "One LM training step (forward + backward, labels on the answer) on the tiny model's vision tower and a "
-        "h128, 2-layer language model; every row compressed, or none; questions of three lengths (rows re-packed "
-        "for the compressed step). Peak = resident-memory high-water mark above "
-        "the level before the first full-size step (CPU) or its peak allocated memory (CUDA); time = median of "
-        "--repeats further steps. Targets: compressed <= 1.05x memory and "
-        "<= 1.1x time of the uncompressed step."
+        "h128, 2-layer language model; every row compressed, or none. Layouts: aligned = equal questions (no "
+        "padding; the compressed step runs in place), varied = questions of three lengths (left padding; the "
+        "compressed step re-packs its rows so that the chorus blocks end at one slot). Peak = resident-memory "
+        "high-water mark above the level before the first full-size step (CPU) or its peak allocated memory (CUDA). "
+        f"Time = median of --repeats ({args.repeats}) further steps: wall seconds (step s) and, on CPU, the "
+        "process's CPU seconds (cpu s), which the time ratios use (other processes' load moves the wall time). "
+        "Targets: compressed <= 1.05x memory and <= 1.1x time of the uncompressed step."
     )
     report("train_step", args, rows, notes)
 
