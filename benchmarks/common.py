@@ -1,29 +1,43 @@
 """Shared helpers of the benchmarks: timing, models of a given size, images of a given token count, reports.
 
-Every benchmark measures its variants side by side in one run (these machines are noisy) and prints ratios.
+Every benchmark measures its variants side by side in one run (these machines are noisy) and prints ratios. They run
+against the installed package (`pip install -e .` from the repository root), never a path set by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+try:
+    from crem_hf.io import format_markdown_table, write_json_atomically, write_text_atomically
+    from crem_hf.tiny import make_tiny_crem, make_tiny_processor
+except ImportError as error:
+    raise SystemExit(f"The benchmarks need crem-hf installed (pip install -e . in the repository): {error}") from error
 
-from crem_hf.io import format_markdown_table, write_json_atomically, write_text_atomically  # noqa: E402
-from crem_hf.tiny import make_tiny_crem, make_tiny_processor  # noqa: E402
+#: The tests' helpers (test code, not part of the package): image makers and the dense-mask oracle.
+TEST_HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "helpers.py")
 
 # Qwen2-VL-2B's language model: 28 layers, 12 heads of 128, 2 key/value heads, hidden 1536, vocabulary 151,936.
 QWEN2VL_2B = {"num_layers": 28, "hidden_size": 1536, "num_heads": 12, "num_kv_heads": 2, "head_dim": 128}
 BF16_BYTES = 2
+
+
+def test_helpers() -> ModuleType:
+    """`tests/helpers.py`, loaded from its file (it imports neither crem_hf nor pytest at module level)."""
+    spec = importlib.util.spec_from_file_location("crem_test_helpers", TEST_HELPERS)
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    return helpers
 
 
 def arguments(description: str) -> argparse.ArgumentParser:

@@ -7,27 +7,23 @@ Each configuration runs one CREMTrainer step in its own process, so that the pro
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 
-from common import arguments, report
+from common import arguments, report, test_helpers
 
 BATCHES = (32, 64, 128, 256)
 CHUNK = 32
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def one_step(batch_size: int, chunk: int | None) -> dict:
     """Runs in the child process: build, warm up, then one training step; peak memory above the warm-up level."""
     import torch
 
-    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-    from helpers import colour_image
-
+    colour_image = test_helpers().colour_image
     from crem_hf.tiny import make_tiny_crem, make_tiny_processor
     from crem_hf.training import CREMTrainer, CREMTrainingArguments, RetrievalBatch, StepBatch
 

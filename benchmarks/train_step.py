@@ -13,30 +13,19 @@ so that the process's peak resident memory (`ru_maxrss`, above the level before 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-from common import arguments, build, image_with_tokens, report, synchronize
+from common import arguments, build, image_with_tokens, report, synchronize, test_helpers
 
 IMAGE_TOKENS = (1280, 4096)
 BATCHES = (4, 8)
 LAYOUTS = ("aligned", "varied")
 VARIANTS = ("uncompressed", "compressed", "dense mask")
-HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "helpers.py")
-
-
-def dense_compression_mask():
-    """The tests' oracle, read from tests/helpers.py (it is test code, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("crem_test_helpers", HELPERS)
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
-    return helpers.dense_compression_mask
 
 
 def one_step(image_tokens: int, batch_size: int, layout: str, variant: str, args) -> dict:
@@ -47,7 +36,7 @@ def one_step(image_tokens: int, batch_size: int, layout: str, variant: str, args
     torch.manual_seed(0)
     model, processor = build(128, 2, False, image_tokens, args, num_heads=4)
     model.train()
-    dense_mask = dense_compression_mask() if variant == "dense mask" else None
+    dense_mask = test_helpers().dense_compression_mask if variant == "dense mask" else None
 
     def make_batch(size: int, tokens: int) -> dict:
         images = [image_with_tokens(processor, tokens, seed=i) for i in range(size)]
