@@ -33,6 +33,8 @@ def one_step(image_tokens: int, batch_size: int, layout: str, variant: str, args
     import torch
     import torch.nn.functional as F
 
+    from crem_hf.configuration_crem import IGNORE_INDEX
+
     torch.manual_seed(0)
     model, processor = build(128, 2, False, image_tokens, args, num_heads=4)
     model.train()
@@ -58,7 +60,7 @@ def one_step(image_tokens: int, batch_size: int, layout: str, variant: str, args
             mask = dense_mask(model, batch["input_ids"], batch["attention_mask"], True)
             hidden = model.model(**inner, attention_mask=mask, position_ids=position_ids).last_hidden_state
             targets = batch["labels"][:, 1:]
-            supervised = targets != -100
+            supervised = targets != IGNORE_INDEX
             loss = F.cross_entropy(model.lm_head(hidden[:, :-1][supervised]).float(), targets[supervised])
         else:
             compress = True if variant == "compressed" else None
