@@ -20,7 +20,7 @@ from PIL import Image
 
 try:
     from crem_hf.io import format_markdown_table, write_json_atomically, write_text_atomically
-    from crem_hf.tiny import make_tiny_crem, make_tiny_processor
+    from crem_hf.testing import make_tiny_crem, make_tiny_processor
 except ImportError as error:
     raise SystemExit(f"The benchmarks need crem-hf installed (pip install -e . in the repository): {error}") from error
 

@@ -12,7 +12,7 @@ import torch
 from common import arguments, image_with_tokens, median_seconds, report
 from transformers import Qwen2VLForConditionalGeneration
 
-from crem_hf.tiny import make_tiny_crem, make_tiny_processor
+from crem_hf.testing import make_tiny_crem, make_tiny_processor
 
 IMAGE_TOKENS = 256
 TEXT = "Represent the given image for classification."

@@ -24,7 +24,7 @@ def one_step(batch_size: int, chunk: int | None) -> dict:
     import torch
 
     colour_image = test_helpers().colour_image
-    from crem_hf.tiny import make_tiny_crem, make_tiny_processor
+    from crem_hf.testing import make_tiny_crem, make_tiny_processor
     from crem_hf.training import CREMTrainer, CREMTrainingArguments, RetrievalBatch, StepBatch
 
     torch.set_num_threads(2)

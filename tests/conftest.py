@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import random_image
 
-from crem_hf.tiny import make_tiny_crem, make_tiny_processor
+from crem_hf.testing import make_tiny_crem, make_tiny_processor
 
 torch.set_num_threads(2)
 

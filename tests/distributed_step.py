@@ -19,7 +19,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import mixed_batch, randomize_lora_b  # noqa: E402
 
-from crem_hf.tiny import make_tiny_crem, make_tiny_processor  # noqa: E402
+from crem_hf.testing import make_tiny_crem, make_tiny_processor  # noqa: E402
 from crem_hf.training import CREMTrainer, CREMTrainingArguments, apply_lora  # noqa: E402
 
 RETRIEVAL_ROWS, GENERATION_ROWS = 6, 4

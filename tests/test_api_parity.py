@@ -12,7 +12,7 @@ from transformers import GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalG
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 
 from crem_hf import CREMForEmbeddingAndGeneration, CREMOutput
-from crem_hf.tiny import make_tiny_crem
+from crem_hf.testing import make_tiny_crem
 
 
 def plain_twin(model: CREMForEmbeddingAndGeneration) -> Qwen2VLForConditionalGeneration:

@@ -14,7 +14,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from crem_hf.modeling_crem import ChorusCompression
-from crem_hf.tiny import make_tiny_crem
+from crem_hf.testing import make_tiny_crem
 
 LOGITS_TOLERANCE = 1e-4
 GRADIENT_TOLERANCE = 1e-5  # relative, per parameter tensor

@@ -14,7 +14,7 @@ import torch
 from helpers import outputs_of, random_image
 
 from crem_hf.hub import CardInfo, export_hub_folder, load_for_export, main, render_model_card
-from crem_hf.tiny import make_tiny_crem
+from crem_hf.testing import make_tiny_crem
 from crem_hf.training import apply_lora
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -202,7 +202,7 @@ def test_export_refuses_bad_requests_and_never_leaves_a_half_folder(processor, t
 
 
 def test_missing_processor_and_mismatched_adapter(processor, tmp_path):
-    from crem_hf.tiny import make_tiny_processor
+    from crem_hf.testing import make_tiny_processor
 
     bare = tmp_path / "bare"
     make_tiny_crem(processor).save_pretrained(bare)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from crem_hf.tiny import make_tiny_processor
+from crem_hf.testing import make_tiny_processor
 
 
 def ramp_16bit(path) -> np.ndarray:

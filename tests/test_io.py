@@ -243,7 +243,7 @@ def hidden(folder) -> list[str]:
 STALLED_EXPORT = """
 import sys, time
 import crem_hf.hub as hub
-from crem_hf.tiny import make_tiny_crem, make_tiny_processor
+from crem_hf.testing import make_tiny_crem, make_tiny_processor
 
 processor = make_tiny_processor()
 model = make_tiny_crem(processor, seed=0)

@@ -24,7 +24,7 @@ from transformers import AutoModel, AutoModelForImageTextToText, Qwen2VLForCondi
 
 from crem_hf import CREMForEmbeddingAndGeneration
 from crem_hf.loading import load_crem, load_qwen2vl_processor
-from crem_hf.tiny import make_qwen2vl_tokenizer, make_tiny_processor, qwen2vl_files, write_tiny_qwen2vl_checkpoint
+from crem_hf.testing import make_qwen2vl_tokenizer, make_tiny_processor, qwen2vl_files, write_tiny_qwen2vl_checkpoint
 
 HERE = Path(__file__).resolve().parent
 FILES = HERE / "fixtures" / "qwen2-vl-2b"

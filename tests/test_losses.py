@@ -109,7 +109,7 @@ def test_infonce_takes_cosines_of_raw_embeddings():
 def test_compute_loss_keeps_a_float64_model_in_float64(processor, tmp_path):
     from helpers import mixed_batch
 
-    from crem_hf.tiny import make_tiny_crem
+    from crem_hf.testing import make_tiny_crem
     from crem_hf.training import CREMTrainer, CREMTrainingArguments, StepBatch
 
     model = make_tiny_crem(processor, seed=0).double()
@@ -128,7 +128,7 @@ def test_compute_loss_keeps_a_float64_model_in_float64(processor, tmp_path):
 
 def test_the_training_arguments_own_the_temperature(processor, tmp_path):
     """The loss takes the arguments' temperature; the model's config records no training setting."""
-    from crem_hf.tiny import make_tiny_crem
+    from crem_hf.testing import make_tiny_crem
     from crem_hf.training import CREMTrainer, CREMTrainingArguments
 
     model = make_tiny_crem(processor, seed=0)

@@ -238,7 +238,7 @@ def test_forward_returns_embeddings_and_sparse_lm_loss(model, processor, images)
 
 
 def test_missing_chorus_block_is_refused(model, processor, images):
-    from crem_hf.tiny import make_tiny_qwen2vl_processor
+    from crem_hf.testing import make_tiny_qwen2vl_processor
 
     plain = make_tiny_qwen2vl_processor(processor.tokenizer)
     text = plain.apply_chat_template(

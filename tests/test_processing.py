@@ -8,7 +8,7 @@ import torch
 from helpers import random_image
 
 from crem_hf import CREMProcessor
-from crem_hf.tiny import make_tiny_processor
+from crem_hf.testing import make_tiny_processor
 
 
 def chorus_positions(processor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -159,7 +159,7 @@ def test_real_qwen_special_token_ids():
 
 
 def test_missing_chorus_tokens_in_tokenizer_are_refused(processor):
-    from crem_hf.tiny import make_tiny_qwen2vl_processor
+    from crem_hf.testing import make_tiny_qwen2vl_processor
 
     plain = make_tiny_qwen2vl_processor()
     with pytest.raises(ValueError, match="chorus tokens"):

@@ -15,7 +15,7 @@ from helpers import write_colour_data
 from safetensors.torch import load_file
 
 from crem_hf import CREMForEmbeddingAndGeneration
-from crem_hf.tiny import make_tiny_processor, make_tiny_qwen2vl, make_tiny_qwen2vl_processor
+from crem_hf.testing import make_tiny_processor, make_tiny_qwen2vl, make_tiny_qwen2vl_processor
 from crem_hf.training import whole_run_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor
 
 from crem_hf import CREMConfig, CREMForEmbeddingAndGeneration, CREMProcessor
-from crem_hf.tiny import make_tiny_qwen2vl
+from crem_hf.testing import make_tiny_qwen2vl
 
 
 def test_config_validates_and_round_trips(tmp_path):
@@ -122,7 +122,7 @@ def test_save_and_load_in_process(model, processor, tmp_path):
 
 def test_load_crem_reads_crem_folders_and_converts_qwen2vl_checkpoints(model, processor, tmp_path):
     from crem_hf.loading import load_crem
-    from crem_hf.tiny import make_tiny_qwen2vl_processor
+    from crem_hf.testing import make_tiny_qwen2vl_processor
 
     model.save_pretrained(tmp_path / "crem")
     processor.save_pretrained(tmp_path / "crem")

@@ -12,7 +12,7 @@ import torch
 from helpers import colour_image, mixed_batch, randomize_lora_b, write_colour_data
 
 from crem_hf.io import current_umask
-from crem_hf.tiny import make_tiny_crem, make_tiny_qwen2vl, make_tiny_qwen2vl_processor
+from crem_hf.testing import make_tiny_crem, make_tiny_qwen2vl, make_tiny_qwen2vl_processor
 from crem_hf.training import (
     CREMTrainer,
     CREMTrainingArguments,

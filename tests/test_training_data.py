@@ -276,7 +276,7 @@ def test_collator_names_and_skips_rows_the_processor_cannot_build(processor, tin
 
 def test_the_step_batch_is_one_typed_contract(processor, data, tmp_path):
     """The collator builds a StepBatch whose parts check their shapes; the trainer takes nothing else."""
-    from crem_hf.tiny import make_tiny_crem
+    from crem_hf.testing import make_tiny_crem
     from crem_hf.training import CREMTrainer, CREMTrainingArguments, GenerationBatch, RetrievalBatch, StepBatch
 
     retrieval, _ = load_retrieval_pairs(data["retrieval"], image_root=data["image_root"])

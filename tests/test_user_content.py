@@ -16,7 +16,7 @@ from helpers import random_image
 from transformers import AutoTokenizer
 
 from crem_hf import CREMConfig, CREMForEmbeddingAndGeneration, CREMProcessor
-from crem_hf.tiny import make_tiny_qwen2vl_processor
+from crem_hf.testing import make_tiny_qwen2vl_processor
 
 FIXTURES = Path(__file__).parent / "fixtures" / "qwen2-vl-2b"
 CHORUS_BLOCK = "".join(f"<|chorus_{i}|>" for i in range(16))

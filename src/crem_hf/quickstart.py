@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from .io import ArgumentParser, positive_int, run_command
-from .tiny import make_tiny_crem, make_tiny_processor
+from .testing import make_tiny_crem, make_tiny_processor
 
 __all__ = ["main", "run", "sample_images"]
 

@@ -41,7 +41,7 @@ from ..io import (
 from ..loading import merge_adapter
 from ..modeling_crem import CREMForEmbeddingAndGeneration
 from ..processing_crem import CREMProcessor
-from ..tiny import make_tiny_qwen2vl, make_tiny_qwen2vl_processor, make_tiny_tokenizer
+from ..testing import make_tiny_qwen2vl, make_tiny_qwen2vl_processor, make_tiny_tokenizer
 from ..training import (
     CREMTrainingArguments,
     apply_lora,

@@ -1,7 +1,8 @@
-"""Offline builders of a tiny Qwen2-VL-compatible tokenizer, processor and model (CREM and plain Qwen2-VL).
+"""Testing utilities: offline builders of a tiny Qwen2-VL-compatible tokenizer, processor and model (CREM and plain
+Qwen2-VL), and a test-bed checkpoint with the real Qwen2-VL-2B files.
 
-Tests, examples and benchmarks use these: nothing here touches the network. The same code paths run real
-checkpoints; only the sizes differ.
+Tests, the demo, the quickstart and the benchmarks use these: nothing here touches the network. The same code paths
+run real checkpoints; only the sizes differ.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ _VISION_DEPTH = 2
 _VISION_EMBED = 32
 _TINY_IMAGE_PIXELS = (56 * 56, 112 * 112)
 
-# The real Qwen2-VL files in a crem-hf checkout (src/crem_hf/tiny.py -> tests/fixtures/qwen2-vl-2b).
+# The real Qwen2-VL files in a crem-hf checkout (src/crem_hf/testing.py -> tests/fixtures/qwen2-vl-2b).
 _CHECKOUT_FILES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "qwen2-vl-2b"
 _QWEN2VL_FILES = ("config.json", "model.safetensors.index.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 # Files copied as they are into a test-bed checkpoint (the tokenizer's and the image processor's).
