@@ -35,6 +35,8 @@ def one_step(image_tokens: int, batch_size: int, layout: str, variant: str, args
 
     from crem_hf.configuration_crem import IGNORE_INDEX
 
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, processor = build(128, 2, False, image_tokens, args, num_heads=4)
     model.train()
@@ -102,15 +104,18 @@ def main() -> None:
     parser.add_argument("--child", nargs=4, metavar=("IMAGE_TOKENS", "BATCH", "LAYOUT", "VARIANT"), default=None)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each step (CPU only)")
     args = parser.parse_args()
     if args.child:
         tokens, batch, layout, variant = int(args.child[0]), int(args.child[1]), args.child[2], args.child[3]
         print(json.dumps(one_step(tokens, batch, layout, variant, args)))
         return
-    # On a shared CPU the wall time swings with other processes' load; the process's CPU time measures the work.
+    # On a shared CPU the wall time swings with other processes' load; the CPU time of a one-thread step measures
+    # the work (with several threads, waiting threads spin and their CPU time swings too).
     clock = "cpu s" if args.device == "cpu" else "step s"
     rows = []
     shared = ["--device", args.device, "--dtype", args.dtype, "--attn", args.attn, "--repeats", str(args.repeats)]
+    shared += ["--threads", str(args.threads)]
     for tokens in IMAGE_TOKENS:
         for batch in BATCHES:
             for layout in args.layouts:
@@ -147,7 +152,8 @@ def main() -> None:
         "compressed step re-packs its rows so that the chorus blocks end at one slot). Peak = resident-memory "
         "high-water mark above the level before the first full-size step (CPU) or its peak allocated memory (CUDA). "
         f"Time = median of --repeats ({args.repeats}) further steps: wall seconds (step s) and, on CPU, the "
-        "process's CPU seconds (cpu s), which the time ratios use (other processes' load moves the wall time). "
+        f"process's CPU seconds (cpu s) with {args.threads} thread(s), which the time ratios use (other processes' "
+        "load moves the wall time). "
         "Targets: compressed <= 1.05x memory and <= 1.1x time of the uncompressed step."
     )
     report("train_step", args, rows, notes)
