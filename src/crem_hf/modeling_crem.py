@@ -1154,7 +1154,8 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             inputs["image_grid_thw"],
             inputs["mm_encoder_outputs"],
         )
-        run = self._compression().run(rows.pack(embeds), rows.pack(inputs["position_ids"], 2), rows, **kwargs)
+        embeds = rows.pack(embeds)  # drops the caller's layout, which nothing needs any more
+        run = self._compression().run(embeds, rows.pack(inputs["position_ids"], 2), rows, **kwargs)
         return MultimodalBaseModelOutputWithPast(
             last_hidden_state=rows.unpack(run.last_hidden_state),
             hidden_states=tuple(map(rows.unpack, run.hidden_states)) if run.hidden_states is not None else None,
