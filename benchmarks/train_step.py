@@ -5,8 +5,9 @@ block, prune, the tail over the pruned cache) or none is; a third variant runs t
 dense `batch x L x L` compression mask (`dense_compression_mask` of tests/helpers.py: the oracle the tests compare
 with, and what training used before compression became pruning). Two batch layouts: `aligned` (equal questions: no
 padding, the chorus blocks end at one column, so the compressed step runs in place) and `varied` (questions of three
-lengths: left padding, and the compressed step re-packs its rows first). Each configuration runs in its own process,
-so that the process's peak resident memory (`ru_maxrss`, above the level before the step) belongs to that step alone.
+lengths: left padding, and the compressed step re-packs its rows first). Each configuration runs in its own process;
+on CPU the step's peak memory is the process's resident-memory high-water mark (reset just before the step) above
+its resident memory then.
 
     python benchmarks/train_step.py [--device cuda --dtype bfloat16 --attn flash_attention_2]
 """
@@ -14,6 +15,7 @@ so that the process's peak resident memory (`ru_maxrss`, above the level before 
 from __future__ import annotations
 
 import json
+import re
 import resource
 import statistics
 import subprocess
@@ -26,6 +28,22 @@ IMAGE_TOKENS = (1280, 4096)
 BATCHES = (4, 8)
 LAYOUTS = ("aligned", "varied")
 VARIANTS = ("uncompressed", "compressed", "dense mask")
+
+
+def resident_kib(field: str) -> int:
+    """`VmRSS` (now) or `VmHWM` (high-water mark) of this process, in KiB (Linux)."""
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"{field}:\s+(\d+)", status.read()).group(1))
+
+
+def reset_high_water_mark() -> bool:
+    """Reset this process's resident-memory high-water mark to its current size (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def one_step(image_tokens: int, batch_size: int, layout: str, variant: str, args) -> dict:
@@ -73,7 +91,10 @@ def one_step(image_tokens: int, batch_size: int, layout: str, variant: str, args
     step(make_batch(1, 16))  # warm-up: allocator and kernels
     batch = make_batch(batch_size, image_tokens)
     padded = bool((batch["attention_mask"] == 0).any())
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.device == "cpu" and reset_high_water_mark():
+        before, high_water = resident_kib("VmRSS"), lambda: resident_kib("VmHWM")
+    else:  # no reset: the lifetime high-water mark, above its value before the step (may under-count)
+        before, high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, None
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         before_cuda = torch.cuda.memory_allocated()
@@ -81,7 +102,7 @@ def one_step(image_tokens: int, batch_size: int, layout: str, variant: str, args
     if args.device.startswith("cuda"):
         peak = (torch.cuda.max_memory_allocated() - before_cuda) / 2**20
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
+        peak = ((high_water() if high_water else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) - before) / 1024
     wall, cpu = [], []
     for _ in range(max(args.repeats, 1)):
         synchronize(args.device)
@@ -113,6 +134,9 @@ def main() -> None:
     # On a shared CPU the wall time swings with other processes' load; the CPU time of a one-thread step measures
     # the work (with several threads, waiting threads spin and their CPU time swings too).
     clock = "cpu s" if args.device == "cpu" else "step s"
+    # glibc returns every allocation above 64 KiB to the system when freed, so that resident memory follows the
+    # tensors alive (otherwise its heap keeps freed blocks and the peak moves by tens of MiB from run to run).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     rows = []
     shared = ["--device", args.device, "--dtype", args.dtype, "--attn", args.attn, "--repeats", str(args.repeats)]
     shared += ["--threads", str(args.threads)]
@@ -125,6 +149,7 @@ def main() -> None:
                         [sys.executable, __file__, *shared, "--child", str(tokens), str(batch), layout, variant],
                         capture_output=True,
                         text=True,
+                        env=env,
                     )
                     if out.returncode != 0:
                         row[f"{variant} peak MiB"] = row[f"{variant} step s"] = "failed"
@@ -149,8 +174,10 @@ def main() -> None:
         "One LM training step (forward + backward, labels on the answer) on the tiny model's vision tower and a "
         "h128, 2-layer language model; every row compressed, or none. Layouts: aligned = equal questions (no "
         "padding; the compressed step runs in place), varied = questions of three lengths (left padding; the "
-        "compressed step re-packs its rows so that the chorus blocks end at one slot). Peak = resident-memory "
-        "high-water mark above the level before the first full-size step (CPU) or its peak allocated memory (CUDA). "
+        "compressed step re-packs its rows so that the chorus blocks end at one slot). Peak = the first full-size "
+        "step's resident-memory high-water mark (reset just before it) above the resident memory then (CPU), or its "
+        "peak allocated memory (CUDA); allocations above 64 KiB go straight back to the system when freed "
+        "(MALLOC_MMAP_THRESHOLD_), so that resident memory follows the live tensors. "
         f"Time = median of --repeats ({args.repeats}) further steps: wall seconds (step s) and, on CPU, the "
         f"process's CPU seconds (cpu s) with {args.threads} thread(s), which the time ratios use (other processes' "
         "load moves the wall time). "

@@ -269,19 +269,37 @@ class CREMCompressedContext:
 class _PhaseCache(DynamicCache):
     """
     The key/value cache of one phase. While the phase runs it is a `DynamicCache` (starting from `start`, one
-    `(keys, values)` pair per layer, or empty). `close()` ends the phase: `update` then returns the start states
-    followed by the new ones and stores nothing, which is what the layer got during the phase. So a layer that
-    gradient checkpointing replays in the backward pass sees the keys it saw in the forward pass (a `DynamicCache`
-    would append them a second time), and the closed cache holds no activations.
+    `(keys, values)` pair per layer, or empty), except that with `keep` `(batch_size, num_kept)` the phase runs in
+    one forward and each layer stores only the slots `keep` of its keys and values: the phase-1 cache is pruned as it
+    is written, so the compressed span's keys and values are never held beyond their layer.
+
+    `close()` ends the phase: `update` then returns the start states followed by the new ones and stores nothing,
+    which is what the layer got during the phase. So a layer that gradient checkpointing replays in the backward pass
+    sees the keys it saw in the forward pass (a `DynamicCache` would append them a second time), and the closed cache
+    holds no activations.
     """
 
-    def __init__(self, config: PreTrainedConfig, start: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        start: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        keep: torch.LongTensor | None = None,
+    ):
         super().__init__(config=config)
-        self.start, self.closed = start, False
+        self.start, self.keep, self.closed = start, keep, False
         if start is not None:
             _filled(self, start)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.keep is not None:
+            # Gathered on a replay too, so that it records the operations of the forward pass.
+            index = self.keep[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])
+            kept = key_states.gather(2, index), value_states.gather(2, index)
+            if not self.closed:
+                if self.layers[layer_idx].is_initialized:
+                    raise RuntimeError("A cache that prunes as it is written takes one forward per phase.")
+                super().update(*kept, layer_idx, *args, **kwargs)
+            return key_states, value_states
         if not self.closed:
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if self.start is None:
@@ -494,7 +512,8 @@ class ChorusCompression:
         stop = rows.mask.shape[1] if stop is None else stop
         split, mask = rows.split, rows.mask.long()
         with self._caches_kept_under_checkpointing():
-            heads = _PhaseCache(self.config)
+            # Run whole, phase 1 prunes its cache as it writes it; run in chunks, each chunk needs all earlier keys.
+            heads = _PhaseCache(self.config, keep=rows.kept if chunk_size is None else None)
             first = self.prefill(
                 heads, inputs_embeds[:, :split], mask[:, :split], position_ids[..., :split], chunk_size, **kwargs
             )
@@ -522,8 +541,10 @@ class ChorusCompression:
         return TwoPhaseOutput(last_hidden_state=hidden, hidden_states=layers, cache=cache)
 
     @staticmethod
-    def prune(cache: DynamicCache, rows: AlignedRows) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def prune(cache: _PhaseCache, rows: AlignedRows) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the `(keys, values)` `(batch_size, kv_heads, num_kept, head_dim)` of the kept head slots."""
+        if cache.keep is not None:  # pruned as it was written
+            return [(layer.keys, layer.values) for layer in cache.layers]
         states = []
         for layer in cache.layers:
             if not isinstance(layer, DynamicLayer):
