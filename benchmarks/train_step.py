@@ -15,6 +15,7 @@ its resident memory then.
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import statistics
