@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/install.sh
-ruff format --check src tests examples
-ruff check src tests examples
+ruff format --check *.py src tests examples benchmarks
+ruff check *.py src tests examples benchmarks
 python -m pytest -q "$@"

@@ -1,0 +1,130 @@
+"""Configuration of CREM (Compression-driven Representation Enhanced Model) on Qwen2-VL.
+
+Part of the Hub remote-code set: imports only ``torch`` and ``transformers``. It also owns what the set's three files
+share: the Auto-class list, the label value that carries no loss and the count of merged image tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2VLConfig
+
+__all__ = [
+    "AUTO_CLASSES",
+    "CREMConfig",
+    "IGNORE_INDEX",
+    "POOLING_MODES",
+    "REMOTE_CODE_AUTO_MAP",
+    "merged_image_tokens",
+    "register_for_auto_class",
+]
+
+#: Every Auto class CREM serves, with its class in the remote-code set (`module.Class`): the one list that a saved
+#: folder's `auto_map`, each class's `register_for_auto_class` and `crem_hf`'s `Auto*.register` calls read.
+AUTO_CLASSES = {
+    "AutoConfig": "configuration_crem.CREMConfig",
+    "AutoModel": "modeling_crem.CREMForEmbeddingAndGeneration",
+    "AutoModelForImageTextToText": "modeling_crem.CREMForEmbeddingAndGeneration",
+    "AutoProcessor": "processing_crem.CREMProcessor",
+}
+#: The entries a saved `config.json` names (the processor's goes into `processor_config.json`).
+REMOTE_CODE_AUTO_MAP = {auto: target for auto, target in AUTO_CLASSES.items() if auto != "AutoProcessor"}
+#: Label value that carries no LM loss (the convention of `torch.nn.CrossEntropyLoss` and the HF Trainer).
+IGNORE_INDEX = -100
+
+#: How the chorus block's last hidden states become one embedding.
+POOLING_MODES = ("mean", "last")
+
+
+class CREMConfig(Qwen2VLConfig):
+    r"""
+    Configuration of [`CREMForEmbeddingAndGeneration`]: a Qwen2-VL configuration plus the chorus tokens, the
+    embedding read-out and the compression-aware attention options.
+
+    Every Qwen2-VL field (`text_config`, `vision_config`, `image_token_id`, ...) keeps its meaning.
+
+    Args:
+        num_chorus_tokens (`int`, *optional*, defaults to 16):
+            Number N of learnable chorus tokens. They sit after the image and the embedding instruction and form
+            the bottleneck that both the embedding and compressed generation read from.
+        chorus_token_ids (`list[int]`, *optional*):
+            Vocabulary ids of the N chorus tokens, in prompt order. Set when the model is built from a processor
+            (see `CREMForEmbeddingAndGeneration.from_qwen2vl`); required by `get_embedding` and compressed
+            generation.
+        pooling (`str`, *optional*, defaults to `"mean"`):
+            `"mean"` averages the last-layer states of the N chorus tokens (the paper's choice); `"last"` takes the
+            state of the last chorus token (an ablation).
+        normalize_embeddings (`bool`, *optional*, defaults to `True`):
+            L2-normalise the pooled embedding, so that dot products are cosine similarities.
+        compression_keep_prefix (`bool`, *optional*, defaults to `True`):
+            Under compression, whether tokens after the chorus block may still attend to the prefix before the turn
+            that holds the chorus block (the system prompt) and to that turn's header (`<|im_start|>user\n`). The
+            image and the input text are masked either way. With `False`, everything before the chorus block is
+            masked.
+        turn_start_token_id (`int`, *optional*, defaults to 151644):
+            Id of `<|im_start|>`, used to find the header of the turn that holds the chorus block.
+        turn_header_length (`int`, *optional*, defaults to 2):
+            Number of tokens after `<|im_start|>` that form the turn header (`user`, `\n` for the Qwen tokenizer).
+            Computed from the tokenizer when the model is built from a processor.
+
+    Example:
+
+    ```python
+    >>> from crem_hf import CREMConfig, CREMForEmbeddingAndGeneration
+    >>> config = CREMConfig(num_chorus_tokens=16, chorus_token_ids=list(range(151657, 151673)))
+    >>> model = CREMForEmbeddingAndGeneration(config)  # random weights, Qwen2-VL-7B sized
+    ```
+    """
+
+    model_type = "crem"
+
+    num_chorus_tokens: int = 16
+    chorus_token_ids: list[int] | None = None
+    pooling: str = "mean"
+    normalize_embeddings: bool = True
+    compression_keep_prefix: bool = True
+    turn_start_token_id: int = 151644
+    turn_header_length: int = 2
+
+    def __post_init__(self, **kwargs):
+        # Configs saved before the training arguments owned the contrastive temperature carry it: a training
+        # setting that plays no part in the model, dropped so that it is not saved again.
+        kwargs.pop("contrastive_temperature", None)
+        super().__post_init__(**kwargs)
+        # Saved folders name their code for every Auto class (save_pretrained merges in the registered ones).
+        self.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        if self.num_chorus_tokens < 1:
+            raise ValueError(f"num_chorus_tokens must be >= 1, got {self.num_chorus_tokens}.")
+        if self.chorus_token_ids is not None:
+            self.chorus_token_ids = [int(i) for i in self.chorus_token_ids]
+            if len(self.chorus_token_ids) != self.num_chorus_tokens:
+                raise ValueError(
+                    f"chorus_token_ids has {len(self.chorus_token_ids)} ids but num_chorus_tokens is "
+                    f"{self.num_chorus_tokens}."
+                )
+            if len(set(self.chorus_token_ids)) != len(self.chorus_token_ids):
+                raise ValueError(f"chorus_token_ids must be distinct, got {self.chorus_token_ids}.")
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
+        if self.turn_header_length < 0:
+            raise ValueError(f"turn_header_length must be >= 0, got {self.turn_header_length}.")
+
+
+def merged_image_tokens(image_grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """
+    `(num_images,)` image tokens each image takes in `input_ids`: its patches `(t, h, w)` of `image_grid_thw`
+    `(num_images, 3)`, merged `merge_size x merge_size` into one token (2 x 2 for Qwen2-VL).
+    """
+    return image_grid_thw.prod(-1) // merge_size**2
+
+
+def register_for_auto_class(cls: type) -> None:
+    """
+    Mark `cls` with its first Auto class in `AUTO_CLASSES`, so that `save_pretrained` copies its file into the
+    folder and names it in `auto_map`.
+    """
+    auto = next(auto for auto, target in AUTO_CLASSES.items() if target.rsplit(".", 1)[1] == cls.__name__)
+    cls.register_for_auto_class(auto)
+
+
+register_for_auto_class(CREMConfig)
