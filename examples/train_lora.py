@@ -51,7 +51,9 @@ class ModelArguments:
     lora_r: int = 16
     lora_alpha: int = 64
     lora_dropout: float = 0.05
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager (compression needs a 4-D mask)."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2 (compression runs on any of them)."}
+    )
     min_image_tokens: int = field(default=256, metadata={"help": "Fewest merged image tokens per image."})
     max_image_tokens: int = field(default=1280, metadata={"help": "Most merged image tokens per image."})
     max_length: int | None = field(default=None, metadata={"help": "Longest row in tokens; cuts input text only."})
