@@ -176,3 +176,18 @@ def dense_oracle_states(model, batch: dict, compress=True) -> torch.Tensor:
         pixel_values=batch.get("pixel_values"),
         image_grid_thw=batch.get("image_grid_thw"),
     ).last_hidden_state
+
+
+def plain_twin(model):
+    """A plain `Qwen2VLForConditionalGeneration` with a CREM model's weights, kernel and generation config."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    values = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+    config = Qwen2VLConfig(
+        **{k: v for k, v in values.items() if k in Qwen2VLConfig.__dataclass_fields__ or k.endswith("_config")}
+    )
+    config._attn_implementation = model.config._attn_implementation
+    plain = Qwen2VLForConditionalGeneration(config).eval()
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain

@@ -8,24 +8,12 @@ import typing
 
 import pytest
 import torch
-from transformers import GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from helpers import plain_twin
+from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 
-from crem_hf import CREMForEmbeddingAndGeneration, CREMOutput
+from crem_hf import CREMOutput
 from crem_hf.testing import make_tiny_crem
-
-
-def plain_twin(model: CREMForEmbeddingAndGeneration) -> Qwen2VLForConditionalGeneration:
-    """A plain Qwen2-VL with `model`'s weights, attention kernel and generation config."""
-    values = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
-    config = Qwen2VLConfig(
-        **{k: v for k, v in values.items() if k in Qwen2VLConfig.__dataclass_fields__ or k.endswith("_config")}
-    )
-    config._attn_implementation = model.config._attn_implementation
-    plain = Qwen2VLForConditionalGeneration(config).eval()
-    plain.load_state_dict(model.state_dict())
-    plain.generation_config = model.generation_config
-    return plain
 
 
 @pytest.fixture(scope="module")

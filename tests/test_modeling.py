@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import dense_compression_mask, dense_oracle_states, random_image
+from helpers import dense_compression_mask, dense_oracle_states, plain_twin, random_image
 from transformers import Qwen2VLForConditionalGeneration
-
-from crem_hf import CREMForEmbeddingAndGeneration
 
 NEW_TOKENS = 6
 
@@ -116,24 +114,9 @@ def test_compressed_answer_depends_on_the_input_only_through_the_chorus(model, p
     assert (native_clean - native_dirty).abs().max() > 1e-2
 
 
-def plain_copy(model: CREMForEmbeddingAndGeneration) -> Qwen2VLForConditionalGeneration:
-    """The plain Qwen2-VL class with the same weights."""
-    values = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
-    from transformers import Qwen2VLConfig
-
-    config = Qwen2VLConfig(
-        **{k: v for k, v in values.items() if k in Qwen2VLConfig.__dataclass_fields__ or k.endswith("_config")}
-    )
-    config._attn_implementation = model.config._attn_implementation
-    plain = Qwen2VLForConditionalGeneration(config).eval()
-    plain.load_state_dict(model.state_dict())
-    plain.generation_config = model.generation_config
-    return plain
-
-
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_native_generation_is_plain_qwen2vl(model, generation_batch, do_sample):
-    plain = plain_copy(model)
+    plain = plain_twin(model)
     chorus = model.config.chorus_token_ids
     torch.manual_seed(3)
     ours = model.generate(**generation_batch, max_new_tokens=8, do_sample=do_sample)
