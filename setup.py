@@ -31,8 +31,10 @@ setup(
         "train": ["peft>=0.17", "accelerate>=1.10", "datasets>=4.0"],
         "eval": ["datasets>=4.0", "matplotlib>=3.8", "scikit-learn>=1.5", "scikit-image>=0.24"],
         "hub": ["sentence-transformers>=6.0"],
+        "mteb": ["mteb>=2.26,<3"],
         "dev": [
             "sentence-transformers>=6.0",
+            "mteb>=2.26,<3",
             "peft>=0.17",
             "accelerate>=1.10",
             "datasets>=4.0",

@@ -68,6 +68,8 @@ class CardInfo:
     datasets: list[str] = field(default_factory=list)
     license: str = "apache-2.0"
     eval_results: dict[str, Any] | None = None  # an `mmeb_results.json` as written by `evaluate_mmeb`
+    # more `huggingface_hub.EvalResult` entries, e.g. from mteb result files (crem_hf.integrations.mteb)
+    extra_eval_results: list[Any] = field(default_factory=list)
     training: str = ""  # a short description of how this checkpoint was trained
 
 
@@ -95,12 +97,18 @@ def load_for_export(path: str | os.PathLike, base_model: str | os.PathLike | Non
 # ---------------------------------------------------------------------------------------------------- the card
 
 
-def _results_rows(eval_results: dict[str, Any] | None) -> str:
-    if not eval_results:
+def _results_rows(eval_results: dict[str, Any] | None, extra: list[Any] = ()) -> str:
+    if not eval_results and not extra:
         return "No evaluation results were given for this export."
-    rows = [(name, f"{100 * r['precision_at_1']:.1f}") for name, r in eval_results["subsets"].items()]
-    rows += [(f"**{key}**", f"{100 * value:.1f}") for key, value in eval_results.get("summary", {}).items()]
-    return format_markdown_table(("subset", "Precision@1"), rows).rstrip("\n")
+    tables = []
+    if eval_results:
+        rows = [(name, f"{100 * r['precision_at_1']:.1f}") for name, r in eval_results["subsets"].items()]
+        rows += [(f"**{key}**", f"{100 * value:.1f}") for key, value in eval_results.get("summary", {}).items()]
+        tables.append(format_markdown_table(("subset", "Precision@1"), rows))
+    if extra:
+        rows = [(e.dataset_name, e.dataset_split, e.metric_name, f"{e.metric_value:.2f}") for e in extra]
+        tables.append(format_markdown_table(("task", "split", "metric", "score"), rows))
+    return "\n".join(tables).rstrip("\n")
 
 
 def render_model_card(config: CREMConfig, info: CardInfo):
@@ -121,6 +129,7 @@ def render_model_card(config: CREMConfig, info: CardInfo):
                 metric_value=round(100 * result["precision_at_1"], 2),
             )
         )
+    eval_results += info.extra_eval_results
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
@@ -138,7 +147,7 @@ def render_model_card(config: CREMConfig, info: CardInfo):
         repo_id=info.repo_id,
         num_chorus_tokens=config.num_chorus_tokens,
         hidden_size=config.text_config.hidden_size,
-        results=_results_rows(info.eval_results),
+        results=_results_rows(info.eval_results, info.extra_eval_results),
         training=info.training or "See the crem-hf repository for the training recipe.",
     )
 
@@ -383,6 +392,17 @@ def _read_eval_results(path: str) -> dict[str, Any]:
     return results
 
 
+def _read_mteb_results(paths: list[str]) -> list[Any]:
+    try:
+        from .integrations.mteb import mteb_eval_results
+    except ImportError as error:
+        raise ValueError(f"--mteb-results needs mteb ({error}): pip install 'crem-hf[mteb]'.") from error
+    try:
+        return mteb_eval_results(paths)
+    except ValueError as error:
+        raise ValueError(f"--mteb-results: {error}") from error
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="crem-export", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="CREM folder or LoRA adapter folder (with its processor)")
@@ -394,6 +414,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--card-base-model", default=None, help="the `base_model` of the card's metadata")
     parser.add_argument("--datasets", nargs="*", default=[])
     parser.add_argument("--eval-results", default=None, help="an mmeb_results.json for the card's model-index")
+    parser.add_argument("--mteb-results", nargs="+", default=[], help="mteb result files or folders, for the same")
     parser.add_argument("--push", action="store_true", help="upload to --repo-id after exporting")
     parser.add_argument("--private", action="store_true")
     return parser
@@ -409,8 +430,11 @@ def export_from_args(args: argparse.Namespace) -> str:
     check_writable_folder(os.path.dirname(output_dir))
     check_model_source(args.model)
     eval_results = _read_eval_results(args.eval_results) if args.eval_results else None
+    mteb_results = _read_mteb_results(args.mteb_results) if args.mteb_results else []
     model, processor = load_for_export(args.model, args.base_model, merge=not args.adapter_only)
-    info = CardInfo(args.repo_id, args.card_base_model, args.datasets, eval_results=eval_results)
+    info = CardInfo(
+        args.repo_id, args.card_base_model, args.datasets, eval_results=eval_results, extra_eval_results=mteb_results
+    )
     with torch.no_grad():
         folder = export_hub_folder(
             model, processor, output_dir, info, merge=not args.adapter_only, overwrite=args.overwrite
