@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -258,12 +258,15 @@ class CREMCompressedContext:
         input_ids (`torch.LongTensor` of shape `(batch_size, num_slots)`): token ids of the kept slots.
         attention_mask (`torch.LongTensor` of shape `(batch_size, num_slots)`): 1 on kept slots, 0 on packing pads.
         position_ids (`torch.LongTensor` of shape `(3, batch_size, num_slots)`): the slots' original positions.
+        embeddings (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*): the rows' embeddings, pooled
+            from the same forward (`compress(..., return_embeddings=True)`), as `get_embedding` gives them.
     """
 
     cache: DynamicCache
     input_ids: torch.LongTensor
     attention_mask: torch.LongTensor
     position_ids: torch.LongTensor
+    embeddings: torch.FloatTensor | None = None
 
 
 class _PhaseCache(DynamicCache):
@@ -1248,6 +1251,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         mm_token_type_ids: torch.Tensor | None = None,
         prefill_last: bool = True,
         rows: torch.BoolTensor | None = None,
+        return_embeddings: bool = False,
     ) -> CREMCompressedContext:
         """
         Prefill a prompt with compression and keep only its kept slots (kept prefix, chorus block, tail) in the KV
@@ -1270,6 +1274,9 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
                 `generate` then runs itself to produce the first new token.
             rows: `(batch_size,)` bool, the rows to compress; the others keep every slot (native attention).
                 Default: all rows.
+            return_embeddings: also pool the chorus block's final states into the rows' embeddings (what
+                `get_embedding` returns), from the same forward: encoding an item for search and for answering costs
+                one prefill.
         Returns:
             [`CREMCompressedContext`].
         """
@@ -1298,9 +1305,14 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             stop=slots if prefill_last else slots - 1,
             chunk_size=self.prefill_chunk_size,
             keep_cache=True,
-            return_hidden=False,
+            return_hidden=return_embeddings,
         )
-        return ChorusCompression.context(run.cache, aligned, aligned.pack(input_ids), positions, prefill_last)
+        context = ChorusCompression.context(run.cache, aligned, aligned.pack(input_ids), positions, prefill_last)
+        if return_embeddings:
+            # Every row's chorus block ends at slot `split` of the aligned layout.
+            chorus_start = torch.full_like(layout.chorus_start, aligned.split - self.config.num_chorus_tokens)
+            context.embeddings = self.pool_chorus(run.last_hidden_state, replace(layout, chorus_start=chorus_start))
+        return context
 
     @torch.no_grad()
     def generate(

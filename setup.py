@@ -32,7 +32,9 @@ setup(
         "eval": ["datasets>=4.0", "matplotlib>=3.8", "scikit-learn>=1.5", "scikit-image>=0.24"],
         "hub": ["sentence-transformers>=6.0"],
         "mteb": ["mteb>=2.26,<3"],
+        "memory": ["lancedb>=0.40"],
         "dev": [
+            "lancedb>=0.40",
             "sentence-transformers>=6.0",
             "mteb>=2.26,<3",
             "peft>=0.17",
@@ -50,6 +52,7 @@ setup(
             "crem-quickstart=crem_hf.quickstart:main",
             "crem-eval=crem_hf.evaluation.cli:main",
             "crem-export=crem_hf.hub:main",
+            "crem-memory=crem_hf.memory.cli:main",
         ]
     },
 )

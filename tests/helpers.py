@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import torch
 from PIL import Image
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a launcher's rendezvous or a test server)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def random_image(height: int, width: int, seed: int) -> Image.Image:

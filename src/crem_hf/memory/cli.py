@@ -1,0 +1,121 @@
+"""`crem-memory`: index items into a visual memory, search it, ask about the hits from their stored contexts.
+
+crem-memory index --model outputs/main/model --memory scans.lance scans/
+crem-memory search --model outputs/main/model --memory scans.lance --text "the digit seven" --k 3
+crem-memory ask --model outputs/main/model --memory scans.lance --text "the digit seven" --question "Which digit?"
+crem-memory info --memory scans.lance
+Under `torchrun` or `accelerate launch`, `index` encodes each process's share of the items into the one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from .. import parallel
+from ..io import ArgumentParser, check_model_source, format_markdown_table, positive_int, run_command
+from ..loading import load_crem
+from .sources import read_source
+from .store import CREMMemory, MemoryHit
+
+__all__ = ["build_parser", "main", "run"]
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="crem-memory", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("index", "search", "ask", "info"):
+        command = commands.add_parser(name)
+        command.add_argument("--memory", required=True, help="the memory: a folder or a LanceDB URI")
+        if name == "info":
+            continue
+        command.add_argument("--model", required=True, help="the CREM folder that writes (wrote) the memory")
+        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        if name == "index":
+            command.add_argument("source", help="a folder of images or a .jsonl file of {id, image, text} records")
+            command.add_argument("--image-root", default=None, help="root of a JSONL file's relative image paths")
+            command.add_argument("--instruction", default=None, help="embedding instruction for every item")
+            command.add_argument("--batch-size", type=positive_int, default=8)
+            command.add_argument("--ann", action="store_true", help="build an approximate index afterwards")
+            continue
+        command.add_argument("--text", default=None, help="query text")
+        command.add_argument("--image", default=None, help="query image (path or URL)")
+        command.add_argument("--k", type=positive_int, default=5)
+        command.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+        if name == "ask":
+            command.add_argument("--question", required=True)
+            command.add_argument("--ids", nargs="+", default=None, help="ask about these items (no search)")
+            command.add_argument("--max-new-tokens", type=positive_int, default=32)
+    return parser
+
+
+def _hits(memory: CREMMemory, args: argparse.Namespace) -> list[MemoryHit]:
+    if args.text is None and args.image is None:
+        raise ValueError(f"crem-memory {args.command} needs a query: --text and/or --image.")
+    return memory.search(args.text, args.image, k=args.k)
+
+
+def _print_hits(hits: list[MemoryHit], answers: list[str] | None, as_json: bool) -> None:
+    rows = []
+    for i, hit in enumerate(hits):
+        row = {"rank": hit.rank + 1, "id": hit.id, "score": round(hit.score, 4), "source": hit.source or ""}
+        if answers is not None:
+            row["answer"] = answers[i]
+        rows.append(row)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(format_markdown_table(list(rows[0]), [list(row.values()) for row in rows]), end="")
+
+
+def run(args: argparse.Namespace) -> object:
+    """Run one parsed command and print its result."""
+    if args.command == "info":
+        print(json.dumps(CREMMemory.describe(args.memory), indent=2))
+        return None
+    # The cheap checks come before the model is loaded: the memory (or the source to index), then the model path.
+    if args.command == "index":
+        read_source(args.source, args.image_root)
+    else:
+        CREMMemory.describe(args.memory)
+    check_model_source(args.model)
+    parallel.initialize_from_environment()
+    try:
+        model, processor = load_crem(args.model)
+        model = model.to(args.device).eval()
+        memory = CREMMemory.open(args.memory, model, processor, create=args.command == "index")
+        if args.command == "index":
+            report = memory.index(
+                args.source,
+                image_root=args.image_root,
+                instruction=args.instruction,
+                batch_size=args.batch_size,
+                build_ann_index=True if args.ann else None,
+            )
+            if parallel.is_main_process():
+                print(f"{args.memory}: {report}; {len(memory)} items stored")
+                for where, reason in report.failures:
+                    print(f"  skipped {where}: {reason}")
+            return report
+        if args.command == "ask" and args.ids:
+            hits = [MemoryHit(id=i, score=float("nan"), rank=r) for r, i in enumerate(args.ids)]
+        else:
+            hits = _hits(memory, args)
+        answers = memory.ask(args.question, hits, max_new_tokens=args.max_new_tokens) if args.command == "ask" else None
+        _print_hits(hits, answers, args.json)
+        return hits
+    finally:
+        parallel.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `crem-memory` command: exit status 0 on success, 1 with a one-line reason on stderr (2 for bad arguments)."""
+    args = build_parser().parse_args(argv)
+    return run_command("crem-memory", lambda: run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,729 @@
+"""
+`CREMMemory`: a visual memory on LanceDB. One CREM forward per item yields its embedding (for search) and its
+compressed context (the chorus block's keys and values, from which the model answers without the image); both are
+stored in one row, the prompt prefix every context shares (system prompt and turn header) once per memory.
+
+Layout of a memory (a LanceDB database: a local folder or any LanceDB URI, e.g. on object storage):
+
+* table `crem_memory`, one row: the format version, the fingerprint of the model that wrote it and the shared prefix
+  (its keys/values, token ids and positions);
+* table `items`, one row per item: `id`, `vector` (the embedding; cosine search), `context` (keys/values of the
+  chorus slots, `(layers, 2, kv_heads, num_chorus_tokens, head_dim)` in the model's dtype, with its SHA-256),
+  `context_ids` and `context_positions` (`(3, num_chorus_tokens)` MRoPE positions), and the user's `source`, `text`
+  and `metadata` (JSON).
+
+Every `add` batch is one LanceDB commit (atomic): a killed run leaves whole rows only, and running it again skips the
+ids already stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import lancedb
+import pyarrow as pa
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from .. import parallel
+from ..evaluation.retrieval import T2I_INSTRUCTION
+from ..modeling_crem import CREMCompressedContext
+from .sources import MemoryItem, read_source
+
+__all__ = ["CREMMemory", "IndexReport", "MemoryHit", "model_fingerprint"]
+
+#: Version of the table layout; a memory of another version is refused.
+FORMAT_VERSION = 1
+META_TABLE = "crem_memory"
+ITEMS_TABLE = "items"
+#: Fingerprint fields that must match for a model to read a memory (`crem_hf_version` is informative only).
+MATCHING_FIELDS = (
+    "config_sha256",
+    "weights_sha256",
+    "dtype",
+    "num_layers",
+    "num_kv_heads",
+    "head_dim",
+    "hidden_size",
+    "chorus_token_ids",
+)
+#: Rows from which `index` builds an approximate (IVF) index; smaller tables are scanned exactly.
+ANN_MIN_ROWS = 100_000
+#: Config keys that say where or how a model was saved, not what it computes.
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "auto_map")
+#: Elements of each parameter the weights fingerprint reads (an evenly strided sample: cheap even at 7B).
+_SAMPLED_ELEMENTS = 4096
+RERANK_QUESTION = "Does this match: {query}? Answer yes or no."
+
+
+@dataclass(frozen=True)
+class MemoryHit:
+    """
+    One search result.
+
+    Args:
+        id: the item's id.
+        score: cosine similarity of the query and item embeddings.
+        rank: 0 for the best hit.
+        source: the image path (or URL) the item was read from, if any.
+        text: the item's text, if any.
+        metadata: the user's metadata.
+        judgement: after [`CREMMemory.rerank`], the model's log-odds that the item matches the query.
+    """
+
+    id: str
+    score: float
+    rank: int
+    source: str | None = None
+    text: str | None = None
+    metadata: dict = field(default_factory=dict)
+    judgement: float | None = None
+
+
+@dataclass
+class IndexReport:
+    """What an `add`/`index` call did (summed over processes under a launcher)."""
+
+    added: int = 0
+    skipped_existing: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    def __str__(self) -> str:
+        return f"added {self.added}, already stored {self.skipped_existing}, failed to load {self.failed}"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_fingerprint(model) -> dict[str, Any]:
+    """
+    What a memory's contexts depend on: the config (hash), the weights (hash of an evenly strided sample of every
+    parameter), the dtype, the cache geometry and the chorus ids; and the crem-hf version, for the record.
+    """
+    from .. import __version__
+
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    for key in _VOLATILE_CONFIG_KEYS:
+        config.pop(key, None)
+    for sub in ("text_config", "vision_config"):
+        for key in _VOLATILE_CONFIG_KEYS:
+            if isinstance(config.get(sub), dict):
+                config[sub].pop(key, None)
+    weights = hashlib.sha256()
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            flat = parameter.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _SAMPLED_ELEMENTS)][:_SAMPLED_ELEMENTS]
+            weights.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}".encode())
+            weights.update(sample.float().cpu().numpy().tobytes())
+    text = model.config.text_config
+    return {
+        "config_sha256": _sha256(json.dumps(config, sort_keys=True).encode()),
+        "weights_sha256": weights.hexdigest(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "num_layers": text.num_hidden_layers,
+        "num_kv_heads": text.num_key_value_heads,
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        "hidden_size": text.hidden_size,
+        "chorus_token_ids": list(model.config.chorus_token_ids),
+        "crem_hf_version": __version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- tensors <-> bytes
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def _bytes_tensor(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _slots_kv(cache: DynamicCache, row: int, start: int, stop: int) -> torch.Tensor:
+    """`(layers, 2, kv_heads, stop - start, head_dim)`: the keys and values of slots `[start, stop)` of one row."""
+    return torch.stack(
+        [torch.stack([layer.keys[row, :, start:stop], layer.values[row, :, start:stop]]) for layer in cache.layers]
+    )
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _sql_string(value: str) -> str:
+    """A SQL string literal holding `value` verbatim (user ids are data, never SQL)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _table_names(db) -> set[str]:
+    listed = db.list_tables()
+    return set(getattr(listed, "tables", listed))
+
+
+def _connect(uri: str, storage_options: dict[str, str] | None):
+    """A connection whose every read sees the latest commit: other processes may be appending to the memory."""
+    return lancedb.connect(uri, storage_options=storage_options, read_consistency_interval=timedelta(0))
+
+
+def _check_location(uri: str, create: bool) -> None:
+    """A local path must be a folder (or, with `create`, not exist yet): nothing is created by a failed open."""
+    if not _is_local(uri):
+        return
+    path = uri.removeprefix("file://")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{uri} is not a CREM memory: it is a file (a memory is a LanceDB folder or URI).")
+    if not create and not os.path.isdir(path):
+        raise ValueError(f"{uri} is not a CREM memory: no such folder (pass create=True to make one).")
+
+
+def _read_meta(uri: str, storage_options: dict[str, str] | None) -> tuple[Any, dict]:
+    """Connect to the memory at `uri` and read its meta row, checking that it is a memory of this format."""
+    db = _connect(uri, storage_options)
+    names = _table_names(db)
+    if META_TABLE not in names:
+        raise ValueError(
+            f"{uri} is not a CREM memory (it has no '{META_TABLE}' table). Index into it with create=True "
+            "(`crem-memory index`), or give the folder of an existing memory."
+        )
+    meta = db.open_table(META_TABLE).to_arrow().to_pylist()
+    if len(meta) != 1:
+        raise ValueError(f"{uri}: the '{META_TABLE}' table must hold one row, it holds {len(meta)}.")
+    meta = meta[0]
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(
+            f"{uri} has memory format version {meta['format_version']}; this crem-hf reads version "
+            f"{FORMAT_VERSION}. Re-index it with this version."
+        )
+    if ITEMS_TABLE not in names:
+        raise ValueError(f"{uri} is damaged: it has no '{ITEMS_TABLE}' table.")
+    return db, meta
+
+
+def _describe(uri: str, db, meta: dict) -> dict[str, Any]:
+    items = db.open_table(ITEMS_TABLE)
+    stats = items.stats()
+    rows = stats["num_rows"]
+    fingerprint = json.loads(meta["fingerprint"])
+    return {
+        "uri": uri,
+        "rows": rows,
+        "items_bytes": stats["total_bytes"],
+        "bytes_per_item": stats["total_bytes"] / rows if rows else None,
+        "shared_prefix_bytes": db.open_table(META_TABLE).stats()["total_bytes"],
+        "shared_prefix_slots": len(meta["prefix_ids"]),
+        "context_slots_per_item": len(fingerprint["chorus_token_ids"]),
+        "ann_index": bool(items.list_indices()),
+        "model": fingerprint,
+    }
+
+
+class CREMMemory:
+    """
+    A visual memory: items (images, texts or both) encoded once by a CREM model, searched by embedding and answered
+    from their stored compressed contexts, without the image, the vision tower or the long prefill.
+
+    Open (or create) one with [`CREMMemory.open`]; the model and processor must be the ones that wrote it.
+    """
+
+    def __init__(self, uri: str, db, meta: dict, items, model, processor):
+        self.uri, self.db, self.items = uri, db, items
+        self.model, self.processor = model, processor
+        self.fingerprint = json.loads(meta["fingerprint"])
+        self.num_chorus_tokens = model.config.num_chorus_tokens
+        self.dtype = model.dtype
+        f = self.fingerprint
+        self._kv_shape = (f["num_layers"], 2, f["num_kv_heads"], -1, f["head_dim"])
+        prefix = meta["prefix_kv"]
+        if _sha256(prefix) != meta["prefix_sha256"]:
+            raise ValueError(f"{uri}: the shared prefix context is corrupt (its SHA-256 does not match).")
+        self.prefix_ids = torch.tensor(meta["prefix_ids"], dtype=torch.long)
+        self.prefix_positions = torch.tensor(meta["prefix_positions"], dtype=torch.long).reshape(3, -1)
+        self.prefix_kv = _bytes_tensor(prefix, self.dtype, self._kv_shape[:3] + (len(self.prefix_ids), f["head_dim"]))
+
+    # -------------------------------------------------------------------------------------------- open / create
+
+    @classmethod
+    def open(
+        cls,
+        uri: str | os.PathLike,
+        model,
+        processor,
+        *,
+        create: bool = False,
+        storage_options: dict[str, str] | None = None,
+    ) -> CREMMemory:
+        """
+        Open the memory at `uri` (a folder, or any LanceDB URI such as `s3://bucket/memory`) for `model`.
+
+        Args:
+            uri: where the memory lives.
+            model: the `CREMForEmbeddingAndGeneration` that wrote (or will write) it.
+            processor: its `CREMProcessor`.
+            create: create the memory when `uri` holds none (under a launcher, the main process creates it).
+            storage_options: passed to `lancedb.connect` (object-storage credentials and the like).
+        Raises:
+            ValueError: `uri` is not a memory (and `create` is False), was written by another model or another
+                format version, or is damaged.
+        """
+        uri = os.fspath(uri)
+        _check_location(uri, create)
+        if create and parallel.is_main_process():
+            db = _connect(uri, storage_options)
+            if META_TABLE not in _table_names(db):
+                cls._create(db, uri, model, processor)
+        parallel.barrier()  # the main process has created the memory before the others read it
+        db, meta = _read_meta(uri, storage_options)
+        cls._check_model(uri, json.loads(meta["fingerprint"]), model_fingerprint(model))
+        return cls(uri, db, meta, db.open_table(ITEMS_TABLE), model, processor)
+
+    @staticmethod
+    def describe(uri: str | os.PathLike, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
+        """What `info` says, without a model: rows, bytes, the shared prefix and the model that wrote the memory."""
+        uri = os.fspath(uri)
+        _check_location(uri, create=False)
+        db, meta = _read_meta(uri, storage_options)
+        return _describe(uri, db, meta)
+
+    @staticmethod
+    def _check_model(uri: str, stored: dict, current: dict) -> None:
+        differing = [key for key in MATCHING_FIELDS if stored.get(key) != current.get(key)]
+        if differing:
+            details = "; ".join(f"{key}: memory {stored.get(key)!r}, model {current.get(key)!r}" for key in differing)
+            raise ValueError(
+                f"{uri} was written by another model (crem-hf {stored.get('crem_hf_version')}); contexts are "
+                f"model-specific. Differences: {details}. Open it with the model that wrote it, or index into a new "
+                "memory."
+            )
+
+    @classmethod
+    def _create(cls, db, uri: str, model, processor) -> None:
+        """Write the items table (empty), then the meta row: a memory is complete once its meta table exists."""
+        fingerprint = model_fingerprint(model)
+        # The prefix every context shares: the kept slots in front of the chorus block of any item.
+        inputs = processor.process_embedding_inputs(texts=["."]).to(model.device)
+        context = model.compress(**inputs)
+        n = model.config.num_chorus_tokens
+        prefix_length = context.input_ids.shape[1] - n
+        prefix = _tensor_bytes(_slots_kv(context.cache, 0, 0, prefix_length))
+        hidden = fingerprint["hidden_size"]
+        items_schema = pa.schema(
+            [
+                pa.field("id", pa.string(), nullable=False),
+                pa.field("vector", pa.list_(pa.float32(), hidden)),
+                pa.field("context", pa.large_binary()),
+                pa.field("context_sha256", pa.string()),
+                pa.field("context_ids", pa.list_(pa.int32())),
+                pa.field("context_positions", pa.list_(pa.int32())),
+                pa.field("source", pa.string()),
+                pa.field("text", pa.string()),
+                pa.field("metadata", pa.string()),
+            ]
+        )
+        db.create_table(ITEMS_TABLE, schema=items_schema, exist_ok=True)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": json.dumps(fingerprint),
+            "prefix_kv": prefix,
+            "prefix_sha256": _sha256(prefix),
+            "prefix_ids": context.input_ids[0, :prefix_length].tolist(),
+            "prefix_positions": context.position_ids[:, 0, :prefix_length].reshape(-1).tolist(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        meta_schema = pa.schema(
+            [
+                pa.field("format_version", pa.int32()),
+                pa.field("fingerprint", pa.string()),
+                pa.field("prefix_kv", pa.large_binary()),
+                pa.field("prefix_sha256", pa.string()),
+                pa.field("prefix_ids", pa.list_(pa.int32())),
+                pa.field("prefix_positions", pa.list_(pa.int32())),
+                pa.field("created", pa.string()),
+            ]
+        )
+        db.create_table(META_TABLE, data=pa.Table.from_pylist([meta], schema=meta_schema))
+
+    # -------------------------------------------------------------------------------------------- writing
+
+    def __len__(self) -> int:
+        return self.items.count_rows()
+
+    def stored_ids(self) -> set[str]:
+        """Every id in the memory (reads the id column only)."""
+        count = len(self)
+        if count == 0:
+            return set()
+        rows = self.items.search().select(["id"]).limit(count).to_arrow()
+        return set(rows.column("id").to_pylist())
+
+    def add(
+        self,
+        *,
+        ids: Sequence[str],
+        images: Sequence[Any] | None = None,
+        texts: Sequence[str | None] | None = None,
+        metadata: Sequence[dict | None] | None = None,
+        instruction: str | None = None,
+        batch_size: int = 8,
+        show_progress: bool = True,
+    ) -> IndexReport:
+        """
+        Encode items and store them, one forward per batch for the embedding and the context together.
+
+        Ids already stored are skipped; an image that fails to load skips its item and is counted in the report
+        (with the reason); each batch is one atomic commit. Under a launcher (`torchrun`, `accelerate launch`)
+        each process encodes its share of the batches and the report sums over processes.
+
+        Args:
+            ids: one unique, non-empty id per item.
+            images: one image (PIL, path, URL or `None`) per item.
+            texts: one text (or `None`) per item.
+            metadata: one JSON-serialisable dict (or `None`) per item.
+            instruction: the embedding instruction (default: the processor's, as `process_embedding_inputs`).
+            batch_size: items per forward.
+            show_progress: a progress bar (on the main process).
+        """
+        items = [
+            MemoryItem(id=i, image=im, text=t, metadata=m or {})
+            for i, im, t, m in zip(
+                ids,
+                images if images is not None else [None] * len(ids),
+                texts if texts is not None else [None] * len(ids),
+                metadata if metadata is not None else [None] * len(ids),
+                strict=True,
+            )
+        ]
+        return self._add_items(items, instruction, batch_size, show_progress, failures=[])
+
+    def index(
+        self,
+        source: str | os.PathLike,
+        *,
+        image_root: str | os.PathLike | None = None,
+        instruction: str | None = None,
+        batch_size: int = 8,
+        show_progress: bool = True,
+        build_ann_index: bool | None = None,
+    ) -> IndexReport:
+        """
+        Index a folder of images (ids: their paths relative to it) or a JSONL file of `{"id", "image", "text", ...}`
+        records (other keys become metadata; see [`read_source`]). Resumable: ids already stored are skipped.
+
+        Args:
+            source: the folder or `.jsonl` file.
+            image_root: where relative image paths of a JSONL file are found (default: the file's folder).
+            build_ann_index: build an approximate (IVF) index afterwards; default: when the memory holds at least
+                `ANN_MIN_ROWS` rows (smaller ones are scanned exactly).
+        """
+        items, failures = read_source(source, image_root)
+        report = self._add_items(items, instruction, batch_size, show_progress, failures)
+        if build_ann_index or (build_ann_index is None and len(self) >= ANN_MIN_ROWS):
+            if parallel.is_main_process():
+                self.build_ann_index()
+            parallel.barrier()
+        return report
+
+    def _add_items(
+        self,
+        items: list[MemoryItem],
+        instruction: str | None,
+        batch_size: int,
+        show_progress: bool,
+        failures: list[tuple[str, str]],
+    ) -> IndexReport:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        seen: set[str] = set()
+        for item in items:
+            if not isinstance(item.id, str) or not item.id:
+                raise ValueError(f"Every item needs a non-empty string id; got {item.id!r}.")
+            if item.id in seen:
+                raise ValueError(f"Item id {item.id!r} appears twice: ids must be unique.")
+            seen.add(item.id)
+            json.dumps(item.metadata)  # fails early, naming the type, on metadata that cannot be stored
+        stored = self.stored_ids()
+        parallel.barrier()  # every process has read the stored ids before any process appends
+        pending = [item for item in items if item.id not in stored]
+        report = IndexReport(skipped_existing=len(items) - len(pending))
+        # Loading an image is where an item can fail: load them batch by batch, in a fixed order on every process.
+        batches = [pending[start : start + batch_size] for start in range(0, len(pending), batch_size)]
+        mine = parallel.share_of_this_process(len(batches))
+        local_failures = []
+        for b in tqdm(mine, desc="Indexing", disable=not (show_progress and parallel.is_main_process())):
+            loaded = []
+            for item in batches[b]:
+                try:
+                    image = None if item.image is None else self.processor.load_image(item.image, f"item {item.id!r}")
+                except (ValueError, OSError) as error:
+                    local_failures.append((item.id, str(error)))
+                    continue
+                loaded.append((item, image))
+            if loaded:
+                self.items.add(self._encode_rows(loaded, instruction))
+                report.added += len(loaded)
+        report.failures = failures + local_failures
+        if parallel.world_size() > 1:
+            report = self._summed(report, failures, local_failures)
+        return report
+
+    @staticmethod
+    def _summed(report: IndexReport, shared: list, local: list) -> IndexReport:
+        """The report over every process (`failures` of the source reader are the same on each)."""
+        gathered = parallel.gather_objects([parallel.rank()], [(report.added, local)], parallel.world_size())
+        added = sum(count for count, _ in gathered)
+        return IndexReport(
+            added=added,
+            skipped_existing=report.skipped_existing,
+            failures=shared + [failure for _, failures in gathered for failure in failures],
+        )
+
+    @torch.no_grad()
+    def _encode_rows(self, loaded: list[tuple[MemoryItem, Image.Image | None]], instruction: str | None) -> pa.Table:
+        """One compressed forward over a batch: each item's embedding and context, as table rows."""
+        inputs = self.processor.process_embedding_inputs(
+            images=[image for _, image in loaded], texts=[item.text for item, _ in loaded], instruction=instruction
+        ).to(self.model.device)
+        context = self.model.compress(**inputs, return_embeddings=True)
+        n, p = self.num_chorus_tokens, len(self.prefix_ids)
+        if context.input_ids.shape[1] != p + n or not bool(context.attention_mask.all()):
+            raise ValueError(
+                f"An item's compressed context has {context.input_ids.shape[1]} slots; this memory stores a shared "
+                f"prefix of {p} and {n} chorus slots per item. Was the processor changed (system prompt, template)?"
+            )
+        if not torch.equal(context.input_ids[:, :p].cpu(), self.prefix_ids.expand(len(loaded), -1)):
+            raise ValueError("An item's prompt prefix differs from the memory's shared prefix (another processor?).")
+        vectors = context.embeddings.float().cpu()
+        rows = []
+        for row, (item, _) in enumerate(loaded):
+            kv = _tensor_bytes(_slots_kv(context.cache, row, p, p + n))
+            rows.append(
+                {
+                    "id": item.id,
+                    "vector": vectors[row].tolist(),
+                    "context": kv,
+                    "context_sha256": _sha256(kv),
+                    "context_ids": context.input_ids[row, p:].tolist(),
+                    "context_positions": context.position_ids[:, row, p:].reshape(-1).tolist(),
+                    "source": item.source,
+                    "text": item.text,
+                    "metadata": json.dumps(item.metadata),
+                }
+            )
+        return pa.Table.from_pylist(rows, schema=self.items.schema)
+
+    def build_ann_index(self, num_partitions: int | None = None) -> None:
+        """
+        Build an approximate (IVF-PQ, cosine) index over the embeddings; searches then use it. Its recall against
+        the exact scan is measured in `benchmarks/memory.py`.
+        """
+        rows = len(self)
+        if rows < 256:
+            raise ValueError(f"An approximate index needs at least 256 rows; the memory holds {rows}.")
+        partitions = num_partitions or max(1, int(math.sqrt(rows)))
+        hidden = self.fingerprint["hidden_size"]
+        self.items.create_index(
+            metric="cosine",
+            vector_column_name="vector",
+            num_partitions=partitions,
+            num_sub_vectors=next(d for d in (hidden // 16, hidden // 8, hidden // 4, 1) if d and hidden % d == 0),
+            index_type="IVF_PQ",
+        )
+
+    # -------------------------------------------------------------------------------------------- reading
+
+    def info(self) -> dict[str, Any]:
+        """The memory's size on storage, its rows, its shared prefix and the model that wrote it."""
+        return _describe(
+            self.uri, self.db, {"fingerprint": json.dumps(self.fingerprint), "prefix_ids": self.prefix_ids}
+        )
+
+    @torch.no_grad()
+    def embed_queries(
+        self,
+        texts: Sequence[str | None] | None = None,
+        images: Sequence[Any] | None = None,
+        instruction: str | None = None,
+    ) -> torch.Tensor:
+        """
+        Query embeddings `(num_queries, hidden_size)` float32. Text-only queries get the caption-to-image
+        instruction by default; queries with an image get the processor's image instruction (or their text).
+        """
+        count = len(texts) if texts is not None else len(images) if images is not None else 0
+        texts = list(texts) if texts is not None else [None] * count
+        images = list(images) if images is not None else [None] * count
+        if count == 0:
+            raise ValueError("A search needs at least one query: a text and/or an image.")
+        if len(texts) != len(images):
+            raise ValueError(f"Got {len(texts)} query texts for {len(images)} query images.")
+        for i, (text, image) in enumerate(zip(texts, images, strict=True)):
+            if (text is None or text == "") and image is None:
+                raise ValueError(f"Query {i} has neither a text nor an image.")
+        if instruction is None and all(image is None for image in images):
+            instruction = T2I_INSTRUCTION
+        inputs = self.processor.process_embedding_inputs(images=images, texts=texts, instruction=instruction)
+        return self.model.get_embedding(**inputs.to(self.model.device)).float().cpu()
+
+    def search(
+        self, text: str | None = None, image: Any = None, *, k: int = 5, instruction: str | None = None
+    ) -> list[MemoryHit]:
+        """The `k` stored items closest (cosine) to a text and/or image query, best first."""
+        return self.search_many(texts=[text], images=[image], k=k, instruction=instruction)[0]
+
+    def search_many(
+        self,
+        *,
+        texts: Sequence[str | None] | None = None,
+        images: Sequence[Any] | None = None,
+        k: int = 5,
+        instruction: str | None = None,
+        exact: bool = False,
+    ) -> list[list[MemoryHit]]:
+        """
+        Search for several queries (see [`embed_queries`]); one list of `k` hits per query. The table is scanned
+        exactly unless it has an approximate index (`build_ann_index`) and `exact` is False.
+        """
+        vectors = self.embed_queries(texts, images, instruction)
+        return [self.search_vector(vector, k=k, exact=exact) for vector in vectors]
+
+    def search_vector(
+        self, vector: torch.Tensor | Sequence[float], *, k: int = 5, exact: bool = False
+    ) -> list[MemoryHit]:
+        """The `k` items closest (cosine) to an embedding `(hidden_size,)`."""
+        rows = len(self)
+        if rows == 0:
+            raise ValueError(f"{self.uri} is empty: index items before searching.")
+        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+            raise ValueError(f"k must be a positive integer, got {k!r}.")
+        if k > rows:
+            raise ValueError(f"k={k} is larger than the memory ({rows} items).")
+        query = self.items.search(list(map(float, vector)), vector_column_name="vector").distance_type("cosine")
+        if exact:
+            query = query.bypass_vector_index()
+        found = query.select(["id", "source", "text", "metadata", "_distance"]).limit(k).to_arrow().to_pylist()
+        return [
+            MemoryHit(
+                id=row["id"],
+                score=1.0 - float(row["_distance"]),
+                rank=rank,
+                source=row["source"],
+                text=row["text"],
+                metadata=json.loads(row["metadata"] or "{}"),
+            )
+            for rank, row in enumerate(found)
+        ]
+
+    def contexts(self, hits: Sequence[MemoryHit | str]) -> CREMCompressedContext:
+        """
+        The stored contexts of `hits` (or ids), in order, as one batch: the shared prefix followed by each item's
+        chorus slots, on the model's device, ready for `model.generate(context=...)`.
+        """
+        ids = [hit.id if isinstance(hit, MemoryHit) else hit for hit in hits]
+        if not ids:
+            raise ValueError("No hits given: search first, then ask about the hits.")
+        for i in ids:
+            if not isinstance(i, str):
+                raise TypeError(f"A hit is a MemoryHit or an id string, got {type(i).__name__}.")
+        wanted = sorted(set(ids))
+        where = f"id IN ({', '.join(_sql_string(i) for i in wanted)})"
+        columns = ["id", "context", "context_sha256", "context_ids", "context_positions"]
+        found = self.items.search().where(where).select(columns).limit(len(wanted)).to_arrow().to_pylist()
+        by_id = {row["id"]: row for row in found}
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            raise ValueError(f"{self.uri} holds no item with id {', '.join(map(repr, missing[:5]))}.")
+        n = self.num_chorus_tokens
+        device = self.model.device
+        keys_values, item_ids, positions = [], [], []
+        for i in ids:
+            row = by_id[i]
+            data = row["context"]
+            if _sha256(data) != row["context_sha256"] or len(row["context_positions"]) != 3 * n:
+                raise ValueError(f"{self.uri}: the stored context of item {i!r} is corrupt (checksum mismatch).")
+            keys_values.append(_bytes_tensor(data, self.dtype, self._kv_shape[:3] + (n, self._kv_shape[4])))
+            item_ids.append(row["context_ids"])
+            positions.append(torch.tensor(row["context_positions"]).reshape(3, n))
+        batch = len(ids)
+        kv = torch.stack(keys_values).to(device)  # (batch, layers, 2, kv_heads, n, head_dim)
+        prefix = self.prefix_kv.to(device)
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(kv.shape[1]):
+            keys = torch.cat([prefix[layer, 0].expand(batch, -1, -1, -1), kv[:, layer, 0]], dim=2)
+            values = torch.cat([prefix[layer, 1].expand(batch, -1, -1, -1), kv[:, layer, 1]], dim=2)
+            cache.update(keys, values, layer)
+        input_ids = torch.cat([self.prefix_ids.expand(batch, -1), torch.tensor(item_ids)], dim=1)
+        position_ids = torch.cat(
+            [self.prefix_positions[:, None].expand(-1, batch, -1), torch.stack(positions, dim=1)], dim=2
+        )
+        return CREMCompressedContext(
+            cache=cache,
+            input_ids=input_ids.to(device),
+            attention_mask=torch.ones_like(input_ids).to(device),
+            position_ids=position_ids.to(device),
+        )
+
+    @torch.no_grad()
+    def answer_ids(
+        self, question: str, hits: Sequence[MemoryHit | str], *, max_new_tokens: int = 32, **generate_kwargs
+    ) -> torch.LongTensor:
+        """
+        The answer tokens `(num_hits, new_tokens)` to `question` about each hit, from the stored contexts: one
+        batched decode, no image loaded. Greedy by default; `do_sample=True` samples (seed with `torch.manual_seed`).
+        """
+        context = self.contexts(hits)
+        followups = self.processor.process_followups(questions=[question] * len(hits)).to(self.model.device)
+        generate_kwargs.setdefault("do_sample", False)
+        sequences = self.model.generate(context=context, **followups, max_new_tokens=max_new_tokens, **generate_kwargs)
+        return sequences[:, followups["input_ids"].shape[1] :]
+
+    def ask(
+        self, question: str, hits: Sequence[MemoryHit | str], *, max_new_tokens: int = 32, **generate_kwargs
+    ) -> list[str]:
+        """One answer per hit to `question`, from the stored contexts (see [`answer_ids`])."""
+        tokens = self.answer_ids(question, hits, max_new_tokens=max_new_tokens, **generate_kwargs)
+        return [answer.strip() for answer in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def rerank(self, query: str, hits: Sequence[MemoryHit], *, question: str = RERANK_QUESTION) -> list[MemoryHit]:
+        """
+        Reorder `hits` by the model's own judgement, from each stored context, of whether the item matches `query`:
+        the log-odds of "yes" against "no" as the first answer token (ties keep the search order).
+        """
+        if not hits:
+            raise ValueError("No hits to rerank: search first.")
+        context = self.contexts(hits)
+        prompt = question.format(query=query) if "{query}" in question else f"{question} {query}"
+        followups = self.processor.process_followups(questions=[prompt] * len(hits)).to(self.model.device)
+        outputs = self.model.generate(
+            context=context,
+            **followups,
+            max_new_tokens=1,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        logprobs = outputs.logits[0].float().log_softmax(-1)
+        yes, no = self._answer_token_ids(("yes", "Yes")), self._answer_token_ids(("no", "No"))
+        judgement = (logprobs[:, yes].logsumexp(-1) - logprobs[:, no].logsumexp(-1)).tolist()
+        judged = [MemoryHit(**{**hit.__dict__, "judgement": score}) for hit, score in zip(hits, judgement, strict=True)]
+        order = sorted(range(len(judged)), key=lambda i: (-judged[i].judgement, i))
+        return [MemoryHit(**{**judged[i].__dict__, "rank": rank}) for rank, i in enumerate(order)]
+
+    def _answer_token_ids(self, words: tuple[str, ...]) -> list[int]:
+        """The first token of each spelling of an answer word (deduplicated)."""
+        tokenizer = self.processor.tokenizer
+        return sorted({tokenizer.encode(word, add_special_tokens=False)[0] for word in words})
