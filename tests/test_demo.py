@@ -73,6 +73,12 @@ def test_shrunken_main_job_learns_clearly(tmp_path):
     # full main job).
     assert after["QA single compressed"] > 0.3 > before["QA single compressed"] + 0.1, (before, after)
     assert summary["results"]["stage 1 (base)"]["QA single native"] > 0.6
+    # The memory stage: answers from stored contexts are the compressed answers, item for item.
+    memory = summary["memory"]
+    assert memory["items"] == 720 and memory["stored answers equal compressed answers"], memory
+    assert memory["QA single from stored contexts"] == after["QA single compressed"]
+    assert memory["QA pairs from stored contexts"] == after["QA pairs compressed"]
+    assert memory["digit query R@1"] > 0.5 and memory["full KV / stored bytes"] > 1, memory
     for name in ("results.json", "results.md", "training.png", "model/config.json", "model/modeling_crem.py"):
         assert (tmp_path / name).exists(), name
     assert json.loads((tmp_path / "results.json").read_text())["data"][0]["kept"] == 5 * 1437

@@ -7,8 +7,11 @@
    the stand-in for a pretrained VLM.
 3. Stage 2: convert it to CREM (16 chorus tokens) and train LoRA + chorus rows with 1 x InfoNCE + 0.5 x LM, each
    generation sample compressed with p = 0.5.
-4. Evaluate stage 1, the converted model before stage 2, and after stage 2; print the table and write
-   `results.json`, `results.md`, `training.png` and the trained model (`model/`, LoRA merged, Hub remote code).
+4. Evaluate stage 1, the converted model before stage 2, and after stage 2.
+5. Visual memory: index the held-out scans (`memory/`, LanceDB), search them with text queries, answer from the
+   stored contexts and measure bytes per item and the time to the first token (`memory_stage`).
+Print the tables and write `results.json`, `results.md`, `training.png` and the trained model (`model/`, LoRA
+merged, Hub remote code).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from ..training import (
     load_retrieval_pairs,
 )
 from .digits import DIGIT_REGISTRY, PROMPT_CORPUS, SCAN_SIDE, DigitsData, build_digits_data
+from .memory_stage import memory_stage
 
 __all__ = ["MainJobConfig", "Workspace", "main", "prepare", "run", "train_stage1", "train_stage2"]
 
@@ -155,6 +159,22 @@ def markdown_report(results: dict[str, dict[str, float]]) -> str:
         for metric in metrics
     ]
     return format_markdown_table(["metric", *columns], rows)
+
+
+def memory_report(memory: dict[str, Any]) -> str:
+    """The memory stage as a two-column table: fractions in %, bytes and seconds as they are."""
+    rows = []
+    for name, value in memory.items():
+        if isinstance(value, bool):
+            shown = "yes" if value else "no"
+        elif isinstance(value, float) and ("R@1" in name or "accuracy" in name or name.startswith("QA")):
+            shown = f"{100 * value:.1f}"
+        elif isinstance(value, float):
+            shown = f"{value:.4g}"
+        else:
+            shown = str(value)
+        rows.append([name, shown])
+    return format_markdown_table(["visual memory (after stage 2)", "value"], rows)
 
 
 def plot(path: str, histories: dict[str, list[tuple[int, float]]], results: dict[str, dict[str, float]]) -> None:
@@ -286,9 +306,11 @@ def run(config: MainJobConfig) -> dict[str, Any]:
     apply_umask(os.path.join(out, "model"))  # safetensors writes 0600 whatever the umask
     histories = {"stage 1 LM": stage1_history, **histories}
     plot(os.path.join(out, "training.png"), histories, results)
+    memory = memory_stage(trained, processor, workspace.data, out, config.eval_batch_size)
     summary = {
         "config": asdict(config),
         "results": results,
+        "memory": memory,
         "data": workspace.reports,
         "histories": histories,
         "seconds": round(time.time() - started, 1),
@@ -300,7 +322,7 @@ def run(config: MainJobConfig) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
         },
     }
-    table = markdown_report(results)
+    table = markdown_report(results) + "\n" + memory_report(memory)
     write_text_atomically(os.path.join(out, "results.md"), table)
     write_json_atomically(os.path.join(out, "results.json"), summary)
     print("\n" + table)
