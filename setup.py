@@ -35,6 +35,8 @@ setup(
         "memory": ["lancedb>=0.40"],
         "dev": [
             "lancedb>=0.40",
+            "moto[server]>=5.0",
+            "boto3>=1.34",
             "sentence-transformers>=6.0",
             "mteb>=2.26,<3",
             "peft>=0.17",

@@ -305,3 +305,39 @@ def test_indexing_with_two_processes_stores_what_one_process_stores(saved_model,
     for a, b in zip(single, double, strict=True):
         assert torch.allclose(torch.tensor(a["vector"]), torch.tensor(b["vector"]), atol=1e-6)
         assert a["context"] == b["context"] and a["context_positions"] == b["context_positions"]
+
+
+def test_a_memory_on_object_storage_works_as_a_local_one(model, processor, tmp_path, capsys):
+    """An S3 bucket (moto's S3 server on 127.0.0.1): create, add, reopen, search, ask, and the CLI's info."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        keys = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys).create_bucket(Bucket="memories")
+        options = {"aws_endpoint": endpoint, "aws_region": "us-east-1", "allow_http": "true", **keys}
+        uri = "s3://memories/scans"
+        memory = CREMMemory.open(uri, model, processor, create=True, storage_options=options)
+        memory.add(ids=["a", "b"], texts=["one digit", "two digits"], show_progress=False)
+        reopened = CREMMemory.open(uri, model, processor, storage_options=options)
+        local = CREMMemory.open(tmp_path / "local", model, processor, create=True)
+        local.add(ids=["a", "b"], texts=["one digit", "two digits"], show_progress=False)
+        assert len(reopened) == 2 and reopened.search("one digit", k=2) == local.search("one digit", k=2)
+        assert (
+            reopened.answer_ids(QUESTION, ["b"], max_new_tokens=3).tolist()
+            == memory.answer_ids(QUESTION, ["b"], max_new_tokens=3).tolist()
+        )
+        flags = [f"--storage-option={key}={value}" for key, value in options.items()]
+        assert memory_main(["info", "--memory", uri, *flags]) == 0
+        assert json.loads(capsys.readouterr().out)["rows"] == 2
+        with pytest.raises(ValueError, match="is not a CREM memory"):
+            CREMMemory.open("s3://memories/elsewhere", model, processor, storage_options=options)
+    finally:
+        server.stop()

@@ -29,6 +29,13 @@ def build_parser() -> ArgumentParser:
     for name in ("index", "search", "ask", "info"):
         command = commands.add_parser(name)
         command.add_argument("--memory", required=True, help="the memory: a folder or a LanceDB URI")
+        command.add_argument(
+            "--storage-option",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="object-storage option for LanceDB (e.g. aws_endpoint=http://...); repeatable",
+        )
         if name == "info":
             continue
         command.add_argument("--model", required=True, help="the CREM folder that writes (wrote) the memory")
@@ -71,22 +78,33 @@ def _print_hits(hits: list[MemoryHit], answers: list[str] | None, as_json: bool)
         print(format_markdown_table(list(rows[0]), [list(row.values()) for row in rows]), end="")
 
 
+def _storage_options(pairs: list[str]) -> dict[str, str] | None:
+    options = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise ValueError(f"--storage-option {pair!r}: expected KEY=VALUE.")
+        options[key] = value
+    return options or None
+
+
 def run(args: argparse.Namespace) -> object:
     """Run one parsed command and print its result."""
+    storage = _storage_options(args.storage_option)
     if args.command == "info":
-        print(json.dumps(CREMMemory.describe(args.memory), indent=2))
+        print(json.dumps(CREMMemory.describe(args.memory, storage), indent=2))
         return None
     # The cheap checks come before the model is loaded: the memory (or the source to index), then the model path.
     if args.command == "index":
         read_source(args.source, args.image_root)
     else:
-        CREMMemory.describe(args.memory)
+        CREMMemory.describe(args.memory, storage)
     check_model_source(args.model)
     parallel.initialize_from_environment()
     try:
         model, processor = load_crem(args.model)
         model = model.to(args.device).eval()
-        memory = CREMMemory.open(args.memory, model, processor, create=args.command == "index")
+        memory = CREMMemory.open(args.memory, model, processor, create=args.command == "index", storage_options=storage)
         if args.command == "index":
             report = memory.index(
                 args.source,
