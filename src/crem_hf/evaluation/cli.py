@@ -4,6 +4,9 @@ crem-eval mmeb --model out/ --data MMEB-eval/ --subsets ImageNet-1K N24News --im
 crem-eval retrieval --model out/ --data flickr_test.jsonl --image-root images/ --output res/flickr.json
 crem-eval compositional --model out/ --data sugarcrepe_swap.jsonl --output res/swap.json
 crem-eval generation --model out/ --data qa.jsonl --compress --output res/qa_compressed.json
+
+Under torchrun or accelerate launch (`torchrun --nproc_per_node 4 --no-python crem-eval mmeb ...`) every process
+encodes its share of the batches and the results are gathered; only the first process writes and prints them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..io import (
     write_json_atomically,
 )
 from ..loading import load_crem
+from ..parallel import initialize_from_environment, is_main_process, shutdown
 from .generation import evaluate_generation
 from .mmeb import MMEB_RESULT_FILES, evaluate_mmeb, markdown_table
 from .retrieval import evaluate_compositional, evaluate_image_text_retrieval, load_caption_rows
@@ -61,8 +65,10 @@ def build_parser() -> ArgumentParser:
 def evaluate(args: argparse.Namespace) -> dict:
     """
     Run one parsed command; print its results to stdout and return them. Everything that can be checked cheaply
-    (the output location, then the data file) is checked before the model is loaded.
+    (the output location, then the data file) is checked before the model is loaded. In a process group every
+    process runs it and gets the results; the main process alone writes and prints them.
     """
+    main_process = is_main_process()
     if args.command == "mmeb":
         if args.output_dir is not None:
             check_writable_folder(args.output_dir, MMEB_RESULT_FILES)
@@ -75,11 +81,11 @@ def evaluate(args: argparse.Namespace) -> dict:
     model, processor = load_crem(args.model)
     model = model.to(args.device).eval()
     if args.command == "mmeb":
-        results = evaluate_mmeb(
-            model, processor, args.data, args.subsets, args.image_root, args.output_dir, args.batch_size
-        )
+        output_dir = args.output_dir if main_process else None
+        results = evaluate_mmeb(model, processor, args.data, args.subsets, args.image_root, output_dir, args.batch_size)
         scores = {name: subset["precision_at_1"] for name, subset in results["subsets"].items()}
-        print(markdown_table(scores), end="")
+        if main_process:
+            print(markdown_table(scores), end="")
         return results
     if args.command == "retrieval":
         results = evaluate_image_text_retrieval(model, processor, rows, args.batch_size)
@@ -87,16 +93,30 @@ def evaluate(args: argparse.Namespace) -> dict:
         results = evaluate_compositional(model, processor, rows, args.batch_size)
     else:
         results = evaluate_generation(model, processor, rows, args.compress, args.batch_size, args.max_new_tokens)
-    if args.output:
-        write_json_atomically(args.output, results)
-    print(json.dumps({k: v for k, v in results.items() if k != "predictions"}, indent=2))
+    if main_process:
+        if args.output:
+            write_json_atomically(args.output, results)
+        print(json.dumps({k: v for k, v in results.items() if k != "predictions"}, indent=2))
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `crem-eval` command: exit status 0 on success, 1 with a one-line reason on stderr (2 for bad arguments)."""
+    """
+    The `crem-eval` command: exit status 0 on success, 1 with a one-line reason on stderr (2 for bad arguments).
+    Under a launcher it joins the launched processes' group first.
+    """
     args = build_parser().parse_args(argv)
-    return run_command("crem-eval", lambda: evaluate(args))
+
+    def body() -> None:
+        initialize_from_environment()
+        evaluate(args)
+
+    status = run_command("crem-eval", body)
+    if status == 0:
+        shutdown()
+    # After a failure no barrier: the other processes may be inside a collective this one never joins. Exiting
+    # non-zero makes the launcher stop them.
+    return status
 
 
 if __name__ == "__main__":

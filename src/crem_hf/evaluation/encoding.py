@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..parallel import gather_rows, is_main_process, share_of_this_process
+
 __all__ = ["encode_items"]
 
 
@@ -37,18 +39,28 @@ def encode_items(
     """
     Embed items `(texts[i], images[i])` (either may be None/"") in batches of similar length.
 
+    Under a process group (`torchrun`, `accelerate launch`; see `crem_hf.parallel`) every process must call it with
+    the same items: the length-sorted batches are dealt out whole, round robin, and the embeddings gathered, so each
+    batch is the one a single process would run and every process returns all the embeddings.
+
     Returns:
         `(num_items, hidden_size)` float32 embeddings on the CPU, in the order of the inputs.
     """
     if len(texts) != len(images):
         raise ValueError(f"Got {len(texts)} texts for {len(images)} images.")
     order = sorted(range(len(texts)), key=lambda i: _cost(texts[i], images[i]))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    mine = share_of_this_process(len(batches))
     device = next(model.parameters()).device
-    out = torch.empty(len(texts), model.config.text_config.hidden_size)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
-        index = order[start : start + batch_size]
+    indices = [i for b in mine for i in batches[b]]
+    rows = torch.empty(len(indices), model.config.text_config.hidden_size)
+    done = 0
+    show = show_progress and is_main_process()
+    for b in tqdm(mine, desc=desc, disable=not show, leave=False):
+        index = batches[b]
         batch = processor.process_embedding_inputs(
             images=[images[i] or None for i in index], texts=[texts[i] or None for i in index], instruction=instruction
         )
-        out[index] = model.get_embedding(**batch.to(device)).float().cpu()
-    return out
+        rows[done : done + len(index)] = model.get_embedding(**batch.to(device)).float().cpu()
+        done += len(index)
+    return gather_rows(torch.tensor(indices, dtype=torch.long), rows, len(texts))

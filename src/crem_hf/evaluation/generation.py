@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..formats import conversation_messages
+from ..parallel import gather_objects, is_main_process, share_of_this_process
 
 __all__ = ["evaluate_generation", "normalize_answer"]
 
@@ -32,7 +33,9 @@ def evaluate_generation(
     chorus: bool = True,
 ) -> dict[str, Any]:
     """
-    Rows `{"image", "question", "answer"}`: greedy answers, scored by exact match after `normalize_answer`.
+    Rows `{"image", "question", "answer"}`: greedy answers, scored by exact match after `normalize_answer`. Under a
+    process group every process must call it with the same rows: batches are dealt out whole, round robin, and the
+    answers gathered (`crem_hf.parallel`), so every process returns the one-process results.
 
     Args:
         compress: answer from the compressed context (the chorus tokens alone).
@@ -44,13 +47,18 @@ def evaluate_generation(
     if compress and not chorus:
         raise ValueError("Compressed generation needs the chorus block (chorus=True).")
     device = next(model.parameters()).device
-    predictions = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="compressed QA" if compress else "native QA", leave=False):
-        chunk = rows[start : start + batch_size]
+    starts = range(0, len(rows), batch_size)
+    mine = share_of_this_process(len(starts))  # whole batches per process: each padded as on one process
+    indices, answers = [], []
+    desc = "compressed QA" if compress else "native QA"
+    for b in tqdm(mine, desc=desc, disable=not is_main_process(), leave=False):
+        chunk = rows[starts[b] : starts[b] + batch_size]
         conversations = [conversation_messages(r["image"], [r["question"]]) for r in chunk]
         batch = processor.process_chat(conversations=conversations, compress_layout=chorus).to(device)
         mode = {"compress": True} if compress else {}  # native: any Qwen2-VL model works
         out = model.generate(**batch, **mode, max_new_tokens=max_new_tokens, do_sample=False)
-        predictions += processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers += processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        indices += range(starts[b], starts[b] + len(chunk))
+    predictions = gather_objects(indices, answers, len(rows))
     correct = [normalize_answer(p) == normalize_answer(r["answer"]) for p, r in zip(predictions, rows, strict=True)]
     return {"accuracy": sum(correct) / max(len(rows), 1), "num_rows": len(rows), "predictions": predictions}

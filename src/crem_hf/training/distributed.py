@@ -6,15 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_functional
 
+from ..parallel import rank, world_size
+
 __all__ = ["all_gather_with_grad", "all_gather_no_grad", "all_reduce_sum", "rank", "world_size"]
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _check_same_size(tensor: torch.Tensor) -> None:
