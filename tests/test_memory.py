@@ -341,3 +341,26 @@ def test_a_memory_on_object_storage_works_as_a_local_one(model, processor, tmp_p
             CREMMemory.open("s3://memories/elsewhere", model, processor, storage_options=options)
     finally:
         server.stop()
+
+
+def test_an_approximate_index_serves_searches_and_exact_scans_remain(model, processor, tmp_path):
+    memory = CREMMemory.open(tmp_path / "m", model, processor, create=True)
+    memory.add(ids=["seed"], texts=["one"], show_progress=False)
+    template = memory.items.to_arrow().to_pylist()[0]
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.nn.functional.normalize(torch.randn(600, len(template["vector"]), generator=generator), dim=-1)
+    memory.items.add([{**template, "id": f"v{i}", "vector": v.tolist()} for i, v in enumerate(vectors)])
+    with pytest.raises(ValueError, match="at least 256 rows"):
+        CREMMemory.open(tmp_path / "small", model, processor, create=True).build_ann_index()
+    memory.build_ann_index(num_partitions=4)
+    assert memory.info()["ann_index"] is True
+    query = vectors[7]
+    exact = memory.search_vector(query, k=10, exact=True)
+    assert exact[0].id == "v7" and exact[0].score == pytest.approx(1.0, abs=1e-5)
+    expected = (vectors @ query).topk(10).indices.tolist()
+    assert [hit.id for hit in exact] == [f"v{i}" for i in expected]
+    approximate = memory.search_vector(query, k=10)
+    assert approximate[0].id == "v7"  # the nearest one survives quantisation
+    # Candidates are re-scored exactly: the scores are the true cosines (its recall: benchmarks/memory.py).
+    true = {f"v{i}": float(vectors[i] @ query) for i in range(len(vectors))}
+    assert [hit.score for hit in approximate] == pytest.approx([true[hit.id] for hit in approximate], abs=1e-5)

@@ -58,6 +58,8 @@ MATCHING_FIELDS = (
 )
 #: Rows from which `index` builds an approximate (IVF) index; smaller tables are scanned exactly.
 ANN_MIN_ROWS = 100_000
+#: Candidates per hit that an approximate search re-scores exactly.
+REFINE_FACTOR = 10
 #: Config keys that say where or how a model was saved, not what it computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "auto_map")
 #: Elements of each parameter the weights fingerprint reads (an evenly strided sample: cheap even at 7B).
@@ -614,6 +616,9 @@ class CREMMemory:
         query = self.items.search(list(map(float, vector)), vector_column_name="vector").distance_type("cosine")
         if exact:
             query = query.bypass_vector_index()
+        else:
+            # With an approximate index: re-score REFINE_FACTOR x k candidates exactly, so scores are true cosines.
+            query = query.refine_factor(REFINE_FACTOR)
         found = query.select(["id", "source", "text", "metadata", "_distance"]).limit(k).to_arrow().to_pylist()
         return [
             MemoryHit(
