@@ -31,6 +31,7 @@ setup(
         "train": ["peft>=0.17", "accelerate>=1.10", "datasets>=4.0"],
         "eval": ["datasets>=4.0", "matplotlib>=3.8", "scikit-learn>=1.5", "scikit-image>=0.24"],
         "hub": ["sentence-transformers>=6.0"],
+        "demo": ["gradio>=6.0", "matplotlib>=3.8", "scikit-learn>=1.5", "lancedb>=0.40"],
         "mteb": ["mteb>=2.26,<3"],
         "memory": ["lancedb>=0.40"],
         "dev": [
@@ -47,6 +48,8 @@ setup(
             "scikit-learn>=1.5",
             "scikit-image>=0.24",
             "matplotlib>=3.8",
+            "gradio>=6.0",
+            "playwright>=1.50",
         ],
     },
     entry_points={
@@ -54,6 +57,7 @@ setup(
             "crem-quickstart=crem_hf.quickstart:main",
             "crem-eval=crem_hf.evaluation.cli:main",
             "crem-export=crem_hf.hub:main",
+            "crem-demo=crem_hf.demo.app:main",
             "crem-memory=crem_hf.memory.cli:main",
         ]
     },

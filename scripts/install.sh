@@ -12,3 +12,15 @@ python -m pip install -q --upgrade pip
 # The pinned CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
+# The browser the demo's tests drive (tests/test_app.py): Debian's chromium, which playwright runs through
+# executable_path (playwright's own browser download is not used).
+if [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -q
+    $SUDO apt-get install -y -q chromium
+  else
+    echo "install.sh: no apt-get; install Chromium at /usr/bin/chromium for the browser tests (they skip without it)" >&2
+  fi
+fi
