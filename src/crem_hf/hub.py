@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import __version__
 from .configuration_crem import CREMConfig
 from .io import (
     ArgumentParser,
@@ -302,6 +303,7 @@ def export_hub_folder(
     info: CardInfo | None = None,
     merge: bool = True,
     overwrite: bool = False,
+    space_requirement: str | None = None,
 ) -> str:
     """
     Write a complete Hub folder for `model` (a CREM model or a peft model on one) and `processor`.
@@ -315,6 +317,8 @@ def export_hub_folder(
         merge: merge LoRA into the weights (default); `False` writes the adapter alone (its base must be on the
             Hub: the card loads it with peft).
         overwrite: replace a non-empty `output_dir`.
+        space_requirement: also write a Space-ready `app.py` (the `crem-demo` app on this folder) and a
+            `requirements.txt` holding this install line of crem-hf (see `crem_hf.demo.app.space_files`).
     Returns:
         The folder's path.
     """
@@ -334,6 +338,10 @@ def export_hub_folder(
         if merge:
             _write_sentence_transformers_files(staging)
         render_model_card(config, info).save(os.path.join(staging, "README.md"))
+        if space_requirement is not None:
+            from .demo.app import write_space_files
+
+            write_space_files(staging, info.repo_id, space_requirement)
         pickles = [name for name in os.listdir(staging) if name.endswith(PICKLE_SUFFIXES)]
         if pickles:
             raise RuntimeError(f"The export wrote pickle files {pickles}; refusing to publish them.")
@@ -417,6 +425,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--mteb-results", nargs="+", default=[], help="mteb result files or folders, for the same")
     parser.add_argument("--push", action="store_true", help="upload to --repo-id after exporting")
     parser.add_argument("--private", action="store_true")
+    parser.add_argument(
+        "--space",
+        nargs="?",
+        const=f"crem-hf[demo]=={__version__}",
+        default=None,
+        metavar="REQUIREMENT",
+        help="also write a Gradio Space (app.py, requirements.txt with REQUIREMENT, default crem-hf[demo]==version)",
+    )
     return parser
 
 
@@ -437,7 +453,13 @@ def export_from_args(args: argparse.Namespace) -> str:
     )
     with torch.no_grad():
         folder = export_hub_folder(
-            model, processor, output_dir, info, merge=not args.adapter_only, overwrite=args.overwrite
+            model,
+            processor,
+            output_dir,
+            info,
+            merge=not args.adapter_only,
+            overwrite=args.overwrite,
+            space_requirement=args.space,
         )
     print(f"Exported {folder}")
     if args.push:
