@@ -21,6 +21,7 @@ if [ ! -x /usr/bin/chromium ]; then
     $SUDO apt-get update -q
     $SUDO apt-get install -y -q chromium
   else
-    echo "install.sh: no apt-get; install Chromium at /usr/bin/chromium for the browser tests (they skip without it)" >&2
+    echo "install.sh: no apt-get; install Chromium at /usr/bin/chromium for the demo's browser tests" >&2
+    exit 1
   fi
 fi

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import COLOURS, colour_image
+from helpers import COLOURS, colour_image, free_port
 from PIL import Image
+from playwright import sync_api
 
-pytest.importorskip("gradio")
-sync_api = pytest.importorskip("playwright.sync_api")
-
-from crem_hf.demo.app import (  # noqa: E402  (after the skips: gradio and playwright are dev extras)
+from crem_hf.demo.app import (
     UploadLimits,
     build_app,
     digits_gallery,
@@ -29,18 +26,12 @@ from crem_hf.demo.app import (  # noqa: E402  (after the skips: gradio and playw
     read_upload,
     space_files,
 )
-from crem_hf.evaluation.retrieval import T2I_INSTRUCTION  # noqa: E402
+from crem_hf.evaluation.retrieval import T2I_INSTRUCTION
 
 CHROMIUM = "/usr/bin/chromium"
 #: Small limits, so that a "huge" upload is small on disk: 60 kB and 200 x 200 px.
 LIMITS = UploadLimits(max_bytes=60_000, max_pixels=200 * 200)
 WAIT_MS = 30_000
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +69,8 @@ def served(model, processor, images, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (scripts/install.sh installs Debian's chromium)")
+    # A missing browser fails the tests (never a silent skip): scripts/install.sh installs Debian's chromium.
+    assert os.path.exists(CHROMIUM), f"no Chromium at {CHROMIUM}: run scripts/install.sh (apt-get install chromium)"
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield chromium

@@ -7,12 +7,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import free_port
 
 import crem_hf.parallel as parallel
 from crem_hf.demo.digits import build_digits_data
@@ -114,12 +114,6 @@ def job(model, processor, tmp_path_factory):
             lines = handle.readlines()[:count]
         (mmeb / f"{subset}.jsonl").write_text("".join(lines))
     return {"model": str(folder / "model"), "digits": digits.folder, "mmeb": str(mmeb)}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch(launcher: str, command: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
