@@ -178,6 +178,8 @@ def test_bad_input_is_named_and_writes_nothing(memory, model, processor, tmp_pat
         memory.ask(QUESTION, ["nope"])
     with pytest.raises(ValueError, match="appears twice"):
         empty.add(ids=["a", "a"], texts=["x", "y"])
+    with pytest.raises(ValueError, match="'b' has neither an image nor a text"):
+        empty.add(ids=["a", "b"], texts=["x", None])
     assert len(empty) == 0
 
 

@@ -23,7 +23,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -457,6 +457,8 @@ class CREMMemory:
             if item.id in seen:
                 raise ValueError(f"Item id {item.id!r} appears twice: ids must be unique.")
             seen.add(item.id)
+            if item.image is None and not item.text:
+                raise ValueError(f"Item {item.id!r} has neither an image nor a text: there is nothing to store.")
             json.dumps(item.metadata)  # fails early, naming the type, on metadata that cannot be stored
         stored = self.stored_ids()
         parallel.barrier()  # every process has read the stored ids before any process appends
@@ -711,7 +713,8 @@ class CREMMemory:
         if not hits:
             raise ValueError("No hits to rerank: search first.")
         context = self.contexts(hits)
-        prompt = question.format(query=query) if "{query}" in question else f"{question} {query}"
+        # The query is user text: substituted verbatim (no str.format on anything the user wrote).
+        prompt = question.replace("{query}", query) if "{query}" in question else f"{question} {query}"
         followups = self.processor.process_followups(questions=[prompt] * len(hits)).to(self.model.device)
         outputs = self.model.generate(
             context=context,
@@ -724,9 +727,8 @@ class CREMMemory:
         logprobs = outputs.logits[0].float().log_softmax(-1)
         yes, no = self._answer_token_ids(("yes", "Yes")), self._answer_token_ids(("no", "No"))
         judgement = (logprobs[:, yes].logsumexp(-1) - logprobs[:, no].logsumexp(-1)).tolist()
-        judged = [MemoryHit(**{**hit.__dict__, "judgement": score}) for hit, score in zip(hits, judgement, strict=True)]
-        order = sorted(range(len(judged)), key=lambda i: (-judged[i].judgement, i))
-        return [MemoryHit(**{**judged[i].__dict__, "rank": rank}) for rank, i in enumerate(order)]
+        order = sorted(range(len(hits)), key=lambda i: (-judgement[i], i))
+        return [replace(hits[i], judgement=judgement[i], rank=rank) for rank, i in enumerate(order)]
 
     def _answer_token_ids(self, words: tuple[str, ...]) -> list[int]:
         """The first token of each spelling of an answer word (deduplicated)."""
