@@ -16,3 +16,4 @@ python benchmarks/embedding.py "${options[@]}"
 python benchmarks/ask_many.py "${options[@]}"
 python benchmarks/grad_cache.py
 python benchmarks/train_step.py "${options[@]}"
+python benchmarks/memory.py "${options[@]}"
