@@ -1470,14 +1470,15 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         offsets = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         positions = torch.cat([ctx_positions, next_position + offsets[None]], dim=2)
         full_mask = torch.cat([ctx_mask, attention_mask.long()], dim=1)
-        # All follow-up tokens but the last run here in chunks (linear memory for a long question); generate() runs
-        # the last one itself to produce the first new token.
+        # generate() runs the last chunk of the follow-up (all of a short question) in its own first forward, so the
+        # first new token costs one pass; any earlier chunks of a long question run here (linear memory).
         cached = ctx_ids.shape[1]
+        head = input_ids.shape[1] - min(input_ids.shape[1], self.prefill_chunk_size or input_ids.shape[1])
         self._compression().prefill(
             cache,
-            self.get_input_embeddings()(input_ids[:, :-1]),
-            full_mask[:, :-1],
-            positions[..., cached:-1],
+            self.get_input_embeddings()(input_ids[:, :head]),
+            full_mask[:, : cached + head],
+            positions[..., cached : cached + head],
             self.prefill_chunk_size,
         )
         full_ids = torch.cat([ctx_ids, input_ids], dim=1)
