@@ -197,10 +197,9 @@ def first_token(model, processor, memory: CREMMemory, images: dict[int, object],
 
         return stored, lambda: from_image(False), lambda: from_image(True)
 
-    # The floor of any answer: `generate` (native, one new token) from a text-only prompt as long as what the stored
-    # path runs over (the stored slots and the follow-up turn), without reading anything from the memory.
-    followup = processor.process_followups(questions=[QUESTION])["input_ids"].shape[1]
-    floor_length = len(memory.prefix_ids) + memory.num_chorus_tokens + followup
+    # The floor of any answer: `generate` (native, one new token) from a text-only prompt as long as the follow-up
+    # turn, the tokens the stored path runs (over its cached slots), without reading anything from the memory.
+    floor_length = processor.process_followups(questions=[QUESTION])["input_ids"].shape[1]
     words = processor.tokenizer("A plain text prompt with nothing special in it. " * floor_length)["input_ids"]
     floor_ids = torch.tensor([words[:floor_length]], device=device)
 
@@ -502,8 +501,8 @@ def main() -> None:
         "input processing: from a stored context = `memory.answer_ids` (reading the context from LanceDB, the "
         f"follow-up prompt, the question run over the {stored_slots} stored slots); from the image = the image "
         "processed and prefilled with the question (`generate`, native or `compress=True`). The floor is `generate` "
-        "from a text prompt as long as the stored slots and the follow-up together (no memory read, no image): the "
-        "fixed cost of one `generate` call at this model size, which the stored path cannot beat. Medians of "
+        "from a text prompt as long as the follow-up turn (no cache, no memory read, no image): the fixed cost of one "
+        "`generate` call running as many tokens as the stored path does, which that path cannot beat. Medians of "
         f"{args.stored_repeats} (stored, floor) and {args.image_repeats} (from the image) timed calls"
         + (", after one warm-up call per path." if cuda else ", every path warmed up once at the smallest size.")
     )

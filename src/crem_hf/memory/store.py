@@ -23,6 +23,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -468,18 +469,29 @@ class CREMMemory:
         batches = [pending[start : start + batch_size] for start in range(0, len(pending), batch_size)]
         mine = parallel.share_of_this_process(len(batches))
         local_failures = []
-        for b in tqdm(mine, desc="Indexing", disable=not (show_progress and parallel.is_main_process())):
-            loaded = []
-            for item in batches[b]:
-                try:
-                    image = None if item.image is None else self.processor.load_image(item.image, f"item {item.id!r}")
-                except (ValueError, OSError) as error:
-                    local_failures.append((item.id, str(error)))
+        # One writer thread commits batch i (bytes, checksums, Arrow, LanceDB) while the model encodes batch i + 1;
+        # at most one commit is in flight, so rows land in order and an error surfaces at the next batch.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crem-memory-writer") as writer:
+            commit = None
+            for b in tqdm(mine, desc="Indexing", disable=not (show_progress and parallel.is_main_process())):
+                loaded = []
+                for item in batches[b]:
+                    try:
+                        image = (
+                            None if item.image is None else self.processor.load_image(item.image, f"item {item.id!r}")
+                        )
+                    except (ValueError, OSError) as error:
+                        local_failures.append((item.id, str(error)))
+                        continue
+                    loaded.append((item, image))
+                if not loaded:
                     continue
-                loaded.append((item, image))
-            if loaded:
-                self.items.add(self._encode_rows(loaded, instruction))
-                report.added += len(loaded)
+                encoded = self._encode_batch(loaded, instruction)
+                if commit is not None:
+                    report.added += commit.result()
+                commit = writer.submit(self._commit, *encoded)
+            if commit is not None:
+                report.added += commit.result()
         report.failures = failures + local_failures
         if parallel.world_size() > 1:
             report = self._summed(report, failures, local_failures)
@@ -497,8 +509,15 @@ class CREMMemory:
         )
 
     @torch.no_grad()
-    def _encode_rows(self, loaded: list[tuple[MemoryItem, Image.Image | None]], instruction: str | None) -> pa.Table:
-        """One compressed forward over a batch: each item's embedding and context, as table rows."""
+    def _encode_batch(
+        self, loaded: list[tuple[MemoryItem, Image.Image | None]], instruction: str | None
+    ) -> tuple[list[MemoryItem], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        One compressed forward over a batch, brought to the CPU in one transfer: the items, their embeddings
+        `(batch, hidden_size)` (float32), chorus keys/values `(batch, layers, 2, kv_heads, num_chorus_tokens,
+        head_dim)` (model dtype), chorus token ids `(batch, num_chorus_tokens)` and positions `(3, batch,
+        num_chorus_tokens)`.
+        """
         inputs = self.processor.process_embedding_inputs(
             images=[image for _, image in loaded], texts=[item.text for item, _ in loaded], instruction=instruction
         ).to(self.model.device)
@@ -511,24 +530,43 @@ class CREMMemory:
             )
         if not torch.equal(context.input_ids[:, :p].cpu(), self.prefix_ids.expand(len(loaded), -1)):
             raise ValueError("An item's prompt prefix differs from the memory's shared prefix (another processor?).")
-        vectors = context.embeddings.float().cpu()
-        rows = []
-        for row, (item, _) in enumerate(loaded):
-            kv = _tensor_bytes(_slots_kv(context.cache, row, p, p + n))
-            rows.append(
-                {
-                    "id": item.id,
-                    "vector": vectors[row].tolist(),
-                    "context": kv,
-                    "context_sha256": _sha256(kv),
-                    "context_ids": context.input_ids[row, p:].tolist(),
-                    "context_positions": context.position_ids[:, row, p:].reshape(-1).tolist(),
-                    "source": item.source,
-                    "text": item.text,
-                    "metadata": json.dumps(item.metadata),
-                }
-            )
-        return pa.Table.from_pylist(rows, schema=self.items.schema)
+        chorus_kv = torch.stack(
+            [torch.stack([layer.keys[:, :, p:], layer.values[:, :, p:]], dim=1) for layer in context.cache.layers],
+            dim=1,
+        )
+        return (
+            [item for item, _ in loaded],
+            context.embeddings.float().cpu(),
+            chorus_kv.cpu(),
+            context.input_ids[:, p:].cpu(),
+            context.position_ids[:, :, p:].cpu(),
+        )
+
+    def _commit(
+        self,
+        items: list[MemoryItem],
+        vectors: torch.Tensor,
+        chorus_kv: torch.Tensor,
+        chorus_ids: torch.Tensor,
+        chorus_positions: torch.Tensor,
+    ) -> int:
+        """Write one encoded batch (see `_encode_batch`) as one LanceDB commit; returns the rows written."""
+        contexts = [_tensor_bytes(kv) for kv in chorus_kv]
+        columns = {
+            "id": [item.id for item in items],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1).numpy()), vectors.shape[1]),
+            "context": contexts,
+            "context_sha256": [_sha256(kv) for kv in contexts],
+            "context_ids": chorus_ids.tolist(),
+            "context_positions": chorus_positions.permute(1, 0, 2).reshape(len(items), -1).tolist(),
+            "source": [item.source for item in items],
+            "text": [item.text for item in items],
+            "metadata": [json.dumps(item.metadata) for item in items],
+        }
+        schema = self.items.schema
+        arrays = [c if isinstance(c := columns[f.name], pa.Array) else pa.array(c, f.type) for f in schema]
+        self.items.add(pa.Table.from_arrays(arrays, schema=schema))
+        return len(items)
 
     def build_ann_index(self, num_partitions: int | None = None) -> None:
         """
