@@ -3,6 +3,7 @@ exact cosine ranking, indexing resumes (also after kill -9) and runs across proc
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -181,6 +182,17 @@ def test_bad_input_is_named_and_writes_nothing(memory, model, processor, tmp_pat
     with pytest.raises(ValueError, match="'b' has neither an image nor a text"):
         empty.add(ids=["a", "b"], texts=["x", None])
     assert len(empty) == 0
+
+
+def test_a_changed_processor_is_refused_before_its_batches_are_written(model, processor, tmp_path):
+    memory = CREMMemory.open(tmp_path / "m", model, processor, create=True)
+    memory.add(ids=["kept"], texts=["first"], show_progress=False)
+    # Another system prompt changes the shared prefix every stored context continues from.
+    memory.processor = copy.deepcopy(processor)
+    memory.processor.system_prompt = "You are a different assistant with a longer system prompt."
+    with pytest.raises(ValueError, match="shared prefix"):
+        memory.add(ids=["a", "b", "c"], texts=["x", "y", "z"], batch_size=1, show_progress=False)
+    assert memory.stored_ids() == {"kept"}
 
 
 def test_a_corrupt_context_row_is_an_error_naming_the_item(model, processor, tmp_path):

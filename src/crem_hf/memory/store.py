@@ -247,6 +247,7 @@ class CREMMemory:
     def __init__(self, uri: str, db, meta: dict, items, model, processor):
         self.uri, self.db, self.items = uri, db, items
         self.model, self.processor = model, processor
+        self._items_schema = items.schema  # read once: each `.schema` is a call into LanceDB
         self.fingerprint = json.loads(meta["fingerprint"])
         self.num_chorus_tokens = model.config.num_chorus_tokens
         self.dtype = model.dtype
@@ -469,7 +470,7 @@ class CREMMemory:
         batches = [pending[start : start + batch_size] for start in range(0, len(pending), batch_size)]
         mine = parallel.share_of_this_process(len(batches))
         local_failures = []
-        # One writer thread commits batch i (bytes, checksums, Arrow, LanceDB) while the model encodes batch i + 1;
+        # One writer thread commits batch i (transfer, checks, bytes, checksums, LanceDB) while batch i + 1 is encoded;
         # at most one commit is in flight, so rows land in order and an error surfaces at the next batch.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crem-memory-writer") as writer:
             commit = None
@@ -511,59 +512,48 @@ class CREMMemory:
     @torch.no_grad()
     def _encode_batch(
         self, loaded: list[tuple[MemoryItem, Image.Image | None]], instruction: str | None
-    ) -> tuple[list[MemoryItem], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """
-        One compressed forward over a batch, brought to the CPU in one transfer: the items, their embeddings
-        `(batch, hidden_size)` (float32), chorus keys/values `(batch, layers, 2, kv_heads, num_chorus_tokens,
-        head_dim)` (model dtype), chorus token ids `(batch, num_chorus_tokens)` and positions `(3, batch,
-        num_chorus_tokens)`.
-        """
+    ) -> tuple[list[MemoryItem], CREMCompressedContext]:
+        """One compressed forward over a batch: the items and their context (with embeddings), on the model's device."""
         inputs = self.processor.process_embedding_inputs(
             images=[image for _, image in loaded], texts=[item.text for item, _ in loaded], instruction=instruction
         ).to(self.model.device)
-        context = self.model.compress(**inputs, return_embeddings=True)
+        return [item for item, _ in loaded], self.model.compress(**inputs, return_embeddings=True)
+
+    @torch.no_grad()
+    def _commit(self, items: list[MemoryItem], context: CREMCompressedContext) -> int:
+        """
+        Check one encoded batch against the memory's layout and write it as one LanceDB commit (nothing of the batch
+        when a check fails); returns the rows written. Runs on the writer thread, so that the main thread never waits
+        for the device: the transfers to the CPU happen here.
+        """
         n, p = self.num_chorus_tokens, len(self.prefix_ids)
         if context.input_ids.shape[1] != p + n or not bool(context.attention_mask.all()):
             raise ValueError(
                 f"An item's compressed context has {context.input_ids.shape[1]} slots; this memory stores a shared "
                 f"prefix of {p} and {n} chorus slots per item. Was the processor changed (system prompt, template)?"
             )
-        if not torch.equal(context.input_ids[:, :p].cpu(), self.prefix_ids.expand(len(loaded), -1)):
+        input_ids = context.input_ids.cpu()
+        if not torch.equal(input_ids[:, :p], self.prefix_ids.expand(len(items), -1)):
             raise ValueError("An item's prompt prefix differs from the memory's shared prefix (another processor?).")
+        # (batch, layers, 2, kv_heads, n, head_dim), one transfer; a row's bytes are its (layers, 2, kv_heads, n, d).
         chorus_kv = torch.stack(
             [torch.stack([layer.keys[:, :, p:], layer.values[:, :, p:]], dim=1) for layer in context.cache.layers],
             dim=1,
-        )
-        return (
-            [item for item, _ in loaded],
-            context.embeddings.float().cpu(),
-            chorus_kv.cpu(),
-            context.input_ids[:, p:].cpu(),
-            context.position_ids[:, :, p:].cpu(),
-        )
-
-    def _commit(
-        self,
-        items: list[MemoryItem],
-        vectors: torch.Tensor,
-        chorus_kv: torch.Tensor,
-        chorus_ids: torch.Tensor,
-        chorus_positions: torch.Tensor,
-    ) -> int:
-        """Write one encoded batch (see `_encode_batch`) as one LanceDB commit; returns the rows written."""
+        ).cpu()
+        vectors = context.embeddings.float().cpu()
         contexts = [_tensor_bytes(kv) for kv in chorus_kv]
         columns = {
             "id": [item.id for item in items],
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1).numpy()), vectors.shape[1]),
             "context": contexts,
             "context_sha256": [_sha256(kv) for kv in contexts],
-            "context_ids": chorus_ids.tolist(),
-            "context_positions": chorus_positions.permute(1, 0, 2).reshape(len(items), -1).tolist(),
+            "context_ids": input_ids[:, p:].tolist(),
+            "context_positions": context.position_ids[:, :, p:].cpu().permute(1, 0, 2).reshape(len(items), -1).tolist(),
             "source": [item.source for item in items],
             "text": [item.text for item in items],
             "metadata": [json.dumps(item.metadata) for item in items],
         }
-        schema = self.items.schema
+        schema = self._items_schema
         arrays = [c if isinstance(c := columns[f.name], pa.Array) else pa.array(c, f.type) for f in schema]
         self.items.add(pa.Table.from_arrays(arrays, schema=schema))
         return len(items)
