@@ -34,6 +34,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from crem_hf.io import format_markdown_table, write_json_atomically, write_text_atomically
 from crem_hf.memory import CREMMemory
+from crem_hf.memory.store import slots_bytes
 from crem_hf.modeling_crem import CREMForEmbeddingAndGeneration
 from crem_hf.testing import make_tiny_processor, qwen2vl_files
 
@@ -110,9 +111,7 @@ def full_cache_row(model, processor, image, item_id: str, schema: pa.Schema) -> 
     inputs = processor.process_embedding_inputs(images=[image]).to(model.device)
     every_row_native = torch.zeros(1, dtype=torch.bool, device=model.device)
     full = model.compress(**inputs, rows=every_row_native, return_embeddings=True)
-    # (layers, 2, kv_heads, slots, head_dim), the layout of a memory's contexts.
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in full.cache.layers])
-    data = kv.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    data = slots_bytes(full.cache, 0)[0]  # every slot, in the layout of a memory's contexts
     return {
         "id": item_id,
         "vector": full.embeddings[0].float().cpu().tolist(),

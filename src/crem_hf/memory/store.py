@@ -158,11 +158,16 @@ def _bytes_tensor(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> to
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
-def _slots_kv(cache: DynamicCache, row: int, start: int, stop: int) -> torch.Tensor:
-    """`(layers, 2, kv_heads, stop - start, head_dim)`: the keys and values of slots `[start, stop)` of one row."""
-    return torch.stack(
-        [torch.stack([layer.keys[row, :, start:stop], layer.values[row, :, start:stop]]) for layer in cache.layers]
-    )
+def slots_bytes(cache: DynamicCache, start: int, stop: int | None = None) -> list[bytes]:
+    """
+    Each row's keys and values of slots `[start, stop)`, as stored in a memory: `(layers, 2, kv_heads, slots,
+    head_dim)` in the cache's dtype, brought to the CPU in one transfer for the whole batch.
+    """
+    kv = torch.stack(
+        [torch.stack([layer.keys[:, :, start:stop], layer.values[:, :, start:stop]], dim=1) for layer in cache.layers],
+        dim=1,
+    ).cpu()
+    return [_tensor_bytes(row) for row in kv]
 
 
 def _is_local(uri: str) -> bool:
@@ -324,7 +329,7 @@ class CREMMemory:
         context = model.compress(**inputs)
         n = model.config.num_chorus_tokens
         prefix_length = context.input_ids.shape[1] - n
-        prefix = _tensor_bytes(_slots_kv(context.cache, 0, 0, prefix_length))
+        prefix = slots_bytes(context.cache, 0, prefix_length)[0]
         hidden = fingerprint["hidden_size"]
         items_schema = pa.schema(
             [
@@ -535,13 +540,8 @@ class CREMMemory:
         input_ids = context.input_ids.cpu()
         if not torch.equal(input_ids[:, :p], self.prefix_ids.expand(len(items), -1)):
             raise ValueError("An item's prompt prefix differs from the memory's shared prefix (another processor?).")
-        # (batch, layers, 2, kv_heads, n, head_dim), one transfer; a row's bytes are its (layers, 2, kv_heads, n, d).
-        chorus_kv = torch.stack(
-            [torch.stack([layer.keys[:, :, p:], layer.values[:, :, p:]], dim=1) for layer in context.cache.layers],
-            dim=1,
-        ).cpu()
+        contexts = slots_bytes(context.cache, p)
         vectors = context.embeddings.float().cpu()
-        contexts = [_tensor_bytes(kv) for kv in chorus_kv]
         columns = {
             "id": [item.id for item in items],
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1).numpy()), vectors.shape[1]),
