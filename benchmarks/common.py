@@ -98,14 +98,19 @@ def build(hidden_size: int, num_layers: int, real_vocabulary: bool, max_image_to
     return model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval(), processor
 
 
-def report(name: str, args, rows: list[dict], notes: str = "") -> str:
-    """Print a markdown table of `rows` and write it with the JSON under `--output-dir`."""
+def markdown_rows(rows: list[dict]) -> str:
+    """A markdown table of `rows` (columns: every key, in order of appearance; floats to 4 significant digits)."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     cells = [
         [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
     ]
+    return format_markdown_table(columns, cells)
+
+
+def report(name: str, args, rows: list[dict], notes: str = "") -> str:
+    """Print a markdown table of `rows` and write it with the JSON under `--output-dir`."""
     table = f"### {name}\n\nMachine: {machine()}; dtype {args.dtype}; attention {args.attn}.\n\n"
-    table += format_markdown_table(columns, cells)
+    table += markdown_rows(rows)
     table += f"\n{notes}\n" if notes else ""
     print(table)
     os.makedirs(args.output_dir, exist_ok=True)

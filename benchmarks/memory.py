@@ -29,10 +29,10 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import torch
-from common import arguments, image_with_tokens, machine, synchronize
+from common import arguments, image_with_tokens, machine, markdown_rows, median_seconds, synchronize
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from crem_hf.io import format_markdown_table, write_json_atomically, write_text_atomically
+from crem_hf.io import write_json_atomically, write_text_atomically
 from crem_hf.memory import CREMMemory
 from crem_hf.memory.store import slots_bytes
 from crem_hf.modeling_crem import CREMForEmbeddingAndGeneration
@@ -95,12 +95,6 @@ def timed(run, device: str) -> tuple[float, float]:
     run()
     synchronize(device)
     return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def median_of(run, repeats: int, device: str, warmup: int) -> float:
-    for _ in range(warmup):
-        run()
-    return statistics.median(timed(run, device)[0] for _ in range(repeats))
 
 
 def full_cache_row(model, processor, image, item_id: str, schema: pa.Schema) -> dict:
@@ -210,16 +204,16 @@ def first_token(model, processor, memory: CREMMemory, images: dict[int, object],
 
     for run in paths(min(images)):  # warm every path once on the smallest image
         run()
-    floor_s = median_of(floor, args.stored_repeats, device, warmup=1)
+    floor_s = median_seconds(floor, args.stored_repeats, device, warmup=1)
     # Expensive paths get no per-size warm-up on CPU (seconds each); on CUDA one is cheap.
     warmup = 1 if device.startswith("cuda") else 0
     rows = []
     for n in sorted(images):
         stored, native, compressed = paths(n)
-        stored_s = median_of(stored, args.stored_repeats, device, warmup=1)
-        read_s = median_of(lambda n=n: memory.contexts([f"image-{n}"]), args.stored_repeats, device, warmup=1)
-        native_s = median_of(native, args.image_repeats, device, warmup)
-        compressed_s = median_of(compressed, args.image_repeats, device, warmup)
+        stored_s = median_seconds(stored, args.stored_repeats, device, warmup=1)
+        read_s = median_seconds(lambda n=n: memory.contexts([f"image-{n}"]), args.stored_repeats, device, warmup=1)
+        native_s = median_seconds(native, args.image_repeats, device, warmup)
+        compressed_s = median_seconds(compressed, args.image_repeats, device, warmup)
         same = int(last["stored"][0, -1]) == int(last[True][0, -1])
         rows.append(
             {
@@ -403,11 +397,7 @@ def plot(path: str, bytes_rows: list[dict], token_rows: list[dict]) -> None:
 
 
 def section(title: str, rows: list[dict], notes: str) -> str:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    cells = [
-        [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
-    ]
-    return f"#### {title}\n\n{format_markdown_table(columns, cells)}\n" + (f"{notes}\n\n" if notes else "\n")
+    return f"#### {title}\n\n{markdown_rows(rows)}\n" + (f"{notes}\n\n" if notes else "\n")
 
 
 def main() -> None:
