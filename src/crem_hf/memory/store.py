@@ -480,16 +480,7 @@ class CREMMemory:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crem-memory-writer") as writer:
             commit = None
             for b in tqdm(mine, desc="Indexing", disable=not (show_progress and parallel.is_main_process())):
-                loaded = []
-                for item in batches[b]:
-                    try:
-                        image = (
-                            None if item.image is None else self.processor.load_image(item.image, f"item {item.id!r}")
-                        )
-                    except (ValueError, OSError) as error:
-                        local_failures.append((item.id, str(error)))
-                        continue
-                    loaded.append((item, image))
+                loaded = self._load_images(batches[b], local_failures)
                 if not loaded:
                     continue
                 encoded = self._encode_batch(loaded, instruction)
@@ -502,6 +493,20 @@ class CREMMemory:
         if parallel.world_size() > 1:
             report = self._summed(report, failures, local_failures)
         return report
+
+    def _load_images(
+        self, items: list[MemoryItem], failures: list[tuple[str, str]]
+    ) -> list[tuple[MemoryItem, Image.Image | None]]:
+        """The items whose image loads (or that have none), with it; the others go to `failures` with the reason."""
+        loaded = []
+        for item in items:
+            try:
+                image = None if item.image is None else self.processor.load_image(item.image, f"item {item.id!r}")
+            except (ValueError, OSError) as error:
+                failures.append((item.id, str(error)))
+                continue
+            loaded.append((item, image))
+        return loaded
 
     @staticmethod
     def _summed(report: IndexReport, shared: list, local: list) -> IndexReport:
