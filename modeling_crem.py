@@ -1,4 +1,4 @@
-"""CREM on Qwen2-VL: chorus-token embeddings and compression-aware generation in one model.
+"""CREM on Qwen2-VL, Qwen2.5-VL and Qwen3-VL: chorus-token embeddings and compression-aware generation in one model.
 
 Part of the Hub remote-code set: imports only ``torch``, ``transformers`` and its sibling files (relatively), so a
 saved folder loads with ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` where ``crem_hf`` is absent.
@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, PreTrainedConfig, Qwen2VLForConditionalGeneration
+from transformers import (
+    DynamicCache,
+    PreTrainedConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.generation.configuration_utils import GenerationConfig
@@ -31,14 +37,27 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_crem import IGNORE_INDEX, CREMConfig, merged_image_tokens, register_for_auto_class
+from .configuration_crem import (
+    IGNORE_INDEX,
+    CREMConfig,
+    CREMConfigMixin,
+    CREMQwen2_5_VLConfig,
+    CREMQwen3VLConfig,
+    merged_image_tokens,
+    register_for_auto_class,
+)
 
 __all__ = [
     "ChorusCompression",
     "ChorusLayout",
     "CREMCompressedContext",
     "CREMForEmbeddingAndGeneration",
+    "CREMMixin",
     "CREMOutput",
+    "CREMQwen2_5_VLForEmbeddingAndGeneration",
+    "CREMQwen3VLForEmbeddingAndGeneration",
+    "DeepStackSlots",
+    "check_full_attention",
 ]
 
 # mm_token_type_ids values of Qwen2-VL.
@@ -53,10 +72,37 @@ _CHORUS_INIT_SEED = 0
 _CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version")
 # from_pretrained keywords that say where a config is read from (what reading it a second time needs).
 _CONFIG_SOURCE_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
-_CONVERT_HINT = (
-    "convert it with crem_hf.load_crem(path) or CREMForEmbeddingAndGeneration.from_qwen2vl(path, processor) "
-    "(a CREMProcessor with the chorus tokens)"
-)
+
+
+def _convert_hint(cls: type) -> str:
+    return (
+        f"convert it with crem_hf.load_crem(path) or {cls.__name__}.{cls._from_backbone_name}(path, processor) "
+        "(a CREMProcessor with the chorus tokens)"
+    )
+
+
+def check_full_attention(config: PreTrainedConfig) -> None:
+    """
+    Refuse a decoder that is not all full attention: compression prunes the KV cache to the kept slots, which a
+    sliding-window layer (whose window would then cover other tokens) or a linear-attention layer (a recurrent
+    state, no per-token cache to prune) cannot honour.
+
+    Args:
+        config: a CREM config (its `text_config.layer_types`, when the backbone has them).
+    Raises:
+        ValueError: naming the layer types other than `full_attention` and where they sit.
+    """
+    text_config = getattr(config, "text_config", config)
+    layer_types = list(getattr(text_config, "layer_types", None) or [])
+    other = {i: kind for i, kind in enumerate(layer_types) if kind != "full_attention"}
+    if other:
+        kinds = sorted(set(other.values()))
+        raise ValueError(
+            f"CREM compresses by pruning the KV cache, which needs every decoder layer to be full attention; this "
+            f"decoder has {', '.join(map(repr, kinds))} layers (layers {sorted(other)[:8]}"
+            f"{', ...' if len(other) > 8 else ''}). Backbones with sliding-window or linear-attention layers "
+            "(e.g. Qwen3.5) are not supported."
+        )
 
 
 def _raise_on_inexact_load(info: dict[str, list], source: Any) -> None:
@@ -269,6 +315,37 @@ class CREMCompressedContext:
     embeddings: torch.FloatTensor | None = None
 
 
+@dataclass
+class DeepStackSlots:
+    """
+    Qwen3-VL's DeepStack inputs in a slot layout: the features its decoder adds to the hidden states of its first
+    layers at the image positions, laid out per slot (zeros elsewhere), so that they follow the rows through
+    re-packing and any chunking of the phases (`for_stretch`).
+
+    Args:
+        visual (`torch.BoolTensor` of shape `(batch_size, num_slots)`): True on real image-token slots.
+        features (`tuple(torch.FloatTensor)`): one `(batch_size, num_slots, hidden_size)` tensor per DeepStack level
+            (decoder layer 0, 1, ...).
+    """
+
+    visual: torch.BoolTensor
+    features: tuple[torch.Tensor, ...]
+
+    def pack(self, rows: AlignedRows) -> DeepStackSlots:
+        """These slots in the layout of `rows` (the caller's columns in, packing pads never visual)."""
+        return DeepStackSlots(rows.pack(self.visual) & rows.mask, tuple(rows.pack(level) for level in self.features))
+
+    def for_stretch(self, start: int, end: int) -> dict[str, Any]:
+        """The decoder keywords (`visual_pos_masks`, `deepstack_visual_embeds`) for the slots `[start, end)`."""
+        visual = self.visual[:, start:end]
+        if not bool(visual.any()):
+            return {}
+        return {
+            "visual_pos_masks": visual,
+            "deepstack_visual_embeds": [level[:, start:end][visual] for level in self.features],
+        }
+
+
 class _PhaseCache(DynamicCache):
     """
     The key/value cache of one phase. While the phase runs it is a `DynamicCache` (starting from `start`, one
@@ -338,11 +415,13 @@ class TwoPhaseOutput:
 class ChorusCompression:
     """
     The compression mechanism over a Qwen2-VL decoder (see the section comment above): `find_layout`, `align`, then
-    `run` (phase 1, `prune`, phase 2). [`CREMForEmbeddingAndGeneration`] builds one per call.
+    `run` (phase 1, `prune`, phase 2). Every CREM class ([`CREMMixin`]) builds one per call. Backbone-neutral: it
+    needs a decoder that takes `inputs_embeds`, a 2-D padding mask, explicit MRoPE `position_ids` and a `cache`;
+    Qwen3-VL's DeepStack features come in as [`DeepStackSlots`].
 
     Args:
-        language_model: the decoder (`Qwen2VLTextModel`, `model.model.language_model`).
-        config: the model's [`CREMConfig`].
+        language_model: the decoder (`model.model.language_model`: Qwen2-VL's, Qwen2.5-VL's or Qwen3-VL's text model).
+        config: the model's CREM config.
     """
 
     def __init__(self, language_model: torch.nn.Module, config: CREMConfig):
@@ -488,6 +567,7 @@ class ChorusCompression:
         chunk_size: int | None = None,
         keep_cache: bool = False,
         return_hidden: bool = True,
+        deepstack: DeepStackSlots | None = None,
         **kwargs,
     ) -> TwoPhaseOutput:
         """
@@ -502,14 +582,13 @@ class ChorusCompression:
                 inference only: under autograd each phase runs in one forward (see `_PhaseCache`).
             keep_cache: return the pruned cache, extended by the tail slots that ran.
             return_hidden: return the final states of the slots that ran.
+            deepstack: Qwen3-VL's DeepStack features in the slot layout (`None` on the other backbones): each
+                forward adds those of its own slots, so the image positions get them as in one plain forward.
             **kwargs: for the decoder (`output_hidden_states`, ...).
         Returns:
             [`TwoPhaseOutput`].
         """
-        if any(layer_type != "full_attention" for layer_type in self.config.text_config.layer_types):
-            raise ValueError(
-                "Compression prunes the KV cache: it supports full-attention layers only (no sliding window)."
-            )
+        check_full_attention(self.config)
         if chunk_size is not None and torch.is_grad_enabled():
             raise ValueError("A chunked two-phase run is for inference: run it under torch.no_grad().")
         stop = rows.mask.shape[1] if stop is None else stop
@@ -518,7 +597,13 @@ class ChorusCompression:
             # Run whole, phase 1 prunes its cache as it writes it; run in chunks, each chunk needs all earlier keys.
             heads = _PhaseCache(self.config, keep=rows.kept if chunk_size is None else None)
             first = self.prefill(
-                heads, inputs_embeds[:, :split], mask[:, :split], position_ids[..., :split], chunk_size, **kwargs
+                heads,
+                inputs_embeds[:, :split],
+                mask[:, :split],
+                position_ids[..., :split],
+                chunk_size,
+                deepstack=deepstack,
+                **kwargs,
             )
             tails = _PhaseCache(self.config, self.prune(heads, rows))
             heads.close()
@@ -528,6 +613,8 @@ class ChorusCompression:
                 torch.cat([rows.kept_mask.long(), mask[:, split:stop]], 1),
                 position_ids[..., split:stop],
                 chunk_size,
+                deepstack=deepstack,
+                offset=split,
                 **kwargs,
             )
         if keep_cache:
@@ -563,6 +650,8 @@ class ChorusCompression:
         key_mask: torch.Tensor,
         position_ids: torch.LongTensor,
         chunk_size: int | None = None,
+        deepstack: DeepStackSlots | None = None,
+        offset: int = 0,
         **kwargs,
     ) -> list:
         """
@@ -574,6 +663,8 @@ class ChorusCompression:
             inputs_embeds: `(batch_size, length, hidden_size)` of the stretch.
             key_mask: `(batch_size, cached + length)` 2-D padding mask over the cached keys and the stretch.
             position_ids: `(3, batch_size, length)` of the stretch.
+            deepstack: DeepStack features of all slots (`None`: none), the stretch being slots `offset + [0, length)`.
+            offset: the stretch's first slot in `deepstack`.
         Returns:
             The decoder's outputs, one per forward (none for an empty stretch).
         """
@@ -587,6 +678,7 @@ class ChorusCompression:
         outputs = []
         for start in range(0, length, step):
             end = min(start + step, length)
+            extra = deepstack.for_stretch(offset + start, offset + end) if deepstack is not None else {}
             # The cache object is passed explicitly (use_cache only asks the decoder to create one).
             outputs.append(
                 self.language_model(
@@ -596,6 +688,7 @@ class ChorusCompression:
                     cache=cache,
                     use_cache=False,
                     return_dict=True,
+                    **extra,
                     **kwargs,
                 )
             )
@@ -668,17 +761,33 @@ class ChorusCompression:
         )
 
 
-class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
+class CREMMixin:
     """
-    Qwen2-VL with N learnable chorus tokens: a multimodal embedding model (`get_embedding`) and a chat model that
-    answers either natively (`generate(compress=False)`, plain Qwen2-VL) or from the chorus tokens alone
-    (`generate(compress=True)`: the image and input text are pruned from the KV cache, see [`ChorusCompression`]).
+    The one CREM implementation, for every backbone: the chorus layout, compression ([`ChorusCompression`]), pooling
+    from the decoder's final normed states, `get_embedding`, `compress`, `generate(compress=..., context=...)`, the
+    outputs, strict loading and the conversion from a plain checkpoint.
 
-    Build one from a Qwen2-VL checkpoint with [`from_qwen2vl`], or load a saved CREM folder with `from_pretrained`.
+    Why a mixin and not composition: a CREM model must *be* its backbone's `...ForConditionalGeneration` (one
+    state dict with the backbone's key names, the backbone's `generate`, `prepare_inputs_for_generation` and
+    position logic, PEFT targets, `isinstance` checks of the Trainer and pipelines), so each CREM class subclasses
+    it; this mixin comes first in the MRO, so its `forward`/`generate`/`from_pretrained` wrap the backbone's through
+    `super()`. A wrapper holding the backbone would have to forward every attribute and rename every key.
+
+    What differs per backbone is a small set of named hooks, set by each concrete class:
+
+    * `_backbone_class` (its plain class: conversion, the type check) and `_backbone_title` (its name in messages);
+    * `_from_backbone_name` (the conversion classmethod's name, in messages);
+    * `_checkpoint_layout_of` (the class whose key renaming of published checkpoints applies, or none);
+    * `_deepstack_slots` (DeepStack inputs of the phase-1 forward; `None` except on Qwen3-VL);
+    * the rope index is the backbone's own `model.get_rope_index` (one signature on all three), the vision tower
+      its `model.get_image_features`, the layer-type check `check_full_attention` (at construction).
     """
 
-    config_class = CREMConfig
-    config: CREMConfig
+    config: CREMConfigMixin
+    _backbone_class: type = None
+    _backbone_title: str = ""
+    _from_backbone_name: str = "from_backbone"
+    _checkpoint_layout_of: str | None = None
     #: Most query tokens one forward of a compressed prefill (`compress`, `generate(compress=...)`,
     #: `generate(context=...)`) runs; longer prompts run in chunks of this size, so the attention mask and scores are
     #: `chunk x keys` rather than `length x length`. Set it on an instance to trade speed for memory.
@@ -686,42 +795,58 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
 
     # ------------------------------------------------------------------ construction
 
+    def __init__(self, config: CREMConfigMixin, *args, **kwargs):
+        check_full_attention(config)  # before any weight is allocated
+        super().__init__(config, *args, **kwargs)
+
     @classmethod
-    def from_qwen2vl(
+    def from_backbone(
         cls,
-        model_or_path: Qwen2VLForConditionalGeneration | str | os.PathLike,
+        model_or_path: torch.nn.Module | str | os.PathLike,
         processor: Any,
         **from_pretrained_kwargs,
-    ) -> CREMForEmbeddingAndGeneration:
+    ) -> CREMMixin:
         """
-        Build a CREM model from a Qwen2-VL model (in memory, weights shared, not copied) or checkpoint.
+        Build a CREM model from a plain model of this class's backbone (in memory, weights shared, not copied) or
+        checkpoint.
 
         The config takes the chorus ids and special-token ids from `processor` (a `CREMProcessor`). When the chorus
         ids lie beyond the embedding matrix, it is resized. The chorus rows start at the mean input embedding plus
         noise of the rows' spread, so each slot starts as a distinct, typical token.
 
         Args:
-            model_or_path: a `Qwen2VLForConditionalGeneration` or a path/Hub id of one (old and new key layouts).
+            model_or_path: a plain model of the backbone (`_backbone_class`) or a path/Hub id of one (old and new key
+                layouts).
             processor: the `CREMProcessor` that will feed the model.
-            **from_pretrained_kwargs: passed to `Qwen2VLForConditionalGeneration.from_pretrained` for a path.
+            **from_pretrained_kwargs: passed to the backbone's `from_pretrained` for a path.
         Raises:
             ValueError: a checkpoint whose weights do not all load exactly (missing, unexpected or mismatched keys),
-                a CREM model or folder (its chorus rows would be replaced: load it with `from_pretrained`), or a
+                a CREM model or folder (its chorus rows would be replaced: load it with `from_pretrained`), a model of
+                another backbone (named; Qwen3-VL-MoE included), a decoder that is not all full attention, or a
                 processor whose special-token ids differ from the model's.
         """
+        name = cls._from_backbone_name
         if isinstance(model_or_path, (str, os.PathLike)):
-            base, info = Qwen2VLForConditionalGeneration.from_pretrained(
+            kind = PreTrainedConfig.get_config_dict(
+                model_or_path,
+                **{k: from_pretrained_kwargs[k] for k in _CONFIG_SOURCE_KWARGS if k in from_pretrained_kwargs},
+            )[0].get("model_type")
+            if kind is not None and not kind.startswith("crem") and kind != cls._backbone_class.config_class.model_type:
+                raise ValueError(cls._wrong_backbone(f"{model_or_path} is a {kind!r} checkpoint"))
+            base, info = cls._backbone_class.from_pretrained(
                 model_or_path, output_loading_info=True, **from_pretrained_kwargs
             )
             _raise_on_inexact_load(info, model_or_path)
         else:
             base = model_or_path
-        if isinstance(base, CREMForEmbeddingAndGeneration) or getattr(base.config, "chorus_token_ids", None):
+        if isinstance(base, CREMMixin) or getattr(base.config, "chorus_token_ids", None):
             raise ValueError(
                 f"{model_or_path if isinstance(model_or_path, (str, os.PathLike)) else 'The model'} is already a CREM "
-                "model (it has chorus tokens): load a CREM folder with CREMForEmbeddingAndGeneration.from_pretrained "
-                "or crem_hf.load_crem; from_qwen2vl would replace its chorus rows."
+                f"model (it has chorus tokens): load a CREM folder with {cls.__name__}.from_pretrained "
+                f"or crem_hf.load_crem; {name} would replace its chorus rows."
             )
+        if not isinstance(base, cls._backbone_class):
+            raise ValueError(cls._wrong_backbone(f"The model is a {type(base).__name__} ({base.config.model_type!r})"))
         updates = processor.model_config_updates()
         for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
             if getattr(base.config, key) != updates[key]:
@@ -730,7 +855,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
                     "they do not belong together."
                 )
         values = {k: v for k, v in base.config.to_dict().items() if k not in _CLASS_KEYS}
-        config = CREMConfig(**{**values, **updates})
+        config = cls.config_class(**{**values, **updates})
         config._attn_implementation = base.config._attn_implementation
         with torch.device("meta"):
             model = cls(config)
@@ -747,6 +872,16 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         return model
 
     @classmethod
+    def _wrong_backbone(cls, what: str) -> str:
+        """The message for a model or checkpoint of another backbone than this class's."""
+        return (
+            f"{what}, but {cls.__name__} is CREM on {cls._backbone_title} and takes a "
+            f"{cls._backbone_class.__name__}. CREM classes: CREMForEmbeddingAndGeneration (Qwen2-VL), "
+            "CREMQwen2_5_VLForEmbeddingAndGeneration (Qwen2.5-VL), CREMQwen3VLForEmbeddingAndGeneration (Qwen3-VL, "
+            "dense; Qwen3-VL-MoE is not supported)."
+        )
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs):
         """
         Load a saved CREM folder (weights in either key layout: `model.language_model.*` / `model.visual.*`, or the
@@ -754,9 +889,10 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         a missing, unexpected or mismatched weight is an error, not a warning.
 
         Raises:
-            ValueError: a plain Qwen2-VL checkpoint (it has no chorus tokens: convert it with
-                `crem_hf.load_crem(path)` or `CREMForEmbeddingAndGeneration.from_qwen2vl(path, processor)`), another
-                model type, or weights that do not load exactly.
+            ValueError: a plain checkpoint of the backbone (it has no chorus tokens: convert it with
+                `crem_hf.load_crem(path)` or the class's conversion, e.g.
+                `CREMForEmbeddingAndGeneration.from_qwen2vl(path, processor)`), another model type (another
+                backbone's CREM folder included), or weights that do not load exactly.
         """
         config = kwargs.get("config")
         if isinstance(config, PreTrainedConfig):
@@ -766,14 +902,18 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             values, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **source)
             kind, chorus_ids = values.get("model_type"), values.get("chorus_token_ids")
         else:
-            kind, chorus_ids = CREMConfig.model_type, True  # a state_dict and no config: nothing to check up front
-        if kind != CREMConfig.model_type:
+            kind, chorus_ids = cls.config_class.model_type, True  # a state_dict and no config: nothing to check
+        if kind != cls.config_class.model_type:
+            what = "another backbone's CREM folder" if str(kind).startswith("crem") else "not a CREM folder"
             raise ValueError(
-                f"{pretrained_model_name_or_path} is a {kind!r} checkpoint, not a CREM folder. A Qwen2-VL checkpoint "
-                f"has no chorus tokens: {_CONVERT_HINT}."
+                f"{pretrained_model_name_or_path} is a {kind!r} checkpoint, {what} ({cls.__name__} loads "
+                f"{cls.config_class.model_type!r}). A {cls._backbone_title} checkpoint has no chorus tokens: "
+                f"{_convert_hint(cls)}."
             )
         if not chorus_ids:
-            raise ValueError(f"{pretrained_model_name_or_path} has no chorus_token_ids in its config: {_CONVERT_HINT}.")
+            raise ValueError(
+                f"{pretrained_model_name_or_path} has no chorus_token_ids in its config: {_convert_hint(cls)}."
+            )
         return_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -784,8 +924,8 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """
         As `PreTrainedModel.save_pretrained`, in this model's own key layout (`model.language_model.*`) by default:
-        the older layout that transformers writes for Qwen2-VL would not reload through code that reads the
-        weights by name (the Trainer's resume of a full fine-tuning run). Both layouts load.
+        the older layout that transformers writes for Qwen2-VL and Qwen2.5-VL would not reload through code that reads
+        the weights by name (the Trainer's resume of a full fine-tuning run). Both layouts load.
         """
         kwargs.setdefault("save_original_format", False)
         return super().save_pretrained(save_directory, *args, **kwargs)
@@ -881,6 +1021,9 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         """
         Pool the chorus block of `hidden_states` `(batch_size, sequence_length, hidden_size)` into one vector per
         row `(batch_size, hidden_size)`: mean (or last, per `config.pooling`), L2-normalised if configured.
+
+        Every caller passes the decoder's `last_hidden_state`, which on every backbone is taken after the final
+        norm. (`hidden_states[-1]` is not used: on Qwen3-VL transformers records it before the final norm.)
         """
         n = self.config.num_chorus_tokens
         index = layout.chorus_start[:, None] + torch.arange(n, device=hidden_states.device)
@@ -1178,8 +1321,15 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             inputs["image_grid_thw"],
             inputs["mm_encoder_outputs"],
         )
+        deepstack = self._deepstack_slots(input_ids, attention_mask, image_outputs)
         embeds = rows.pack(embeds)  # drops the caller's layout, which nothing needs any more
-        run = self._compression().run(embeds, rows.pack(inputs["position_ids"], 2), rows, **kwargs)
+        run = self._compression().run(
+            embeds,
+            rows.pack(inputs["position_ids"], 2),
+            rows,
+            deepstack=deepstack.pack(rows) if deepstack is not None else None,
+            **kwargs,
+        )
         return MultimodalBaseModelOutputWithPast(
             last_hidden_state=rows.unpack(run.last_hidden_state),
             hidden_states=tuple(map(rows.unpack, run.hidden_states)) if run.hidden_states is not None else None,
@@ -1212,6 +1362,15 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             return embeds, None
         features = torch.cat(image.pooler_output, 0).to(embeds.device, embeds.dtype)
         return embeds.masked_scatter((input_ids == self.config.image_token_id)[..., None], features), image
+
+    def _deepstack_slots(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, image_outputs: Any
+    ) -> DeepStackSlots | None:
+        """
+        Hook: the features the decoder adds at the image positions of its first layers, per column of the caller's
+        `(batch_size, sequence_length)` layout; `None` when the backbone has none (Qwen2-VL, Qwen2.5-VL).
+        """
+        return None
 
     def _supervised_logits_and_loss(
         self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: torch.Tensor | int | None
@@ -1294,7 +1453,8 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
                 "(model.compress) and ask questions with generate(context=...)."
             )
         aligned = ChorusCompression.align(layout, attention_mask, flags)
-        embeds, _ = self._input_embeddings(input_ids, None, pixel_values, image_grid_thw)
+        embeds, image_outputs = self._input_embeddings(input_ids, None, pixel_values, image_grid_thw)
+        deepstack = self._deepstack_slots(input_ids, attention_mask, image_outputs)
         positions = self.compute_position_ids(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
         positions = aligned.pack(positions, 2)
         slots = aligned.mask.shape[1]
@@ -1302,6 +1462,7 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
             aligned.pack(embeds),
             positions,
             aligned,
+            deepstack=deepstack.pack(aligned) if deepstack is not None else None,
             stop=slots if prefill_last else slots - 1,
             chunk_size=self.prefill_chunk_size,
             keep_cache=True,
@@ -1325,10 +1486,10 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         **kwargs,
     ) -> torch.LongTensor | GenerateOutput:
         """
-        Generate natively (no row compressed: Qwen2-VL's `generate`) or from the chorus tokens alone
+        Generate natively (no row compressed: the backbone's `generate`) or from the chorus tokens alone
         (`compress=True`).
 
-        What differs from `Qwen2VLForConditionalGeneration.generate`:
+        What differs from the backbone's `generate` (e.g. `Qwen2VLForConditionalGeneration.generate`):
 
         * The chorus ids are added to `suppress_tokens` in every mode (they are inputs, never outputs). Otherwise,
           with `compress` unset or `False`, the call and its result are exactly Qwen2-VL's: same arguments, same
@@ -1493,12 +1654,110 @@ class CREMForEmbeddingAndGeneration(Qwen2VLForConditionalGeneration):
         return outputs
 
 
-register_for_auto_class(CREMForEmbeddingAndGeneration)
-# transformers renames Qwen2-VL's older key layout (`model.layers.*`, `visual.*`) while loading, but not for classes
-# defined outside it unless their name is registered. Registering here also covers the Hub remote-code copy, so CREM
-# folders in either layout load exactly on every path.
-register_checkpoint_conversion_mapping(
-    CREMForEmbeddingAndGeneration.__name__,
-    get_checkpoint_conversion_mapping("Qwen2VLForConditionalGeneration"),
-    overwrite=True,
-)
+class CREMForEmbeddingAndGeneration(CREMMixin, Qwen2VLForConditionalGeneration):
+    """
+    Qwen2-VL with N learnable chorus tokens: a multimodal embedding model (`get_embedding`) and a chat model that
+    answers either natively (`generate(compress=False)`, plain Qwen2-VL) or from the chorus tokens alone
+    (`generate(compress=True)`: the image and input text are pruned from the KV cache, see [`ChorusCompression`]).
+
+    Build one from a Qwen2-VL checkpoint with [`from_qwen2vl`], or load a saved CREM folder with `from_pretrained`.
+    Everything CREM does lives in [`CREMMixin`]; this class names the backbone.
+    """
+
+    config_class = CREMConfig
+    config: CREMConfig
+    _backbone_class = Qwen2VLForConditionalGeneration
+    _backbone_title = "Qwen2-VL"
+    _from_backbone_name = "from_qwen2vl"
+    _checkpoint_layout_of = "Qwen2VLForConditionalGeneration"
+
+    @classmethod
+    def from_qwen2vl(
+        cls, model_or_path: Qwen2VLForConditionalGeneration | str | os.PathLike, processor: Any, **kwargs
+    ) -> CREMForEmbeddingAndGeneration:
+        """Build a CREM model from a Qwen2-VL model or checkpoint: [`CREMMixin.from_backbone`]."""
+        return cls.from_backbone(model_or_path, processor, **kwargs)
+
+
+class CREMQwen2_5_VLForEmbeddingAndGeneration(CREMMixin, Qwen2_5_VLForConditionalGeneration):  # noqa: N801 (HF spelling)
+    """
+    CREM on Qwen2.5-VL (as [`CREMForEmbeddingAndGeneration`] on Qwen2-VL, same API). Its differences from Qwen2-VL
+    (window attention in the vision tower, the RMSNorm merger, time-scaled video positions) live inside the
+    backbone's own vision tower and rope index, which CREM calls as they are.
+    """
+
+    config_class = CREMQwen2_5_VLConfig
+    config: CREMQwen2_5_VLConfig
+    _backbone_class = Qwen2_5_VLForConditionalGeneration
+    _backbone_title = "Qwen2.5-VL"
+    _from_backbone_name = "from_qwen2_5_vl"
+    _checkpoint_layout_of = "Qwen2_5_VLForConditionalGeneration"
+
+    @classmethod
+    def from_qwen2_5_vl(
+        cls, model_or_path: Qwen2_5_VLForConditionalGeneration | str | os.PathLike, processor: Any, **kwargs
+    ) -> CREMQwen2_5_VLForEmbeddingAndGeneration:
+        """Build a CREM model from a Qwen2.5-VL model or checkpoint: [`CREMMixin.from_backbone`]."""
+        return cls.from_backbone(model_or_path, processor, **kwargs)
+
+
+class CREMQwen3VLForEmbeddingAndGeneration(CREMMixin, Qwen3VLForConditionalGeneration):
+    """
+    CREM on Qwen3-VL (dense), same API. What differs from Qwen2-VL, and where:
+
+    * DeepStack: the vision tower's intermediate features are added to the hidden states of the first decoder
+      layers at the image positions. The plain forward (native generation, the embedding path) does it itself; the
+      two-phase compressed run gets them through `_deepstack_slots`, in the re-packed slot layout.
+    * Interleaved MRoPE: inside the decoder's rotary embedding; CREM passes the backbone's own `get_rope_index`
+      positions `(3, batch, length)`, kept through re-packing and pruning as on the other backbones.
+    * Final norm: pooled from `last_hidden_state` (after the norm), as on every backbone.
+    * 16-px patches (32-px tokens) and its chat template: the processor's.
+    """
+
+    config_class = CREMQwen3VLConfig
+    config: CREMQwen3VLConfig
+    _backbone_class = Qwen3VLForConditionalGeneration
+    _backbone_title = "Qwen3-VL"
+    _from_backbone_name = "from_qwen3_vl"
+    _checkpoint_layout_of = None  # published Qwen3-VL checkpoints already use model.language_model.* / model.visual.*
+
+    @classmethod
+    def from_qwen3_vl(
+        cls, model_or_path: Qwen3VLForConditionalGeneration | str | os.PathLike, processor: Any, **kwargs
+    ) -> CREMQwen3VLForEmbeddingAndGeneration:
+        """Build a CREM model from a Qwen3-VL (dense) model or checkpoint: [`CREMMixin.from_backbone`]."""
+        return cls.from_backbone(model_or_path, processor, **kwargs)
+
+    def _deepstack_slots(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, image_outputs: Any
+    ) -> DeepStackSlots | None:
+        """
+        The DeepStack features of the image tokens, scattered per column as Qwen3-VL's model does
+        (`(batch_size, sequence_length, hidden_size)` per level, row-major over the image tokens). Chorus ids are
+        never image tokens (the config refuses it), so no feature lands on the chorus block.
+        """
+        if image_outputs is None:
+            return None
+        visual = (input_ids == self.config.image_token_id) & attention_mask.bool()
+        embeds_dtype = self.get_input_embeddings().weight.dtype
+        levels = []
+        for level in image_outputs.deepstack_features:
+            features = torch.cat(level, 0).to(input_ids.device, embeds_dtype)
+            dense = features.new_zeros(*input_ids.shape, features.shape[-1])
+            levels.append(dense.masked_scatter(visual[..., None], features))
+        return DeepStackSlots(visual=visual, features=tuple(levels))
+
+
+# transformers renames the older key layout of Qwen2-VL / Qwen2.5-VL checkpoints (`model.layers.*`, `visual.*`) while
+# loading, but not for classes defined outside it unless their name is registered. Registering here also covers the
+# Hub remote-code copy, so CREM folders in either layout load exactly on every path.
+for _cls in (
+    CREMForEmbeddingAndGeneration,
+    CREMQwen2_5_VLForEmbeddingAndGeneration,
+    CREMQwen3VLForEmbeddingAndGeneration,
+):
+    register_for_auto_class(_cls)
+    if _cls._checkpoint_layout_of is not None:
+        register_checkpoint_conversion_mapping(
+            _cls.__name__, get_checkpoint_conversion_mapping(_cls._checkpoint_layout_of), overwrite=True
+        )
