@@ -1,5 +1,6 @@
 """Compression as pruning (causal prefill, prune, continue) against its oracle: one no-cache forward of the inner
-Qwen2-VL model under the dense compression mask (`helpers.dense_compression_mask`). Logits, greedy tokens and
+backbone model under the dense compression mask (`helpers.dense_compression_mask`), on every backbone (Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL: each module-scoped fixture is built per backbone). Logits, greedy tokens and
 gradients agree for aligned and unaligned batches, mixed compressed/uncompressed rows, left (and right) padding,
 several image sizes, several answers per row, with sdpa, eager and a kernel that takes nothing but a 2-D padding mask
 (flash-attention's contract); no 4-D mask reaches the decoder."""
@@ -14,16 +15,27 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from crem_hf.modeling_crem import ChorusCompression
-from crem_hf.testing import make_tiny_crem
+from crem_hf.testing import BACKBONES, make_tiny_crem, make_tiny_processor
 
 LOGITS_TOLERANCE = 1e-4
 GRADIENT_TOLERANCE = 1e-5  # relative, per parameter tensor
 
 
+@pytest.fixture(scope="module", params=list(BACKBONES))
+def backbone(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def processor(backbone):
+    """The backbone's tiny processor (overrides the session's Qwen2-VL one in this module)."""
+    return make_tiny_processor(backbone=backbone)
+
+
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
-def tiny(request, processor):
+def tiny(request, processor, backbone):
     """A LoRA-free tiny CREM model of each masked attention kernel, in training mode (dropout is 0)."""
-    return make_tiny_crem(processor, seed=0, attn_implementation=request.param).train()
+    return make_tiny_crem(processor, seed=0, backbone=backbone, attn_implementation=request.param).train()
 
 
 def images_of(*sizes: tuple[int, int]) -> list:
@@ -51,7 +63,7 @@ def batch_of(processor, kind: str) -> dict:
             answers=["a small cat", "seven"],
         )
     else:
-        images = images_of((28, 56), (56, 84), (112, 112))
+        images = images_of((32, 56), (56, 84), (112, 112))
         turns = [
             ("Colour?", "red", "Sure?", "yes, red"),
             ("What is it?", "a dog", "Why?", "it barks"),
@@ -190,8 +202,8 @@ def test_compressed_gradients_equal_the_dense_oracle(tiny, processor, kind):
         assert visual and max(float(grad.abs().max()) for grad in visual) > 0
 
 
-def test_gradient_checkpointing_keeps_the_gradients(processor):
-    model = make_tiny_crem(processor, seed=0).train()
+def test_gradient_checkpointing_keeps_the_gradients(processor, backbone):
+    model = make_tiny_crem(processor, seed=0, backbone=backbone).train()
     batch = batch_of(processor, "unaligned")
     compress = torch.tensor([True, False])
     plain = gradients(model, model(**batch, compress=compress, supervised_logits_only=True).loss)
@@ -211,7 +223,7 @@ def generation_batch_of(processor) -> dict:
     return dict(
         processor.process_generation_inputs(
             questions=["What is it?", "Which digit is shown? Answer in one word, please.", "Why?"],
-            images=images_of((28, 56), (56, 84), (112, 112)),
+            images=images_of((32, 56), (56, 84), (112, 112)),
             texts=["a cat", None, "a long description of a very small picture"],
         )
     )
@@ -277,13 +289,13 @@ def padding_mask_only_attention(module, query, key, value, attention_mask, scali
 
 
 @pytest.fixture(scope="module")
-def padding_only(processor):
+def padding_only(processor, backbone):
     """A tiny model whose decoder attends with `padding_mask_only_attention`, and an sdpa twin with its weights."""
     AttentionInterface.register("padding_mask_only", padding_mask_only_attention)
     AttentionMaskInterface.register("padding_mask_only", flash_attention_mask)
-    model = make_tiny_crem(processor, seed=0).eval()
+    model = make_tiny_crem(processor, seed=0, backbone=backbone).eval()
     model.config.text_config._attn_implementation = "padding_mask_only"
-    return model, make_tiny_crem(processor, seed=0).eval()
+    return model, make_tiny_crem(processor, seed=0, backbone=backbone).eval()
 
 
 def test_compression_runs_on_a_padding_mask_only_kernel(padding_only, processor):
@@ -301,8 +313,8 @@ def test_compression_runs_on_a_padding_mask_only_kernel(padding_only, processor)
             dense_oracle_states(model, batch, compress)
 
 
-def test_no_4d_mask_reaches_the_decoder(processor, images):
-    model = make_tiny_crem(processor, seed=0)
+def test_no_4d_mask_reaches_the_decoder(processor, backbone, images):
+    model = make_tiny_crem(processor, seed=0, backbone=backbone)
     masks = []
     hook = model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True
@@ -323,9 +335,9 @@ def test_no_4d_mask_reaches_the_decoder(processor, images):
     assert all(mask is None or mask.ndim == 2 for mask in masks)
 
 
-def test_compressed_forward_refuses_what_it_cannot_return(model, processor):
+def test_compressed_forward_refuses_what_it_cannot_return(tiny, processor):
     batch = batch_of(processor, "aligned")
     with pytest.raises(ValueError, match="no cache"):
-        model(**batch, compress=True, use_cache=True)
+        tiny(**batch, compress=True, use_cache=True)
     with pytest.raises(ValueError, match="no attention weights"):
-        model(**batch, compress=True, output_attentions=True)
+        tiny(**batch, compress=True, output_attentions=True)

@@ -17,18 +17,29 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 from .loading import Qwen2VLImageOnlyProcessor
-from .modeling_crem import CREMForEmbeddingAndGeneration
+from .modeling_crem import (
+    CREMForEmbeddingAndGeneration,
+    CREMMixin,
+    CREMQwen2_5_VLForEmbeddingAndGeneration,
+    CREMQwen3VLForEmbeddingAndGeneration,
+)
 from .processing_crem import DEFAULT_IMAGE_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, CREMProcessor
 
 __all__ = [
+    "BACKBONES",
     "QWEN2VL_CHAT_TEMPLATE",
+    "QWEN3VL_CHAT_TEMPLATE",
     "QWEN2VL_SPECIAL_TOKENS",
     "Qwen2VLImageOnlyProcessor",
     "make_qwen2vl_tokenizer",
@@ -38,7 +49,10 @@ __all__ = [
     "make_tiny_qwen2vl_processor",
     "make_tiny_tokenizer",
     "qwen2vl_files",
+    "tiny_backbone_config",
+    "tiny_qwen2_5_vl_config",
     "tiny_qwen2vl_config",
+    "tiny_qwen3_vl_config",
     "write_tiny_qwen2vl_checkpoint",
 ]
 
@@ -61,6 +75,19 @@ QWEN2VL_CHAT_TEMPLATE = (
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
     + DEFAULT_SYSTEM_PROMPT
     + "<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+#: Qwen3-VL-Instruct's turn and image structure: no system turn unless the messages hold one (unlike Qwen2-VL's).
+QWEN3VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for content in message['content'] %}"
@@ -166,13 +193,29 @@ def make_tiny_qwen2vl_processor(
     tokenizer: Qwen2Tokenizer | None = None,
     min_pixels: int = _TINY_IMAGE_PIXELS[0],
     max_pixels: int = _TINY_IMAGE_PIXELS[1],
+    backbone: str = "qwen2_vl",
 ) -> Qwen2VLImageOnlyProcessor:
-    """A plain Qwen2-VL processor (no chorus tokens) with small image sizes."""
-    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    """
+    A plain processor (no chorus tokens) with small image sizes, for a backbone: Qwen2-VL and Qwen2.5-VL share the
+    14-px patches and the template with a default system turn; Qwen3-VL has 16-px patches (32-px merged tokens,
+    mean/std 0.5, the pixel bounds scaled by (32/28)^2) and its template without a default system turn.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}.")
+    options = {}
+    template = QWEN2VL_CHAT_TEMPLATE
+    if backbone == "qwen3_vl":
+        scale = (32 / 28) ** 2
+        min_pixels, max_pixels = round(min_pixels * scale), round(max_pixels * scale)
+        options = {"patch_size": 16, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+        template = QWEN3VL_CHAT_TEMPLATE
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **options
+    )
     return Qwen2VLImageOnlyProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer if tokenizer is not None else make_tiny_tokenizer(),
-        chat_template=QWEN2VL_CHAT_TEMPLATE,
+        chat_template=template,
     )
 
 
@@ -190,9 +233,12 @@ def make_tiny_processor(
         num_chorus_tokens: N.
         real_tokenizer: use the real Qwen2-VL tokenizer (real ids: chorus ids 151657.., a 151k-row model).
         qwen2vl_folder: where the real tokenizer files are (default: see `qwen2vl_files`).
-        **kwargs: `CREMProcessor` options (`max_length`, `upscale_small_images`, ...) and `min_pixels`/`max_pixels`.
+        **kwargs: `CREMProcessor` options (`max_length`, `upscale_small_images`, ...), `min_pixels`/`max_pixels` and
+            `backbone` (see `make_tiny_qwen2vl_processor`; Qwen3-VL's has no system prompt by default).
     """
-    pixels = {k: kwargs.pop(k) for k in ("min_pixels", "max_pixels") if k in kwargs}
+    pixels = {k: kwargs.pop(k) for k in ("min_pixels", "max_pixels", "backbone") if k in kwargs}
+    if pixels.get("backbone") == "qwen3_vl":
+        kwargs.setdefault("system_prompt", None)  # Qwen3-VL's template adds no system turn of its own
     tokenizer = make_qwen2vl_tokenizer(qwen2vl_folder) if real_tokenizer else make_tiny_tokenizer()
     base = make_tiny_qwen2vl_processor(tokenizer, **pixels)
     return CREMProcessor.from_qwen2vl_processor(base, num_chorus_tokens=num_chorus_tokens, **kwargs)
@@ -250,29 +296,172 @@ def tiny_qwen2vl_config(
     return config
 
 
+def _text_config(tokenizer, hidden_size, num_layers, num_heads, vocab_size, half_head, sections, **extra) -> dict:
+    return {
+        "vocab_size": vocab_size if vocab_size is not None else len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": max(1, num_heads // 2),
+        "max_position_embeddings": 4096,
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **extra,
+        "rope_parameters": {**extra.get("rope_parameters", {}), "mrope_section": sections},
+    }
+
+
+def _token_ids(tokenizer) -> dict[str, int]:
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+    }
+
+
+def tiny_qwen2_5_vl_config(
+    tokenizer: Qwen2Tokenizer,
+    hidden_size: int = _TINY_HIDDEN,
+    num_layers: int = _TINY_LAYERS,
+    num_heads: int = _TINY_HEADS,
+    vision_embed_dim: int = _VISION_EMBED,
+    vocab_size: int | None = None,
+    attn_implementation: str = "sdpa",
+) -> Qwen2_5_VLConfig:
+    """
+    A Qwen2.5-VL config shaped as Qwen2.5-VL-3B-Instruct's at tiny width: SiLU vision MLP with RMSNorm, window
+    attention (112-px windows) with full attention in the last vision block (the real `fullatt_block_indexes` every
+    8th), a merger onto the text width, MRoPE sections in the real 16:24:24 proportion, tied embeddings, the
+    tokenizer's special-token ids.
+    """
+    half = hidden_size // num_heads // 2
+    height = (half * 24) // 64
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": _VISION_DEPTH,
+            "hidden_size": vision_embed_dim,
+            "intermediate_size": 2 * vision_embed_dim,
+            "num_heads": 2,
+            "out_hidden_size": hidden_size,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [_VISION_DEPTH - 1],
+            "tokens_per_second": 2,
+        },
+        text_config=_text_config(
+            tokenizer,
+            hidden_size,
+            num_layers,
+            num_heads,
+            vocab_size,
+            half,
+            [half - 2 * height, height, height],
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            tie_word_embeddings=True,
+        ),
+        tie_word_embeddings=True,
+        **_token_ids(tokenizer),
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_qwen3_vl_config(
+    tokenizer: Qwen2Tokenizer,
+    hidden_size: int = _TINY_HIDDEN,
+    num_layers: int = _TINY_LAYERS,
+    num_heads: int = _TINY_HEADS,
+    vision_embed_dim: int = _VISION_EMBED,
+    vocab_size: int | None = None,
+    attn_implementation: str = "sdpa",
+) -> Qwen3VLConfig:
+    """
+    A Qwen3-VL (dense) config shaped as Qwen3-VL-2B-Instruct's at tiny width: 16-px patches, learned position
+    embeddings, DeepStack features from every vision block into the first decoder layers (the real one takes blocks
+    5, 11, 17 of 24 into layers 0-2), interleaved MRoPE in the real 24:20:20 proportion, QK-norm, an explicit head
+    width, tied embeddings, the tokenizer's special-token ids.
+    """
+    head_dim = hidden_size // num_heads
+    half = head_dim // 2
+    height = (half * 20) // 64
+    config = Qwen3VLConfig(
+        vision_config={
+            "depth": _VISION_DEPTH,
+            "hidden_size": vision_embed_dim,
+            "intermediate_size": 2 * vision_embed_dim,
+            "num_heads": 2,
+            "out_hidden_size": hidden_size,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": list(range(min(_VISION_DEPTH, num_layers))),
+        },
+        text_config=_text_config(
+            tokenizer,
+            hidden_size,
+            num_layers,
+            num_heads,
+            vocab_size,
+            half,
+            [half - 2 * height, height, height],
+            head_dim=head_dim,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True},
+            tie_word_embeddings=True,
+        ),
+        tie_word_embeddings=True,
+        **_token_ids(tokenizer),
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+#: Per backbone name: the tiny config builder, the plain class and the CREM class.
+BACKBONES: dict[str, tuple] = {
+    "qwen2_vl": (tiny_qwen2vl_config, Qwen2VLForConditionalGeneration, CREMForEmbeddingAndGeneration),
+    "qwen2_5_vl": (tiny_qwen2_5_vl_config, Qwen2_5_VLForConditionalGeneration, CREMQwen2_5_VLForEmbeddingAndGeneration),
+    "qwen3_vl": (tiny_qwen3_vl_config, Qwen3VLForConditionalGeneration, CREMQwen3VLForEmbeddingAndGeneration),
+}
+
+
+def tiny_backbone_config(backbone: str, tokenizer: Qwen2Tokenizer, **config_kwargs):
+    """The tiny config of `backbone` (a key of `BACKBONES`)."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}.")
+    return BACKBONES[backbone][0](tokenizer, **config_kwargs)
+
+
 def make_tiny_qwen2vl(
-    tokenizer: Qwen2Tokenizer | None = None, seed: int = 0, **config_kwargs
+    tokenizer: Qwen2Tokenizer | None = None, seed: int = 0, backbone: str = "qwen2_vl", **config_kwargs
 ) -> Qwen2VLForConditionalGeneration:
-    """A randomly initialised tiny plain Qwen2-VL (eval mode), reproducible from `seed`."""
+    """A randomly initialised tiny plain model of `backbone` (Qwen2-VL by default; eval mode), reproducible."""
     tokenizer = tokenizer if tokenizer is not None else make_tiny_tokenizer()
+    config = tiny_backbone_config(backbone, tokenizer, **config_kwargs)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(tiny_qwen2vl_config(tokenizer, **config_kwargs)).eval()
+    model = BACKBONES[backbone][1](config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
 def make_tiny_crem(
-    processor: CREMProcessor | None = None, seed: int = 0, **config_kwargs
-) -> CREMForEmbeddingAndGeneration:
+    processor: CREMProcessor | None = None, seed: int = 0, backbone: str = "qwen2_vl", **config_kwargs
+) -> CREMMixin:
     """
-    A tiny CREM model: a tiny Qwen2-VL for the processor's base vocabulary (chorus rows are added by resizing, as
-    for a real checkpoint without spare rows), converted with `CREMForEmbeddingAndGeneration.from_qwen2vl`.
+    A tiny CREM model: a tiny plain model of `backbone` (Qwen2-VL by default) for the processor's base vocabulary
+    (chorus rows are added by resizing, as for a real checkpoint without spare rows), converted with its CREM
+    class's `from_backbone` (`from_qwen2vl` for Qwen2-VL).
     """
-    processor = processor if processor is not None else make_tiny_processor()
+    processor = processor if processor is not None else make_tiny_processor(backbone=backbone)
     base_vocab = min(processor.chorus_token_ids)
-    base = make_tiny_qwen2vl(processor.tokenizer, seed=seed, vocab_size=base_vocab, **config_kwargs)
-    return CREMForEmbeddingAndGeneration.from_qwen2vl(base, processor)
+    base = make_tiny_qwen2vl(processor.tokenizer, seed=seed, backbone=backbone, vocab_size=base_vocab, **config_kwargs)
+    return BACKBONES[backbone][2].from_backbone(base, processor)
 
 
 def _published_name(key: str) -> str:
