@@ -188,15 +188,16 @@ def dense_oracle_states(model, batch: dict, compress=True) -> torch.Tensor:
 
 
 def plain_twin(model):
-    """A plain `Qwen2VLForConditionalGeneration` with a CREM model's weights, kernel and generation config."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
+    """A plain model of the CREM model's backbone (`Qwen2VLForConditionalGeneration`, ...) with its weights, kernel
+    and generation config."""
+    plain_class = model._backbone_class
+    config_class = plain_class.config_class
     values = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
-    config = Qwen2VLConfig(
-        **{k: v for k, v in values.items() if k in Qwen2VLConfig.__dataclass_fields__ or k.endswith("_config")}
+    config = config_class(
+        **{k: v for k, v in values.items() if k in config_class.__dataclass_fields__ or k.endswith("_config")}
     )
     config._attn_implementation = model.config._attn_implementation
-    plain = Qwen2VLForConditionalGeneration(config).eval()
+    plain = plain_class(config).eval()
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
     return plain

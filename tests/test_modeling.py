@@ -1,13 +1,46 @@
-"""The model core: compression mask, exact compressed generation, no leak, native parity, embeddings."""
+"""The model core: compression mask, exact compressed generation, no leak, native parity, embeddings; on every
+backbone (the module's fixtures are built per backbone: Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers import dense_compression_mask, dense_oracle_states, plain_twin, random_image
-from transformers import Qwen2VLForConditionalGeneration
+
+from crem_hf.testing import BACKBONES, make_tiny_crem, make_tiny_processor
 
 NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module", params=list(BACKBONES))
+def backbone(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def processor(backbone):
+    """The backbone's tiny processor (overrides the session's Qwen2-VL one in this module)."""
+    return make_tiny_processor(backbone=backbone)
+
+
+@pytest.fixture(scope="module")
+def model(processor, backbone):
+    return make_tiny_crem(processor, seed=0, backbone=backbone)
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def any_attention_model(request, processor, backbone):
+    return make_tiny_crem(processor, seed=0, backbone=backbone, attn_implementation=request.param)
+
+
+@pytest.fixture(scope="module")
+def generation_batch(processor, images):
+    """Two rows with different image sizes and question lengths, so the shorter row is left padded."""
+    return processor.process_generation_inputs(
+        questions=["What is in the image?", "Which digit is shown? Answer in one word, please, left or right."],
+        images=images,
+        texts=["a cat", None],
+    )
 
 
 def reference_compressed_logits(model, batch, new_tokens: torch.Tensor) -> torch.Tensor:
@@ -53,16 +86,38 @@ def test_compressed_generation_equals_masked_forward(any_attention_model, proces
 
 
 def test_compressed_context_holds_exactly_the_kept_slots(model, processor, generation_batch):
+    """
+    The context's ids, MRoPE positions (the backbone's own, interleaved on Qwen3-VL) and every layer's keys and
+    values are those of the kept columns in one dense-mask forward with a cache: the oracle.
+    """
     context = model.compress(**{k: v for k, v in generation_batch.items()})
     ids, mask = generation_batch["input_ids"], generation_batch["attention_mask"]
     layout = model.chorus_layout(ids, mask)
+    positions = model.compute_position_ids(ids, mask, generation_batch["image_grid_thw"])
+    with torch.no_grad():
+        oracle = model.model(
+            input_ids=ids,
+            attention_mask=dense_compression_mask(model, ids, mask, True),
+            position_ids=positions,
+            pixel_values=generation_batch["pixel_values"],
+            image_grid_thw=generation_batch["image_grid_thw"],
+            use_cache=True,
+        ).cache
     for row in range(ids.shape[0]):
         real = ids[row][mask[row].bool()]
-        start = int(layout.chorus_start[row] - (ids.shape[1] - len(real)))
-        header_end = int(layout.span_start[row] - (ids.shape[1] - len(real)))
+        pad = ids.shape[1] - len(real)
+        start = int(layout.chorus_start[row] - pad)
+        header_end = int(layout.span_start[row] - pad)
         expected = torch.cat([real[:header_end], real[start:]])
-        kept = context.input_ids[row][context.attention_mask[row].bool()]
+        valid = context.attention_mask[row].bool()
+        kept = context.input_ids[row][valid]
         assert torch.equal(kept, expected)
+        columns = torch.cat([torch.arange(header_end), torch.arange(start, len(real))]) + pad
+        assert torch.equal(context.position_ids[:, row][:, valid], positions[:, row, columns])
+        for ours, theirs in zip(context.cache.layers, oracle.layers, strict=True):
+            cached = valid[: ours.keys.shape[2]]
+            assert (ours.keys[row][:, cached] - theirs.keys[row][:, columns]).abs().max() <= 1e-5
+            assert (ours.values[row][:, cached] - theirs.values[row][:, columns]).abs().max() <= 1e-5
         assert model.config.image_token_id not in kept.tolist()
         assert processor.tokenizer.decode(real[header_end - 2 : header_end]) == "user\n"
     assert context.cache.get_seq_length() == context.input_ids.shape[1]
@@ -115,7 +170,7 @@ def test_compressed_answer_depends_on_the_input_only_through_the_chorus(model, p
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_native_generation_is_plain_qwen2vl(model, generation_batch, do_sample):
+def test_native_generation_is_the_plain_backbone(model, generation_batch, do_sample):
     plain = plain_twin(model)
     chorus = model.config.chorus_token_ids
     torch.manual_seed(3)
@@ -154,6 +209,42 @@ def test_compressed_sampling_and_multiple_sequences(model, generation_batch):
     assert beams.shape[0] == 2
 
 
+def test_compressed_beam_search_scores_equal_the_dense_oracle(model, generation_batch):
+    """Every returned beam's score is the sum of its tokens' log-probabilities under the dense compression mask."""
+    out = model.generate(
+        **generation_batch,
+        compress=True,
+        max_new_tokens=4,
+        num_beams=3,
+        num_return_sequences=2,
+        length_penalty=0.0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    prompt = generation_batch["input_ids"]
+    new_tokens = out.sequences[:, prompt.shape[1] :]
+    rows = {k: v.repeat_interleave(2, 0) for k, v in generation_batch.items() if k not in ("pixel_values",)}
+    batch = {**rows, "pixel_values": generation_batch["pixel_values"]}
+    batch["image_grid_thw"] = generation_batch["image_grid_thw"].repeat_interleave(2, 0)
+    batch["pixel_values"] = torch.cat(
+        [
+            chunk
+            for chunk in generation_batch["pixel_values"].split(generation_batch["image_grid_thw"].prod(-1).tolist())
+            for _ in range(2)
+        ]
+    )
+    logits = reference_compressed_logits(model, batch, new_tokens)
+    # Beam search scores with the log-softmax over the whole vocabulary (suppressing chorus ids comes after it).
+    log_probs = logits.float().log_softmax(-1).gather(2, new_tokens[..., None])[..., 0]
+    eos = model.generation_config.eos_token_id
+    eos = torch.tensor(eos if isinstance(eos, list) else [eos])
+    # Tokens after a beam's end-of-sequence are padding: not scored.
+    ended = torch.isin(new_tokens, eos).long().cumsum(1)
+    scored = (ended == 0) | (torch.isin(new_tokens, eos) & (ended == 1))
+    expected = (log_probs * scored).sum(1)
+    assert torch.allclose(out.sequences_scores, expected, atol=1e-4)
+
+
 # ---------------------------------------------------------------- embeddings
 
 
@@ -161,10 +252,17 @@ def test_embedding_is_unit_norm_mean_chorus_state(model, processor, images):
     batch = processor.process_embedding_inputs(images=images, texts=["a cat", None])
     embedding = model.get_embedding(**batch)
     assert torch.allclose(embedding.norm(dim=-1), torch.ones(2), atol=1e-6)
-    with torch.no_grad():
-        full = Qwen2VLForConditionalGeneration.forward(model, **batch, output_hidden_states=True)
+    # Pooled from the decoder's final norm, read deliberately from its output (on Qwen3-VL, transformers'
+    # `hidden_states[-1]` is taken before that norm).
+    normed = []
+    hook = model.model.language_model.norm.register_forward_hook(lambda module, args, out: normed.append(out))
+    try:
+        with torch.no_grad():
+            model._backbone_class.forward(model, **batch, output_hidden_states=True)
+    finally:
+        hook.remove()
     chorus = torch.isin(batch["input_ids"], torch.tensor(model.config.chorus_token_ids))
-    states = full.hidden_states[-1][chorus].view(2, model.config.num_chorus_tokens, -1).mean(1)
+    states = normed[0][chorus].view(2, model.config.num_chorus_tokens, -1).mean(1)
     assert torch.allclose(embedding, torch.nn.functional.normalize(states, dim=-1), atol=1e-6)
 
 
@@ -211,7 +309,7 @@ def test_forward_returns_embeddings_and_sparse_lm_loss(model, processor, images)
     assert torch.allclose(out.embeddings, reference, atol=1e-6)
     # A mixed batch is the compressed row's loss and the native row's loss combined.
     assert not torch.allclose(compressed.loss, native.loss)
-    full = Qwen2VLForConditionalGeneration.forward(model, **{k: v for k, v in batch.items() if k != "labels"})
+    full = model._backbone_class.forward(model, **{k: v for k, v in batch.items() if k != "labels"})
     labels = batch["labels"][:, 1:]
     expected = torch.nn.functional.cross_entropy(full.logits[:, :-1][labels != -100], labels[labels != -100])
     assert torch.allclose(native.loss, expected, atol=1e-5)
@@ -220,10 +318,10 @@ def test_forward_returns_embeddings_and_sparse_lm_loss(model, processor, images)
 # ---------------------------------------------------------------- bad input
 
 
-def test_missing_chorus_block_is_refused(model, processor, images):
+def test_missing_chorus_block_is_refused(model, processor, backbone, images):
     from crem_hf.testing import make_tiny_qwen2vl_processor
 
-    plain = make_tiny_qwen2vl_processor(processor.tokenizer)
+    plain = make_tiny_qwen2vl_processor(processor.tokenizer, backbone=backbone)
     text = plain.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], tokenize=False
     )
