@@ -1,24 +1,32 @@
-"""transformers API parity with Qwen2-VL: outputs, labels, kwargs, generation; the `compress` argument; chunked
-compressed prefill. The oracle is a plain `Qwen2VLForConditionalGeneration` holding the same weights."""
+"""transformers API parity with the backbone: outputs, labels, kwargs, generation; the `compress` argument; chunked
+compressed prefill. The oracle is a plain model of the backbone (`Qwen2VLForConditionalGeneration`, ...) holding the
+same weights; every test runs on each backbone."""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
 
+import backbones
 import pytest
 import torch
 from helpers import plain_twin
-from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+from transformers import GenerationConfig
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 
 from crem_hf import CREMOutput
 from crem_hf.testing import make_tiny_crem
 
+# The per-backbone fixtures (they override the session's Qwen2-VL ones here): each test runs on every backbone.
+backbone = backbones.backbone
+generation_batch = backbones.generation_batch
+model = backbones.model
+processor = backbones.processor
+
 
 @pytest.fixture(scope="module")
-def eager(processor):
-    return make_tiny_crem(processor, seed=0, attn_implementation="eager").eval()
+def eager(processor, backbone):
+    return make_tiny_crem(processor, seed=0, backbone=backbone, attn_implementation="eager").eval()
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +139,11 @@ def test_attentions_hidden_states_and_kwargs_annotation_like_qwen2vl(eager, labe
     length = labelled["input_ids"].shape[1]
     assert attentions[0].shape == (2, eager.config.text_config.num_attention_heads, length, length)
     hints = typing.get_type_hints(type(eager).forward)
-    assert hints["kwargs"] == typing.get_type_hints(Qwen2VLForConditionalGeneration.forward)["kwargs"]
+    assert hints["kwargs"] == typing.get_type_hints(eager._backbone_class.forward)["kwargs"]
 
 
-def test_training_step_with_gradient_checkpointing_equals_qwen2vl(processor, labelled):
-    model = make_tiny_crem(processor, seed=2).train()
+def test_training_step_with_gradient_checkpointing_equals_qwen2vl(processor, backbone, labelled):
+    model = make_tiny_crem(processor, seed=2, backbone=backbone).train()
     twin = plain_twin(model).train()
     grads = []
     for m in (model, twin):
@@ -173,12 +181,12 @@ def test_supervised_logits_only_is_sparse_and_gives_the_same_loss(model, twin, l
         model(**without(labelled, "labels"), supervised_logits_only=True)
 
 
-def test_trainer_lm_loss_never_builds_full_logits(processor, tmp_path):
+def test_trainer_lm_loss_never_builds_full_logits(processor, backbone, tmp_path):
     from helpers import mixed_batch
 
     from crem_hf.training import CREMTrainer, CREMTrainingArguments
 
-    model = make_tiny_crem(processor, seed=1).train()
+    model = make_tiny_crem(processor, seed=1, backbone=backbone).train()
     batch = mixed_batch(processor, rows=range(2), generation_rows=range(4), compress=[True, False, True, False])
     args = CREMTrainingArguments(
         output_dir=str(tmp_path),

@@ -7,6 +7,7 @@ several image sizes, several answers per row, with sdpa, eager and a kernel that
 
 from __future__ import annotations
 
+import backbones
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,21 +16,14 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from crem_hf.modeling_crem import ChorusCompression
-from crem_hf.testing import BACKBONES, make_tiny_crem, make_tiny_processor
+from crem_hf.testing import make_tiny_crem
 
 LOGITS_TOLERANCE = 1e-4
 GRADIENT_TOLERANCE = 1e-5  # relative, per parameter tensor
 
-
-@pytest.fixture(scope="module", params=list(BACKBONES))
-def backbone(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def processor(backbone):
-    """The backbone's tiny processor (overrides the session's Qwen2-VL one in this module)."""
-    return make_tiny_processor(backbone=backbone)
+# The per-backbone fixtures (they override the session's Qwen2-VL ones here): each test runs on every backbone.
+backbone = backbones.backbone
+processor = backbones.processor
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])

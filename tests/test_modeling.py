@@ -3,44 +3,19 @@ backbone (the module's fixtures are built per backbone: Qwen2-VL, Qwen2.5-VL, Qw
 
 from __future__ import annotations
 
+import backbones
 import pytest
 import torch
 from helpers import dense_compression_mask, dense_oracle_states, plain_twin, random_image
 
-from crem_hf.testing import BACKBONES, make_tiny_crem, make_tiny_processor
-
 NEW_TOKENS = 6
 
-
-@pytest.fixture(scope="module", params=list(BACKBONES))
-def backbone(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def processor(backbone):
-    """The backbone's tiny processor (overrides the session's Qwen2-VL one in this module)."""
-    return make_tiny_processor(backbone=backbone)
-
-
-@pytest.fixture(scope="module")
-def model(processor, backbone):
-    return make_tiny_crem(processor, seed=0, backbone=backbone)
-
-
-@pytest.fixture(scope="module", params=["sdpa", "eager"])
-def any_attention_model(request, processor, backbone):
-    return make_tiny_crem(processor, seed=0, backbone=backbone, attn_implementation=request.param)
-
-
-@pytest.fixture(scope="module")
-def generation_batch(processor, images):
-    """Two rows with different image sizes and question lengths, so the shorter row is left padded."""
-    return processor.process_generation_inputs(
-        questions=["What is in the image?", "Which digit is shown? Answer in one word, please, left or right."],
-        images=images,
-        texts=["a cat", None],
-    )
+# The per-backbone fixtures (they override the session's Qwen2-VL ones here): each test runs on every backbone.
+any_attention_model = backbones.any_attention_model
+backbone = backbones.backbone
+generation_batch = backbones.generation_batch
+model = backbones.model
+processor = backbones.processor
 
 
 def reference_compressed_logits(model, batch, new_tokens: torch.Tensor) -> torch.Tensor:
