@@ -110,7 +110,7 @@ class CREMConfigMixin:
         kwargs.pop("contrastive_temperature", None)
         super().__post_init__(**kwargs)
         # Saved folders name their code for every Auto class (save_pretrained merges in the registered ones).
-        self.auto_map = {**remote_code_auto_map(self.model_type), **(getattr(self, "auto_map", None) or {})}
+        self.auto_map = {**remote_code_auto_map(type(self).model_type), **(getattr(self, "auto_map", None) or {})}
         if self.num_chorus_tokens < 1:
             raise ValueError(f"num_chorus_tokens must be >= 1, got {self.num_chorus_tokens}.")
         if self.chorus_token_ids is not None:
