@@ -60,7 +60,7 @@ __all__ = [
     "check_full_attention",
 ]
 
-# mm_token_type_ids values of Qwen2-VL.
+# mm_token_type_ids values of Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
 _TEXT_TYPE, _IMAGE_TYPE, _VIDEO_TYPE = 0, 1, 2
 # New chorus rows start at the mean input embedding plus noise of this fraction of the rows' standard deviation:
 # each row a typical token. Much less noise leaves 16 near-identical rows whose states ignore the input, and the
@@ -125,7 +125,7 @@ def _raise_on_inexact_load(info: dict[str, list], source: Any) -> None:
 @dataclass
 class CREMOutput(MultimodalCausalLMOutputWithPast):
     """
-    Output of [`CREMForEmbeddingAndGeneration.forward`]: every field of Qwen2-VL's
+    Output of the CREM classes' `forward` (on every backbone; Qwen2-VL's names below): every field of Qwen2-VL's
     `MultimodalCausalLMOutputWithPast`, with the same meaning, then CREM's own fields. As a tuple
     (`return_dict=False`) the non-`None` fields come in this order, so Qwen2-VL's come first.
 
@@ -414,7 +414,7 @@ class TwoPhaseOutput:
 
 class ChorusCompression:
     """
-    The compression mechanism over a Qwen2-VL decoder (see the section comment above): `find_layout`, `align`, then
+    The compression mechanism over a Qwen-VL decoder (see the section comment above): `find_layout`, `align`, then
     `run` (phase 1, `prune`, phase 2). Every CREM class ([`CREMMixin`]) builds one per call. Backbone-neutral: it
     needs a decoder that takes `inputs_embeds`, a 2-D padding mask, explicit MRoPE `position_ids` and a `cache`;
     Qwen3-VL's DeepStack features come in as [`DeepStackSlots`].
@@ -1043,7 +1043,7 @@ class CREMMixin:
         """
         Embed a batch: the pooled last-layer states of the chorus block (mean by default), L2-normalised.
 
-        Runs the inner Qwen2-VL model only (never `lm_head`) and stops at the chorus block: causal attention means
+        Runs the inner backbone model only (never `lm_head`) and stops at the chorus block: causal attention means
         tokens after it cannot change it. The result does not depend on batch composition or padding.
 
         Args:
@@ -1119,7 +1119,8 @@ class CREMMixin:
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | CREMOutput:
         """
-        Qwen2-VL's forward, plus compression, the chorus embedding and sparse LM logits. Three modes:
+        The backbone's forward (Qwen2-VL's names below), plus compression, the chorus embedding and sparse LM logits.
+        Three modes:
 
         * plain: without `compress` (or with no row compressed), `return_embeddings` and `supervised_logits_only`,
           exactly `Qwen2VLForConditionalGeneration.forward`: same loss, logits, cache and other outputs;
@@ -1193,7 +1194,7 @@ class CREMMixin:
         )
 
     def _forward_plain(self, inputs: dict, **kwargs) -> CREMOutput:
-        """Exactly `Qwen2VLForConditionalGeneration.forward` (the path `generate` takes)."""
+        """Exactly the backbone's forward (e.g. `Qwen2VLForConditionalGeneration.forward`): what `generate` runs."""
         out = super().forward(**inputs, return_dict=True, **kwargs)
         return CREMOutput(**out, lm_loss=out.loss)
 
@@ -1349,7 +1350,7 @@ class CREMMixin:
     ) -> tuple[torch.Tensor, Any]:
         """
         Input embeddings `(batch_size, length, hidden_size)` with the image features in the image-token slots (as
-        Qwen2-VL's model builds them), so that the sequence can be re-packed and run in pieces; and the vision
+        the backbone's model builds them), so that the sequence can be re-packed and run in pieces; and the vision
         encoder's output (`None` without images).
         """
         embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
