@@ -319,31 +319,33 @@ class CREMCompressedContext:
 class DeepStackSlots:
     """
     Qwen3-VL's DeepStack inputs in a slot layout: the features its decoder adds to the hidden states of its first
-    layers at the image positions, laid out per slot (zeros elsewhere), so that they follow the rows through
-    re-packing and any chunking of the phases (`for_stretch`).
+    layers at the image positions, with each slot's row in them, so that they follow the rows through re-packing and
+    any chunking of the phases (`for_stretch`). Nothing of hidden size is laid out per slot.
 
     Args:
         visual (`torch.BoolTensor` of shape `(batch_size, num_slots)`): True on real image-token slots.
-        features (`tuple(torch.FloatTensor)`): one `(batch_size, num_slots, hidden_size)` tensor per DeepStack level
-            (decoder layer 0, 1, ...).
+        feature_row (`torch.LongTensor` of shape `(batch_size, num_slots)`): each image slot's row in `features`
+            (0 elsewhere).
+        features (`tuple(torch.FloatTensor)`): one `(num_image_tokens, hidden_size)` tensor per DeepStack level
+            (decoder layer 0, 1, ...), rows in the order of the image tokens in the caller's batch (row-major).
     """
 
     visual: torch.BoolTensor
+    feature_row: torch.LongTensor
     features: tuple[torch.Tensor, ...]
 
     def pack(self, rows: AlignedRows) -> DeepStackSlots:
-        """These slots in the layout of `rows` (the caller's columns in, packing pads never visual)."""
-        return DeepStackSlots(rows.pack(self.visual) & rows.mask, tuple(rows.pack(level) for level in self.features))
+        """These slots in the layout of `rows` (packing pads are never visual)."""
+        return replace(self, visual=rows.pack(self.visual) & rows.mask, feature_row=rows.pack(self.feature_row))
 
     def for_stretch(self, start: int, end: int) -> dict[str, Any]:
         """The decoder keywords (`visual_pos_masks`, `deepstack_visual_embeds`) for the slots `[start, end)`."""
         visual = self.visual[:, start:end]
         if not bool(visual.any()):
             return {}
-        return {
-            "visual_pos_masks": visual,
-            "deepstack_visual_embeds": [level[:, start:end][visual] for level in self.features],
-        }
+        # The decoder adds them at `hidden[visual_pos_masks]`, row-major: the same order as this selection.
+        chosen = self.feature_row[:, start:end][visual]
+        return {"visual_pos_masks": visual, "deepstack_visual_embeds": [level[chosen] for level in self.features]}
 
 
 class _PhaseCache(DynamicCache):
@@ -1733,20 +1735,17 @@ class CREMQwen3VLForEmbeddingAndGeneration(CREMMixin, Qwen3VLForConditionalGener
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, image_outputs: Any
     ) -> DeepStackSlots | None:
         """
-        The DeepStack features of the image tokens, scattered per column as Qwen3-VL's model does
-        (`(batch_size, sequence_length, hidden_size)` per level, row-major over the image tokens). Chorus ids are
-        never image tokens (the config refuses it), so no feature lands on the chorus block.
+        The DeepStack features of the image tokens and each column's row in them, row-major over the image tokens as
+        Qwen3-VL's model assigns them. Chorus ids are never image tokens (the config refuses it), so no feature lands
+        on the chorus block.
         """
         if image_outputs is None:
             return None
         visual = (input_ids == self.config.image_token_id) & attention_mask.bool()
-        embeds_dtype = self.get_input_embeddings().weight.dtype
-        levels = []
-        for level in image_outputs.deepstack_features:
-            features = torch.cat(level, 0).to(input_ids.device, embeds_dtype)
-            dense = features.new_zeros(*input_ids.shape, features.shape[-1])
-            levels.append(dense.masked_scatter(visual[..., None], features))
-        return DeepStackSlots(visual=visual, features=tuple(levels))
+        feature_row = (visual.flatten().long().cumsum(0) - 1).clamp(min=0).view(visual.shape) * visual
+        dtype = self.get_input_embeddings().weight.dtype
+        features = tuple(torch.cat(level, 0).to(input_ids.device, dtype) for level in image_outputs.deepstack_features)
+        return DeepStackSlots(visual=visual, feature_row=feature_row, features=features)
 
 
 # transformers renames the older key layout of Qwen2-VL / Qwen2.5-VL checkpoints (`model.layers.*`, `visual.*`) while
