@@ -565,3 +565,262 @@ def write_tiny_qwen2vl_checkpoint(
     with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as handle:
         json.dump(index, handle, indent=2)
     return folder
+
+
+# --- Test-bed checkpoints of the newer backbones (Qwen2.5-VL-3B, Qwen3-VL-2B), laid out as published ---------------
+
+# The real files without weights, in a crem-hf checkout (tests/fixtures/<name>).
+_FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
+# Files copied as they are into a test bed: the tokenizer's, the processors', the generation config and the template.
+_BACKBONE_COPIED_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+    "chat_template.json",
+)
+#: The single weight file of a checkpoint published without an index, and the fixture file listing its key names.
+QWEN3VL_WEIGHTS_FILE = "model.safetensors"
+QWEN3VL_KEYS_FILE = "model.safetensors.keys.txt"
+
+
+def backbone_files(name: str, folder: str | os.PathLike | None = None) -> str:
+    """
+    The folder of real files without weights of a backbone checkpoint: `folder`, or by default the copy in a crem-hf
+    checkout, `tests/fixtures/<name>` (`"qwen2.5-vl-3b"`: Qwen/Qwen2.5-VL-3B-Instruct, `"qwen3-vl-2b"`:
+    Qwen/Qwen3-VL-2B-Instruct). See the README there for where each file came from.
+
+    Raises:
+        FileNotFoundError: no such folder, or one without `config.json`, `vocab.json` and `merges.txt`.
+    """
+    path = Path(folder) if folder is not None else _FIXTURES / name
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"The real {name} files are not at {path} (that copy lives in a crem-hf checkout, not in the installed "
+            f"package): pass the folder, e.g. tests/fixtures/{name} of a checkout."
+        )
+    missing = [f for f in ("config.json", "vocab.json", "merges.txt") if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} lacks the files {missing} of the {name} checkpoint.")
+    return os.fspath(path)
+
+
+def _mrope_sections(half_head: int, parts: int = 3) -> list[int]:
+    """Temporal/height/width sections summing to `half_head` (= head_dim / 2), as the MRoPE of each backbone needs."""
+    temporal = max(1, half_head // 4) if half_head >= 3 else 1
+    height = (half_head - temporal) // 2
+    return [temporal, height, half_head - temporal - height][:parts]
+
+
+def _write_tiny_backbone(
+    folder: str,
+    source: str,
+    config: dict,
+    model_class: type,
+    published_name,
+    shards: dict[str, str],
+    seed: int,
+) -> str:
+    """
+    Write `config` (a real config.json with shrunk widths), the real tokenizer/processor/template files of `source`,
+    and random bf16 weights of `model_class` built from that config under their published names (`published_name`),
+    laid out in the published shard files `shards` (key -> file name); an index only if there are several files.
+
+    Raises:
+        ValueError: the tiny weights are not named exactly as the published checkpoint's keys.
+    """
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+    for name in _BACKBONE_COPIED_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
+    torch.manual_seed(seed)
+    model = model_class(model_class.config_class.from_pretrained(folder))
+    tied = model.config.tie_word_embeddings
+    weights = {}
+    for key, value in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue  # a tied head is not stored in the published checkpoints
+        weights[published_name(key)] = value.to(torch.bfloat16).clone()
+    if set(weights) != set(shards):
+        raise ValueError(
+            f"The tiny weights are not named as the published checkpoint's: {sorted(set(weights) - set(shards))[:4]} "
+            f"extra, {sorted(set(shards) - set(weights))[:4]} missing."
+        )
+    files = sorted(set(shards.values()))
+    for shard in files:
+        tensors = {key: weights[key] for key, name in shards.items() if name == shard}
+        save_file(tensors, os.path.join(folder, shard), metadata={"format": "pt"})
+    if len(files) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in weights.values())},
+            "weight_map": dict(sorted(shards.items())),
+        }
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as handle:
+            json.dump(index, handle, indent=2)
+    return folder
+
+
+def write_tiny_qwen2_5vl_checkpoint(
+    folder: str | os.PathLike,
+    source_folder: str | os.PathLike | None = None,
+    hidden_size: int = 32,
+    num_heads: int = 4,
+    num_key_value_heads: int = 2,
+    vision_hidden_size: int = 16,
+    seed: int = 0,
+) -> str:
+    """
+    Write a Qwen2.5-VL checkpoint laid out as the published Qwen/Qwen2.5-VL-3B-Instruct, at tiny widths with random
+    weights: the real old-style `config.json` with its widths shrunk, the real 824 key names in the old layout
+    (`model.layers.*`, `visual.*`; no `lm_head`, which is tied) in the real two shards
+    (`model-0000{1,2}-of-00002.safetensors`) with their index, in bfloat16, and the real tokenizer (151,665 ids),
+    image processor, chat template and generation config.
+
+    Kept from the real config: the layer counts (36 language layers, 32 vision blocks with full attention at blocks
+    7/15/23/31 and windowed attention elsewhere, window 112 px), the vocabulary (151,936 rows), every token id,
+    patch 14 / merge 2. Shrunk: the widths and head counts (the MRoPE sections follow the head width).
+
+    Args:
+        folder: where to write (created).
+        source_folder: the real Qwen2.5-VL files (default: `tests/fixtures/qwen2.5-vl-3b` of a checkout).
+        hidden_size, num_heads, num_key_value_heads: the language model's width and heads.
+        vision_hidden_size: the vision tower's width (2 heads).
+        seed: seed of the random weights.
+    Returns:
+        The folder.
+    """
+    source, folder = backbone_files("qwen2.5-vl-3b", source_folder), os.fspath(folder)
+    with open(os.path.join(source, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    config.update(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_key_value_heads,
+    )
+    config["rope_scaling"]["mrope_section"] = _mrope_sections(hidden_size // num_heads // 2)
+    config["vision_config"].update(
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_heads=2,
+        out_hidden_size=hidden_size,
+    )
+    with open(os.path.join(source, "model.safetensors.index.json"), encoding="utf-8") as handle:
+        shards = json.load(handle)["weight_map"]
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    # The published names are the layout before transformers 4.52, as for Qwen2-VL.
+    return _write_tiny_backbone(
+        folder, source, config, Qwen2_5_VLForConditionalGeneration, _published_name, shards, seed
+    )
+
+
+def qwen3vl_published_keys(source_folder: str | os.PathLike | None = None) -> list[str]:
+    """The key names of Qwen/Qwen3-VL-2B-Instruct's single `model.safetensors` (see the fixture's README)."""
+    source = backbone_files("qwen3-vl-2b", source_folder)
+    with open(os.path.join(source, QWEN3VL_KEYS_FILE), encoding="utf-8") as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+def write_tiny_qwen3vl_checkpoint(
+    folder: str | os.PathLike,
+    source_folder: str | os.PathLike | None = None,
+    hidden_size: int = 32,
+    num_heads: int = 4,
+    num_key_value_heads: int = 2,
+    vision_hidden_size: int = 16,
+    seed: int = 0,
+) -> str:
+    """
+    Write a Qwen3-VL checkpoint laid out as the published Qwen/Qwen3-VL-2B-Instruct, at tiny widths with random
+    weights: its `config.json` with the widths shrunk, its 625 key names (`model.language_model.*`,
+    `model.visual.*`, DeepStack mergers; no `lm_head`, which is tied) in one `model.safetensors` without an index, as
+    published, in bfloat16, and the real tokenizer (151,669 ids), image/video processor configs, chat template and
+    generation config.
+
+    Kept from the real config: the layer counts (28 language layers, 24 vision blocks, DeepStack features from vision
+    blocks 5/11/17 added to the first 3 decoder layers), 2,304 learned vision position embeddings, patch 16 / merge 2
+    (a merged token covers 32x32 px), interleaved MRoPE, the vocabulary (151,936 rows) and every token id. Shrunk: the
+    widths and head counts (`head_dim` = hidden / heads; the MRoPE sections follow it).
+
+    Args:
+        folder: where to write (created).
+        source_folder: the real Qwen3-VL files (default: `tests/fixtures/qwen3-vl-2b` of a checkout).
+        hidden_size, num_heads, num_key_value_heads: the language model's width and heads.
+        vision_hidden_size: the vision tower's width (2 heads).
+        seed: seed of the random weights.
+    Returns:
+        The folder.
+    """
+    source, folder = backbone_files("qwen3-vl-2b", source_folder), os.fspath(folder)
+    with open(os.path.join(source, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    head_dim = hidden_size // num_heads
+    config["text_config"].update(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=head_dim,
+    )
+    config["text_config"]["rope_scaling"]["mrope_section"] = _mrope_sections(head_dim // 2)
+    config["vision_config"].update(
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_heads=2,
+        out_hidden_size=hidden_size,
+    )
+    shards = dict.fromkeys(qwen3vl_published_keys(source), QWEN3VL_WEIGHTS_FILE)
+    from transformers import Qwen3VLForConditionalGeneration
+
+    # Qwen3-VL was published in transformers' current layout: the state-dict names are the stored names.
+    return _write_tiny_backbone(folder, source, config, Qwen3VLForConditionalGeneration, str, shards, seed)
+
+
+def _image_only(processor_class: type) -> type:
+    """`processor_class` without its video processor (which needs torchvision), built from its other parts."""
+
+    def init(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_class.__init__(
+            self,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+        )
+
+    name = processor_class.__name__.replace("Processor", "ImageOnlyProcessor")
+    doc = f"{processor_class.__name__} without its video processor (which needs torchvision)."
+    return type(name, (processor_class,), {"__init__": init, "__doc__": doc, "__module__": __name__})
+
+
+def load_backbone_processor(folder: str | os.PathLike):
+    """
+    The processor of a Qwen2.5-VL or Qwen3-VL checkpoint folder (e.g. a test bed written above), without torchvision:
+    its tokenizer, its image processor (`AutoImageProcessor` picks the PIL one, patch size from the folder) and the
+    folder's `chat_template.json`, in the backbone's own processor class less the video processor.
+
+    Raises:
+        ValueError: the folder's `model_type` is neither `qwen2_5_vl` nor `qwen3_vl`.
+    """
+    from transformers import AutoImageProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor
+
+    folder = os.fspath(folder)
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+        model_type = json.load(handle).get("model_type")
+    classes = {"qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}
+    if model_type not in classes:
+        raise ValueError(f"{folder} is a {model_type!r} checkpoint; expected one of {sorted(classes)}.")
+    template = None
+    if os.path.isfile(os.path.join(folder, "chat_template.json")):
+        with open(os.path.join(folder, "chat_template.json"), encoding="utf-8") as handle:
+            template = json.load(handle)["chat_template"]
+    return _image_only(classes[model_type])(
+        image_processor=AutoImageProcessor.from_pretrained(folder),
+        tokenizer=AutoTokenizer.from_pretrained(folder, local_files_only=True),
+        chat_template=template,
+    )
