@@ -8,6 +8,12 @@
 * **Embed**: several images and texts, their cosine similarity matrix as a heat map and a table.
 
     crem-demo [--model outputs/main/model] [--host 127.0.0.1] [--port 7860] [--gallery digits|none|FOLDER]
+              [--concurrency 2] [--queue-size 64]
+
+Several users at once: the page's model events share one Gradio queue; at most `--concurrency` of them run at a
+time, each on its own worker (a copy of the model's modules that shares its weights, a processor and a handle on
+the gallery memory), and at most `--queue-size` wait; a request beyond that is refused with a "busy" message. The
+gallery is one for everyone on the page: adding or clearing waits for the searches in flight.
 
 Every bad input (an upload that is not an image or is too large, an empty gallery, an empty query) is a message in
 the page; the server keeps serving. Unexpected errors are logged with their traceback on the server and named in
@@ -17,16 +23,19 @@ one line in the page, never as a stack trace.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import html
 import json
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +74,9 @@ MAX_EMBED_ITEMS = 16
 MAX_TOP_K = 20
 #: Side in pixels of the thumbnails in the search results.
 THUMBNAIL_SIDE = 112
+#: Model events run at once by default (each on its own worker), and requests that may wait in the queue.
+DEFAULT_CONCURRENCY = 2
+DEFAULT_QUEUE_SIZE = 64
 
 
 # ---------------------------------------------------------------------------------------------------- uploads
@@ -195,18 +207,80 @@ def _cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+class _GalleryLock:
+    """
+    Many readers (searches, answers) or one writer (adding to or clearing the gallery). A waiting writer holds back
+    new readers, so a stream of searches never starves a gallery change. Not reentrant.
+    """
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._writing and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._readers -= 1
+                self._changed.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._changed:
+            self._writers_waiting += 1
+            self._changed.wait_for(lambda: not self._writing and not self._readers)
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._writing = False
+                self._changed.notify_all()
+
+
+def share_weights(model):
+    """
+    A copy of `model`'s modules that shares its parameters (no weight memory): generation keeps per-call state on
+    the modules (Qwen2-VL's `rope_deltas`, set by one prompt's prefill and read by its decoding steps), so two calls
+    on one module tree at once would mix their positions. Buffers (rotary frequencies) are copied; they are small.
+    """
+    return copy.deepcopy(model, {id(parameter): parameter for parameter in model.parameters()})
+
+
+@dataclass
+class _Worker:
+    """What one model event runs on: its own module tree (shared weights), processor and gallery handle."""
+
+    model: Any
+    processor: CREMProcessor
+    memory: Any = None
+
+
 @dataclass
 class CREMDemo:
     """
     What the app does, without the page: a CREM model, its processor and the gallery memory. Every method raises a
-    ValueError naming the bad input; the page turns it into a message. Model calls are serialised by a lock (the
-    server answers several requests at once).
+    ValueError naming the bad input; the page turns it into a message.
+
+    Safe to call from several threads: each search, answer or comparison checks out one of `concurrency` workers
+    (`share_weights` copies of the model, processor copies, their own memory handles), waiting while all are busy,
+    so no call sees another's state; adding to or clearing the gallery waits for the calls in flight and runs
+    alone. `memory` (on `model` itself) is for direct use outside the page's events.
 
     Args:
         model: a CREM model (eval mode is set).
         processor: its processor.
         workdir: where the gallery memory and uploaded gallery images live.
         limits: what an upload may weigh.
+        concurrency: workers, the most model calls that run at once.
     """
 
     model: Any
@@ -214,12 +288,32 @@ class CREMDemo:
     workdir: str
     limits: UploadLimits = field(default_factory=UploadLimits)
     memory: Any = None
-    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    concurrency: int = DEFAULT_CONCURRENCY
+    _gallery: _GalleryLock = field(default_factory=_GalleryLock, repr=False)
     _uri: str | None = None
 
     def __post_init__(self):
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}.")
         self.model.eval()
         os.makedirs(os.path.join(self.workdir, "uploads"), exist_ok=True)
+        self.workers = [
+            _Worker(share_weights(self.model), copy.deepcopy(self.processor)) for _ in range(self.concurrency)
+        ]
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        for worker in self.workers:
+            self._idle.put(worker)
+
+    @contextmanager
+    def _worker(self) -> Iterator[_Worker]:
+        """An idle worker for one call (waits while all are busy), under the gallery's read lock."""
+        with self._gallery.read():
+            worker = self._idle.get()
+            try:
+                with torch.no_grad():
+                    yield worker
+            finally:
+                self._idle.put(worker)
 
     @property
     def device(self) -> torch.device:
@@ -234,7 +328,7 @@ class CREMDemo:
         """
         from ..memory import CREMMemory
 
-        with self._lock:
+        with self._gallery.write():
             old = self._uri
             uri = os.path.join(self.workdir, "memory")
             number = 1
@@ -242,19 +336,22 @@ class CREMDemo:
                 number += 1
                 uri = os.path.join(self.workdir, f"memory-{number}")
             self.memory = CREMMemory.open(uri, self.model, self.processor, create=True)
+            for worker in self.workers:  # idle: the write lock waits for the calls in flight
+                worker.memory = CREMMemory.open(uri, worker.model, worker.processor)
             self._uri = uri
             if clear and old is not None:
                 shutil.rmtree(old, ignore_errors=True)
 
     def gallery_size(self) -> int:
-        return 0 if self.memory is None else len(self.memory)
+        with self._gallery.read():
+            return 0 if self.memory is None else len(self.memory)
 
     def add_items(self, items: Sequence[tuple[str, Any, dict]], show_progress: bool = True):
         """Add `(id, image, metadata)` items to the gallery; returns the memory's `IndexReport`."""
         if self.memory is None:
             self.new_gallery()
         ids, images, metadata = (list(column) for column in zip(*items, strict=True)) if items else ([], [], [])
-        with self._lock, torch.no_grad():
+        with self._gallery.write(), torch.no_grad():  # alone: the workers see the new rows when it is done
             return self.memory.add(
                 ids=ids, images=images, texts=[None] * len(ids), metadata=metadata, show_progress=show_progress
             )
@@ -293,13 +390,14 @@ class CREMDemo:
             raise ValueError("Type a query or drop a query image first.")
         if text is not None and image_path is not None:
             raise ValueError("Give one query: a text or an image (clear the other).")
-        if self.gallery_size() == 0:
-            raise ValueError("The gallery is empty: add images under 'Add images to the gallery' first.")
         if not 1 <= int(k) <= MAX_TOP_K:
             raise ValueError(f"Top-k must be between 1 and {MAX_TOP_K}, got {k}.")
         image = read_upload(image_path, self.processor, self.limits) if image_path is not None else None
-        with self._lock, torch.no_grad():
-            return self.memory.search(text=text, image=image, k=min(int(k), self.gallery_size()))
+        with self._worker() as worker:
+            size = len(worker.memory)
+            if size == 0:
+                raise ValueError("The gallery is empty: add images under 'Add images to the gallery' first.")
+            return worker.memory.search(text=text, image=image, k=min(int(k), size))
 
     def ask_stored(self, question: str, item_id: str | None, max_new_tokens: int) -> str:
         """Answer `question` about a gallery item from its stored compressed context alone."""
@@ -308,8 +406,8 @@ class CREMDemo:
             raise ValueError("Pick a search result first (search, then choose one of the hits).")
         if not question:
             raise ValueError("Type a question about the picked image.")
-        with self._lock, torch.no_grad():
-            return self.memory.ask(question, [item_id], max_new_tokens=int(max_new_tokens))[0]
+        with self._worker() as worker:
+            return worker.memory.ask(question, [item_id], max_new_tokens=int(max_new_tokens))[0]
 
     # ------------------------------------------------------------------ ask
 
@@ -326,13 +424,13 @@ class CREMDemo:
         if not question:
             raise ValueError("Type a question about the image.")
         image = read_upload(image_path, self.processor, self.limits)
-        inputs = self.processor.process_generation_inputs(questions=[question], images=[image]).to(self.device)
-        prompt = inputs["input_ids"].shape[1]
         results = []
-        with self._lock, torch.no_grad():
+        with self._worker() as worker:
+            inputs = worker.processor.process_generation_inputs(questions=[question], images=[image]).to(self.device)
+            prompt = inputs["input_ids"].shape[1]
             for mode in ("native", "compressed"):
                 started = time.perf_counter()
-                output = self.model.generate(
+                output = worker.model.generate(
                     **inputs,
                     compress=mode == "compressed",
                     max_new_tokens=int(max_new_tokens),
@@ -343,7 +441,7 @@ class CREMDemo:
                 new = output.sequences.shape[1] - prompt
                 held = output.cache.get_seq_length()
                 slots = held - (new - 1)
-                answer = self.processor.tokenizer.decode(output.sequences[0, prompt:], skip_special_tokens=True)
+                answer = worker.processor.tokenizer.decode(output.sequences[0, prompt:], skip_special_tokens=True)
                 results.append(
                     AskResult(mode, answer.strip(), prompt, slots, _cache_bytes(output.cache) * slots // held, seconds)
                 )
@@ -367,13 +465,13 @@ class CREMDemo:
             raise ValueError(f"At most {MAX_EMBED_ITEMS} items can be compared at once; got {count}.")
         images = [read_upload(path, self.processor, self.limits) for path in image_paths]
         instruction = (instruction or "").strip() or None
-        inputs = self.processor.process_embedding_inputs(
-            images=[*images, *[None] * len(lines)],
-            texts=[*[None] * len(images), *lines],
-            instruction=[*[None] * len(images), *[instruction] * len(lines)],
-        ).to(self.device)
-        with self._lock, torch.no_grad():
-            vectors = F.normalize(self.model.get_embedding(**inputs).float(), dim=-1)
+        with self._worker() as worker:
+            inputs = worker.processor.process_embedding_inputs(
+                images=[*images, *[None] * len(lines)],
+                texts=[*[None] * len(images), *lines],
+                instruction=[*[None] * len(images), *[instruction] * len(lines)],
+            ).to(self.device)
+            vectors = F.normalize(worker.model.get_embedding(**inputs).float(), dim=-1)
         labels = _unique([os.path.basename(path) for path in image_paths] + lines)
         return labels, (vectors @ vectors.T).cpu()
 
@@ -484,6 +582,8 @@ def build_app(
     top_k: int = 5,
     max_new_tokens: int = 16,
     title: str = "CREM demo",
+    concurrency: int = DEFAULT_CONCURRENCY,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
 ):
     """
     The demo page (`gradio.Blocks`; call `.launch()`).
@@ -496,8 +596,11 @@ def build_app(
         workdir: where the gallery memory and uploads live (default: a temporary folder removed at exit).
         limits: what an upload may weigh (default `UploadLimits()`: 20 MB, 25 megapixels).
         top_k: the search's default number of hits; max_new_tokens: the answers' default length.
+        concurrency: the most model events (search, answers, comparisons, gallery changes) that run at once, over
+            all users; queue_size: the most that wait in the queue (the page shows each user's place), beyond which
+            a request is refused as busy. Together they bound the work in flight and its memory.
     Raises:
-        ValueError: an unknown gallery, or a folder that is not one.
+        ValueError: an unknown gallery, or a folder that is not one; a concurrency or queue size below 1.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
@@ -507,7 +610,9 @@ def build_app(
         workdir = temporary.name
     else:
         temporary = None
-    demo = CREMDemo(model, processor, os.fspath(workdir), limits or UploadLimits())
+    if queue_size < 1:
+        raise ValueError(f"queue_size must be at least 1, got {queue_size}.")
+    demo = CREMDemo(model, processor, os.fspath(workdir), limits or UploadLimits(), concurrency=concurrency)
     demo.new_gallery()
     started = time.perf_counter()
     gallery = None if gallery == "none" else gallery
@@ -642,29 +747,49 @@ def build_app(
                         similarity_table = gr.HTML(elem_id="embed-table")
 
         reset = gr.update(choices=[], value=None)
+        # Every event that uses the model is one concurrency group: at most `concurrency` of them run at once
+        # over all users (one per worker), the rest wait in the queue.
+        model_event = {"concurrency_id": "model", "concurrency_limit": concurrency}
         search_button.click(
             guarded(search, ([], "", reset, [])),
             [query, query_image, k],
             [results, hits_table, picked, hit_ids, search_status],
+            api_name="search",
+            **model_event,
         )
-        results.select(pick, [hit_ids], [picked])
+        results.select(pick, [hit_ids], [picked], queue=False)  # no model: never waits behind the model events
         stored_button.click(
-            guarded(ask_stored, ("",)), [picked, stored_question, stored_tokens], [stored_answer, search_status]
+            guarded(ask_stored, ("",)),
+            [picked, stored_question, stored_tokens],
+            [stored_answer, search_status],
+            api_name="ask_stored",
+            **model_event,
         )
-        add_button.click(guarded(add, (gr.update(),)), [uploads], [uploads, search_status])
+        add_button.click(
+            guarded(add, (gr.update(),)), [uploads], [uploads, search_status], api_name="add", **model_event
+        )
         clear_button.click(
-            guarded(clear, ([], "", reset, [])), None, [results, hits_table, picked, hit_ids, search_status]
+            guarded(clear, ([], "", reset, [])),
+            None,
+            [results, hits_table, picked, hit_ids, search_status],
+            api_name="clear",
+            **model_event,
         )
         ask_button.click(
             guarded(ask, (None, "", "", "", "")),
             [ask_image, ask_question, ask_tokens],
             [ask_preview, native_answer, native_stats, compressed_answer, compressed_stats, ask_status],
+            api_name="ask",
+            **model_event,
         )
         embed_button.click(
             guarded(embed, (None, "")),
             [embed_files, embed_texts, embed_instruction],
             [heat_map, similarity_table, embed_status],
+            api_name="embed",
+            **model_event,
         )
+    app.queue(max_size=queue_size, default_concurrency_limit=concurrency)
     app.crem_demo = demo  # the logic behind the page (tests, scripts)
     app.crem_workdir = temporary  # kept alive with the app; removed at exit
     app.crem_css = _CSS
@@ -729,6 +854,18 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max-upload-mb", type=float, default=20.0)
     parser.add_argument("--max-upload-megapixels", type=float, default=25.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"model requests served at once, over all users (default: {DEFAULT_CONCURRENCY})",
+    )
+    parser.add_argument(
+        "--queue-size",
+        type=positive_int,
+        default=DEFAULT_QUEUE_SIZE,
+        help=f"requests that may wait; more are refused as busy (default: {DEFAULT_QUEUE_SIZE})",
+    )
     return parser
 
 
@@ -741,7 +878,14 @@ def serve(args: argparse.Namespace) -> None:
     limits = UploadLimits(int(args.max_upload_mb * 1024 * 1024), int(args.max_upload_megapixels * 1e6))
     model, processor = load_demo_model(args.model, args.device)
     app = build_app(
-        model, processor, gallery=args.gallery, gallery_size=args.gallery_size, workdir=args.workdir, limits=limits
+        model,
+        processor,
+        gallery=args.gallery,
+        gallery_size=args.gallery_size,
+        workdir=args.workdir,
+        limits=limits,
+        concurrency=args.concurrency,
+        queue_size=args.queue_size,
     )
     launch(app, args.host, args.port)
 
