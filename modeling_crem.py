@@ -893,8 +893,9 @@ class CREMMixin:
         Raises:
             ValueError: a plain checkpoint of the backbone (it has no chorus tokens: convert it with
                 `crem_hf.load_crem(path)` or the class's conversion, e.g.
-                `CREMForEmbeddingAndGeneration.from_qwen2vl(path, processor)`), another model type (another
-                backbone's CREM folder included), or weights that do not load exactly.
+                `CREMForEmbeddingAndGeneration.from_qwen2vl(path, processor)`), a LoRA adapter folder (load it with
+                `crem_hf.load_crem(path)`), another model type (another backbone's CREM folder included), or weights
+                that do not load exactly.
         """
         config = kwargs.get("config")
         if isinstance(config, PreTrainedConfig):
@@ -902,6 +903,16 @@ class CREMMixin:
         elif pretrained_model_name_or_path is not None:
             source = {k: kwargs[k] for k in _CONFIG_SOURCE_KWARGS if k in kwargs}
             values, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **source)
+            if not values:  # no config.json: a LoRA adapter folder (train_lora.py's) loads only on its base model
+                from transformers.utils.peft_utils import find_adapter_config_file
+
+                if find_adapter_config_file(os.fspath(pretrained_model_name_or_path), **source) is not None:
+                    raise ValueError(
+                        f"{pretrained_model_name_or_path} is a LoRA adapter folder (adapter_config.json, no "
+                        "config.json), not a CREM model: load it with crem_hf.load_crem(path), which loads its base "
+                        "model and applies the adapter."
+                    )
+                raise ValueError(f"{pretrained_model_name_or_path} has no config.json; expected a CREM folder.")
             kind, chorus_ids = values.get("model_type"), values.get("chorus_token_ids")
         else:
             kind, chorus_ids = cls.config_class.model_type, True  # a state_dict and no config: nothing to check

@@ -45,6 +45,7 @@ __all__ = [
     "chorus_token_strings",
     "DEFAULT_SYSTEM_PROMPT",
     "DEFAULT_IMAGE_INSTRUCTION",
+    "rgb_on_white",
 ]
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -72,6 +73,8 @@ _UPRIGHT = {
 }
 # Modes `Image.reduce` takes.
 _REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK", "YCbCr")
+#: What transparent pixels show once an image is RGB (the model sees no alpha): white, as a page or a viewer shows them.
+TRANSPARENT_BACKGROUND = (255, 255, 255)
 # Per-call options of the builders.
 _CALL_OPTIONS = ("min_pixels", "max_pixels", "max_length", "return_tensors")
 
@@ -262,7 +265,8 @@ class CREMProcessor(Qwen2VLProcessor):
         """
         An upright RGB PIL image from a PIL image, a file path, a URL or an `(H, W[, C])` uint8 array.
 
-        EXIF orientation is applied; 16-bit grayscale is scaled to 8 bits (65535 -> 255). An image much larger than
+        EXIF orientation is applied; 16-bit grayscale is scaled to 8 bits (65535 -> 255); transparency (an alpha
+        channel or a PNG tRNS chunk) is composited onto white ([`rgb_on_white`]). An image much larger than
         the image processor will keep (at least 4x `max_pixels` per side) is decoded at reduced size (JPEG
         `draft`) and box-reduced to about twice the kept resolution per side, so a huge file never costs its full
         size in float pixels; the image processor then resizes it as usual.
@@ -355,6 +359,9 @@ class CREMProcessor(Qwen2VLProcessor):
             wide = image.convert("I")  # 32-bit signed, native byte order
             values = torch.frombuffer(bytearray(wide.tobytes()), dtype=torch.int32).long().clamp(0, 65535)
             image = Image.frombytes("L", wide.size, ((values * 255 + 32767) // 65535).to(torch.uint8).numpy().tobytes())
+        if image.has_transparency_data:
+            # Before reducing: box averages blind to alpha would mix the hidden colour of transparent pixels in.
+            image = rgb_on_white(image)
         factor = _reduction_factor(image.size, target)
         if factor > 1:
             image = (image if image.mode in _REDUCIBLE_MODES else image.convert("RGB")).reduce(factor)
@@ -854,6 +861,25 @@ class CREMProcessor(Qwen2VLProcessor):
         if len(value) != size:
             raise ValueError(f"{name} has {len(value)} entries for {size} samples.")
         return value
+
+
+def rgb_on_white(image: Image.Image) -> Image.Image:
+    """
+    `image` as RGB, its transparency composited onto white (`TRANSPARENT_BACKGROUND`): an alpha channel (RGBA, LA,
+    PA and their premultiplied modes) or a PNG tRNS chunk (a palette image's one transparent index or per-entry
+    alpha, a grayscale or RGB image's transparent colour). Each channel becomes
+    `round(colour * a + 255 * (1 - a))` with `a = alpha / 255`; `convert("RGB")` would keep the colour that the
+    transparent pixels happen to hold (often black). An image without transparency converts exactly as
+    `image.convert("RGB")` does.
+
+    Every path that turns a user image into RGB goes through here (the processor, the memory, the demo).
+    """
+    if not image.has_transparency_data:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")  # applies tRNS / a palette's alpha; undoes premultiplication
+    composed = Image.new("RGB", rgba.size, TRANSPARENT_BACKGROUND)
+    composed.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))  # Pillow blends with exact rounding
+    return composed
 
 
 def _reduction_factor(size: tuple[int, int], target: int | None) -> int:

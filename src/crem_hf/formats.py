@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 __all__ = [
     "LLAVA_IMAGE_PLACEHOLDER",
     "MMEB_IMAGE_PLACEHOLDER",
+    "OUTSIDE_ROOT",
+    "OUTSIDE_ROOT_HINT",
     "conversation_messages",
     "image_problem",
     "locate_subset",
@@ -35,6 +37,11 @@ MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
 LLAVA_IMAGE_PLACEHOLDER = "<image>"
 #: Why a row is refused when its image path leaves the image root.
 OUTSIDE_ROOT = "image path outside the image root"
+#: What an error about such a path adds (the evaluation readers, which stop at a bad row).
+OUTSIDE_ROOT_HINT = (
+    " Under an image root, image paths must stay inside it (no absolute paths, no ../); without an image root"
+    " they are used as they are."
+)
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _FLAT_SUFFIXES = (".jsonl", ".json", ".parquet")
 ANY_PLACEHOLDER = re.compile(r"<\|image_\d+\|>|<image>|<\|image_pad\|>|<\|vision_start\|>")

@@ -45,7 +45,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..evaluation.retrieval import T2I_INSTRUCTION
 from ..io import USER_ERRORS, ArgumentParser, check_model_source, positive_int, run_command, write_text_atomically
-from ..processing_crem import CREMProcessor
+from ..processing_crem import CREMProcessor, rgb_on_white
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -552,7 +552,7 @@ def _thumbnail(source: str | None) -> Image.Image:
     try:
         with Image.open(source) as opened:
             opened.draft("RGB", (side, side))  # JPEG: decode at a fraction of the size
-            image = opened.convert("RGB")
+            image = rgb_on_white(opened)
     except (OSError, TypeError, ValueError, AttributeError, Image.DecompressionBombError):
         return Image.new("RGB", (side, side), (200, 200, 200))
     if max(image.size) >= side:

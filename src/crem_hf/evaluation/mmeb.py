@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..formats import OUTSIDE_ROOT, locate_subset, parse_side, read_rows
+from ..formats import OUTSIDE_ROOT, OUTSIDE_ROOT_HINT, locate_subset, parse_side, read_rows
 from ..io import check_writable_folder, format_markdown_table, write_files_atomically
 from .encoding import encode_items
 
@@ -76,10 +76,6 @@ class MMEBRow:
 
 #: The columns of an MMEB-eval row.
 MMEB_EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
-_OUTSIDE_ROOT_HINT = (
-    " Under an image root, image paths must stay inside it (no absolute paths, no ../); without an image root"
-    " they are used as they are."
-)
 
 
 def _parse_row(row: dict[str, Any], image_root: str | None, where: str, missing_hint: str = "") -> MMEBRow:
@@ -98,7 +94,7 @@ def _parse_row(row: dict[str, Any], image_root: str | None, where: str, missing_
         raise ValueError(f"{where}: empty candidate list.")
     if len(texts) != len(images):
         raise ValueError(f"{where}: {len(texts)} candidate texts but {len(images)} candidate images.")
-    hints = {"missing image": missing_hint, OUTSIDE_ROOT: _OUTSIDE_ROOT_HINT}
+    hints = {"missing image": missing_hint, OUTSIDE_ROOT: OUTSIDE_ROOT_HINT}
     query_text, query_image, problem = parse_side(row.get("qry_text"), row.get("qry_img_path"), image_root)
     if problem:
         raise ValueError(f"{where}: query: {problem} ({query_image or query_text!r}).{hints.get(problem, '')}")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..formats import image_problem, read_rows, resolve_path
+from ..formats import OUTSIDE_ROOT, OUTSIDE_ROOT_HINT, image_problem, outside_root, read_rows, resolve_path
 from .encoding import encode_items
 
 __all__ = [
@@ -27,9 +27,14 @@ RECALL_KS = (1, 5, 10)
 
 
 def load_caption_rows(source: str | os.PathLike, fields: tuple[str, ...], image_root: str | None = None) -> list[dict]:
-    """Rows of a json/jsonl/parquet file, checked: each needs an existing image and the non-empty `fields`."""
+    """
+    Rows of a json/jsonl/parquet file, checked: each needs an existing image and the non-empty `fields`. Under an
+    `image_root`, image paths must stay inside it (the MMEB and training readers' check: no absolute path, no ../).
+    """
     rows = []
     for i, row in enumerate(read_rows(source)):
+        if outside_root(row.get("image"), image_root):
+            raise ValueError(f"{source}, row {i}: {OUTSIDE_ROOT} ({row['image']}).{OUTSIDE_ROOT_HINT}")
         image = resolve_path(row.get("image"), image_root)
         problem = image_problem(image) if image else "no image"
         if problem:
