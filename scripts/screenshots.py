@@ -3,7 +3,7 @@
     python scripts/screenshots.py [--model outputs/main/model] [--output-dir docs/demo]
 
 The model is the main job's (`python -m crem_hf.demo.main`), so the pictures show a trained model on the held-out
-digit scans. Needs the demo and dev extras and Debian's chromium (scripts/install.sh).
+digit scans. Needs the demo and dev extras and Debian's chromium (scripts/install-browser.sh).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def upload(page, elem_id: str, *paths: str) -> None:
 def shoot(model_path: str, output_dir: str) -> list[str]:
     """Serve the app on the held-out digits, drive each tab once and save one PNG per tab; returns their paths."""
     if not os.path.exists(CHROMIUM):
-        raise ValueError(f"No Chromium at {CHROMIUM}: run scripts/install.sh (apt-get install chromium).")
+        raise ValueError(f"No Chromium at {CHROMIUM}: run scripts/install-browser.sh (apt-get install chromium).")
     os.makedirs(output_dir, exist_ok=True)
     model, processor = load_demo_model(model_path)
     scans = {}

@@ -69,8 +69,10 @@ def served(model, processor, images, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    # A missing browser fails the tests (never a silent skip): scripts/install.sh installs Debian's chromium.
-    assert os.path.exists(CHROMIUM), f"no Chromium at {CHROMIUM}: run scripts/install.sh (apt-get install chromium)"
+    # A missing browser fails the tests (never a silent skip): scripts/install-browser.sh installs Debian's chromium.
+    assert os.path.exists(CHROMIUM), (
+        f"no Chromium at {CHROMIUM}: run scripts/install-browser.sh (apt-get install chromium)"
+    )
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield chromium
