@@ -34,7 +34,7 @@ from .io import (
     run_command,
     write_text_atomically,
 )
-from .loading import checkpoint_kind, load_crem, merge_adapter
+from .loading import BACKBONE_CREM_CLASSES, checkpoint_kind, load_crem, merge_adapter
 from .processing_crem import CREMProcessor
 
 __all__ = [
@@ -87,9 +87,9 @@ def load_for_export(path: str | os.PathLike, base_model: str | os.PathLike | Non
             does not fit the base (chorus ids or shapes), or weights that do not load exactly.
     """
     path = os.fspath(path)
-    if checkpoint_kind(path) == "qwen2_vl":
+    if (kind := checkpoint_kind(path)) in BACKBONE_CREM_CLASSES:
         raise ValueError(
-            f"{path} is a plain Qwen2-VL checkpoint, not a trained CREM model: train it (examples/train_lora.py) and "
+            f"{path} is a plain {kind!r} checkpoint, not a trained CREM model: train it (examples/train_lora.py) and "
             "export the result, or convert it with crem_hf.load_crem and export that model with export_hub_folder."
         )
     return load_crem(path, base_model=base_model, merge=merge)

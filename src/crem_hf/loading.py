@@ -1,5 +1,6 @@
-"""Load a CREM model and processor: the one place that understands CREM folders, LoRA adapter folders (as
-`examples/train_lora.py` writes them) and plain Qwen2-VL checkpoints (converted on the fly). Every load is exact.
+"""Load a CREM model and processor: the one place that understands CREM folders of every backbone, LoRA adapter
+folders (as `examples/train_lora.py` writes them) and plain backbone checkpoints (Qwen2-VL, Qwen2.5-VL, Qwen3-VL;
+converted on the fly). Every load is exact.
 """
 
 from __future__ import annotations
@@ -12,11 +13,35 @@ from transformers import AutoProcessor, PreTrainedConfig, Qwen2VLProcessor
 from transformers.utils import cached_file
 from transformers.utils.peft_utils import find_adapter_config_file
 
-from .configuration_crem import CREMConfig
-from .modeling_crem import CREMForEmbeddingAndGeneration
+from .modeling_crem import (
+    CREMForEmbeddingAndGeneration,
+    CREMMixin,
+    CREMQwen2_5_VLForEmbeddingAndGeneration,
+    CREMQwen3VLForEmbeddingAndGeneration,
+)
 from .processing_crem import CREMProcessor
 
-__all__ = ["Qwen2VLImageOnlyProcessor", "checkpoint_kind", "load_crem", "load_qwen2vl_processor", "merge_adapter"]
+__all__ = [
+    "BACKBONE_CREM_CLASSES",
+    "CREM_CLASSES",
+    "Qwen2VLImageOnlyProcessor",
+    "checkpoint_kind",
+    "load_crem",
+    "load_qwen2vl_processor",
+    "merge_adapter",
+]
+
+_CLASSES = (
+    CREMForEmbeddingAndGeneration,
+    CREMQwen2_5_VLForEmbeddingAndGeneration,
+    CREMQwen3VLForEmbeddingAndGeneration,
+)
+#: Per CREM `model_type` (`crem`, `crem_qwen2_5_vl`, `crem_qwen3_vl`): its CREM class.
+CREM_CLASSES: dict[str, type[CREMMixin]] = {cls.config_class.model_type: cls for cls in _CLASSES}
+#: Per plain backbone `model_type` (`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`): the CREM class that converts it.
+BACKBONE_CREM_CLASSES: dict[str, type[CREMMixin]] = {
+    cls._backbone_class.config_class.model_type: cls for cls in _CLASSES
+}
 
 # What a usable chat template renders for a system, a user and an assistant turn (as the -Instruct template does).
 _PROBE = {"system": "crem-probe-system", "user": "crem-probe-user", "assistant": "crem-probe-assistant"}
@@ -81,8 +106,8 @@ def _has_file(name_or_path: str, filename: str) -> bool:
 
 def checkpoint_kind(name_or_path: str | os.PathLike) -> str:
     """
-    What a folder or Hub id holds: `"adapter"` (a LoRA adapter, `adapter_config.json`), `"crem"` (a CREM model) or
-    `"qwen2_vl"` (a plain Qwen2-VL checkpoint).
+    What a folder or Hub id holds: `"adapter"` (a LoRA adapter, `adapter_config.json`), a CREM `model_type` (a key
+    of `CREM_CLASSES`: a CREM model) or a plain backbone's `model_type` (a key of `BACKBONE_CREM_CLASSES`).
 
     Raises:
         ValueError: any other model type.
@@ -91,10 +116,10 @@ def checkpoint_kind(name_or_path: str | os.PathLike) -> str:
     if find_adapter_config_file(name_or_path) is not None:
         return "adapter"
     kind = PreTrainedConfig.get_config_dict(name_or_path)[0].get("model_type")
-    if kind not in (CREMConfig.model_type, "qwen2_vl"):
+    if kind not in CREM_CLASSES and kind not in BACKBONE_CREM_CLASSES:
         raise ValueError(
-            f"{name_or_path} is a {kind!r} model; expected a CREM folder, a LoRA adapter folder on a CREM or "
-            "Qwen2-VL base, or a Qwen2-VL checkpoint."
+            f"{name_or_path} is a {kind!r} model; expected a CREM folder ({', '.join(CREM_CLASSES)}), a LoRA adapter "
+            f"folder on a CREM or backbone base, or a backbone checkpoint ({', '.join(BACKBONE_CREM_CLASSES)})."
         )
     return kind
 
@@ -117,13 +142,14 @@ def load_crem(
     """
     `(model, processor)` from any checkpoint CREM meets, loaded exactly (a weight that does not load is an error):
 
-    * a CREM folder (either key layout): `CREMForEmbeddingAndGeneration.from_pretrained` and its processor;
+    * a CREM folder of any backbone (either key layout): its CREM class's `from_pretrained` and its processor;
     * a LoRA adapter folder with its processor (what `examples/train_lora.py` writes): its base (`base_model`, or
-      the adapter's `base_model_name_or_path`), a CREM folder or the Qwen2-VL checkpoint it was trained from
+      the adapter's `base_model_name_or_path`), a CREM folder or the backbone checkpoint it was trained from
       (converted with the adapter folder's processor, so the chorus ids agree), with the adapter loaded on it and
       merged (`merge=False` returns the peft model);
-    * a Qwen2-VL checkpoint: the processor gains `num_chorus_tokens` chorus tokens and the model is converted with
-      `CREMForEmbeddingAndGeneration.from_qwen2vl` (new chorus rows; `num_chorus_tokens` applies only here).
+    * a backbone checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the processor gains `num_chorus_tokens` chorus tokens
+      and the model is converted with its CREM class's `from_backbone` (new chorus rows; `num_chorus_tokens` applies
+      only here).
 
     Args:
         **from_pretrained_kwargs: for the model's `from_pretrained` (`dtype`, `attn_implementation`, ...).
@@ -133,17 +159,17 @@ def load_crem(
     """
     name_or_path = os.fspath(name_or_path)
     kind = checkpoint_kind(name_or_path)
-    if kind == CREMConfig.model_type:
+    if kind in CREM_CLASSES:
         processor = _saved_processor(name_or_path)
-        return CREMForEmbeddingAndGeneration.from_pretrained(name_or_path, **from_pretrained_kwargs), processor
-    if kind == "qwen2_vl":
+        return CREM_CLASSES[kind].from_pretrained(name_or_path, **from_pretrained_kwargs), processor
+    if kind in BACKBONE_CREM_CLASSES:
         processor = CREMProcessor.from_qwen2vl_processor(load_qwen2vl_processor(name_or_path), num_chorus_tokens)
-        model = CREMForEmbeddingAndGeneration.from_qwen2vl(name_or_path, processor, **from_pretrained_kwargs)
+        model = BACKBONE_CREM_CLASSES[kind].from_backbone(name_or_path, processor, **from_pretrained_kwargs)
         return model, processor
     return _load_adapter(name_or_path, base_model, merge, from_pretrained_kwargs)
 
 
-def merge_adapter(model) -> CREMForEmbeddingAndGeneration:
+def merge_adapter(model) -> CREMMixin:
     """
     A plain CREM model from a peft model (LoRA merged into the weights, the trained chorus rows written into the
     embeddings); any other model is returned as it is. The one merge: loading, export and the demo use it.
@@ -165,10 +191,10 @@ def _load_adapter(path: str, base_model: str | os.PathLike | None, merge: bool, 
     base_kind = checkpoint_kind(base_path)
     if base_kind == "adapter":
         raise ValueError(f"The base {base_path} of the adapter in {path} is itself an adapter; pass its base model.")
-    if base_kind == "qwen2_vl":
-        base = CREMForEmbeddingAndGeneration.from_qwen2vl(base_path, processor, **from_pretrained_kwargs)
+    if base_kind in BACKBONE_CREM_CLASSES:
+        base = BACKBONE_CREM_CLASSES[base_kind].from_backbone(base_path, processor, **from_pretrained_kwargs)
     else:
-        base = CREMForEmbeddingAndGeneration.from_pretrained(base_path, **from_pretrained_kwargs)
+        base = CREM_CLASSES[base_kind].from_pretrained(base_path, **from_pretrained_kwargs)
     adapter_chorus = (settings.get("trainable_token_indices") or {}).get("embed_tokens")
     if adapter_chorus is not None and list(adapter_chorus) != list(base.config.chorus_token_ids):
         raise ValueError(

@@ -826,7 +826,7 @@ def load_demo_model(path: str, device: str = "cpu"):
     Raises:
         ValueError: a missing folder, a folder that holds no model, a plain Qwen2-VL checkpoint or another model type.
     """
-    from ..loading import checkpoint_kind, load_crem
+    from ..loading import BACKBONE_CREM_CLASSES, checkpoint_kind, load_crem
 
     if path == DEFAULT_MODEL and not os.path.exists(path):
         raise ValueError(f"--model {path}: no such folder; train it with `python -m crem_hf.demo.main`, or pass one.")
@@ -834,9 +834,9 @@ def load_demo_model(path: str, device: str = "cpu"):
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise ValueError(f"--model {path} holds no model (no config.json); expected a CREM model folder.")
-    if checkpoint_kind(path) == "qwen2_vl":
+    if (kind := checkpoint_kind(path)) in BACKBONE_CREM_CLASSES:
         raise ValueError(
-            f"--model {path} is a plain Qwen2-VL checkpoint, not a CREM model: train it first (examples/"
+            f"--model {path} is a plain {kind!r} checkpoint, not a CREM model: train it first (examples/"
             "train_lora.py or python -m crem_hf.demo.main)."
         )
     model, processor = load_crem(path)
