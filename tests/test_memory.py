@@ -19,7 +19,7 @@ from helpers import free_port, random_image
 
 from crem_hf.memory import CREMMemory, read_source
 from crem_hf.memory.cli import main as memory_main
-from crem_hf.testing import make_tiny_crem
+from crem_hf.testing import make_tiny_crem, make_tiny_processor
 
 QUESTION = "Which digit is shown?"
 
@@ -153,6 +153,47 @@ def test_a_memory_refuses_another_model_and_names_the_difference(memory, process
         CREMMemory.open(memory.uri, other, processor)
     with pytest.raises(ValueError, match="dtype: memory 'float32', model 'bfloat16'"):
         CREMMemory.open(memory.uri, make_tiny_crem(processor, seed=0).to(torch.bfloat16), processor)
+
+
+def test_a_memory_records_its_backbone_and_refuses_another_backbone_by_name(memory, model, saved_model, tmp_path):
+    """Qwen3-VL and Qwen2-VL tiny models: each refuses the other's memory naming both backbones, in `open` and in the
+    CLI's `index`; `describe` shows the backbone; a memory from before the field existed is Qwen2-VL's."""
+    qwen3_processor = make_tiny_processor(backbone="qwen3_vl")
+    qwen3 = make_tiny_crem(qwen3_processor, backbone="qwen3_vl")
+    uri = tmp_path / "qwen3"
+    written = CREMMemory.open(uri, qwen3, qwen3_processor, create=True)
+    written.add(ids=["a", "b"], texts=["one digit", "two digits"], show_progress=False)
+    assert written.fingerprint["backbone"] == "crem_qwen3_vl" and len(written) == 2
+    assert sorted(hit.id for hit in written.search("one digit", k=2)) == ["a", "b"]
+    assert written.answer_ids(QUESTION, ["b"], max_new_tokens=3).shape[0] == 1  # a Qwen3-VL memory answers
+    info = CREMMemory.describe(uri)
+    assert info["backbone"] == "Qwen3-VL (crem_qwen3_vl)" and info["model"]["backbone"] == "crem_qwen3_vl"
+    assert memory.info()["backbone"] == "Qwen2-VL (crem)"
+    expected = f"{uri} was written by a Qwen3-VL CREM model (crem_qwen3_vl); this model is Qwen2-VL (crem)"
+    with pytest.raises(ValueError) as refused:
+        CREMMemory.open(uri, model, memory.processor)
+    assert str(refused.value).startswith(expected)
+    with pytest.raises(ValueError, match=r"written by a Qwen2-VL CREM model \(crem\); this model is Qwen3-VL"):
+        CREMMemory.open(memory.uri, qwen3, qwen3_processor)
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "items.jsonl").write_text(json.dumps({"id": "c", "text": "three"}) + "\n")
+    done = _cli("index", "--model", saved_model, "--memory", uri, folder / "items.jsonl")
+    reason = done.stderr.splitlines()[-1]  # after the weights' loading bar
+    assert done.returncode == 1 and reason.startswith("crem-memory: error: ") and expected in reason
+    assert len(CREMMemory.open(uri, qwen3, qwen3_processor)) == 2  # nothing written by the refused run
+    # A memory written before the fingerprint had a backbone: Qwen2-VL's.
+    legacy = tmp_path / "legacy"
+    CREMMemory.open(legacy, model, memory.processor, create=True)
+    meta = lancedb.connect(str(legacy)).open_table("crem_memory")
+    fingerprint = json.loads(meta.to_arrow().to_pylist()[0]["fingerprint"])
+    del fingerprint["backbone"]
+    meta.update(values={"fingerprint": json.dumps(fingerprint)})
+    assert "backbone" not in json.loads(meta.to_arrow().to_pylist()[0]["fingerprint"])
+    assert CREMMemory.describe(legacy)["backbone"] == "Qwen2-VL (crem)"
+    CREMMemory.open(legacy, model, memory.processor)  # its own backbone: opens
+    with pytest.raises(ValueError, match=r"written by a Qwen2-VL CREM model \(crem\); this model is Qwen3-VL"):
+        CREMMemory.open(legacy, qwen3, qwen3_processor)
 
 
 def test_bad_input_is_named_and_writes_nothing(memory, model, processor, tmp_path):

@@ -13,7 +13,10 @@ Layout of a memory (a LanceDB database: a local folder or any LanceDB URI, e.g. 
   and `metadata` (JSON).
 
 Every `add` batch is one LanceDB commit (atomic): a killed run leaves whole rows only, and running it again skips the
-ids already stored.
+ids already stored. The commit is a merge-insert keyed on `id`, the items table's (unenforced) primary key: Lance then
+records the keys a commit inserts, so of two writers inserting one id at once, one commits and the other's commit
+conflicts and is retried against the new version, where the id is found and skipped. Any number of processes (or
+machines, on object storage) can index into one memory: each id is stored once, and readers see whole commits only.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ MATCHING_FIELDS = (
     "hidden_size",
     "chorus_token_ids",
 )
+#: The backbone (CREM `model_type`) of a memory written before the fingerprint recorded it: only Qwen2-VL existed.
+LEGACY_BACKBONE = "crem"
 #: Rows from which `index` builds an approximate (IVF) index; smaller tables are scanned exactly.
 ANN_MIN_ROWS = 100_000
 #: Candidates per hit that an approximate search re-scores exactly.
@@ -66,6 +71,13 @@ _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype",
 #: Elements of each parameter the weights fingerprint reads (an evenly strided sample: cheap even at 7B).
 _SAMPLED_ELEMENTS = 4096
 RERANK_QUESTION = "Does this match: {query}? Answer yes or no."
+#: Field metadata declaring `id` the primary key: Lance then detects two commits that insert the same id (a conflict,
+#: retried on the newer version) instead of committing both (a duplicated row).
+PRIMARY_KEY_METADATA = {"lance-schema:unenforced-primary-key": "true"}
+#: Our own attempts at one batch's merge-insert when its conflicts outlast Lance's own retries (many writers at once).
+COMMIT_ATTEMPTS = 8
+#: Words of the LanceDB errors that a retried commit can overcome (the write lost a race; nothing was committed).
+_RETRYABLE_COMMIT_ERRORS = ("conflict", "contention", "timed out", "timeout")
 
 
 @dataclass(frozen=True)
@@ -114,8 +126,9 @@ def _sha256(data: bytes) -> str:
 
 def model_fingerprint(model) -> dict[str, Any]:
     """
-    What a memory's contexts depend on: the config (hash), the weights (hash of an evenly strided sample of every
-    parameter), the dtype, the cache geometry and the chorus ids; and the crem-hf version, for the record.
+    What a memory's contexts depend on: the backbone (the CREM `model_type`: `crem` for Qwen2-VL, `crem_qwen2_5_vl`,
+    `crem_qwen3_vl`), the config (hash), the weights (hash of an evenly strided sample of every parameter), the dtype,
+    the cache geometry and the chorus ids; and the crem-hf version, for the record.
     """
     from .. import __version__
 
@@ -135,6 +148,7 @@ def model_fingerprint(model) -> dict[str, Any]:
             weights.update(sample.float().cpu().numpy().tobytes())
     text = model.config.text_config
     return {
+        "backbone": model.config.model_type,
         "config_sha256": _sha256(json.dumps(config, sort_keys=True).encode()),
         "weights_sha256": weights.hexdigest(),
         "dtype": str(model.dtype).removeprefix("torch."),
@@ -179,6 +193,11 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _is_primary_key(column: pa.Field) -> bool:
+    """Whether Lance knows `column` as the primary key (declared at creation, or later with its position)."""
+    return any(key.startswith(b"lance-schema:unenforced-primary-key") for key in (column.metadata or {}))
+
+
 def _table_names(db) -> set[str]:
     listed = db.list_tables()
     return set(getattr(listed, "tables", listed))
@@ -200,16 +219,28 @@ def _check_location(uri: str, create: bool) -> None:
         raise ValueError(f"{uri} is not a CREM memory: no such folder (pass create=True to make one).")
 
 
+def _open_committed(db, name: str):
+    """The table `name`, or None while it has no committed version (never created, or being created right now:
+    LanceDB lists a table whose first commit is still being written, or was killed, but cannot open it)."""
+    try:
+        return db.open_table(name)
+    except ValueError as error:
+        if "not found" in str(error) or "does not exist" in str(error):
+            return None
+        raise
+
+
 def _read_meta(uri: str, storage_options: dict[str, str] | None) -> tuple[Any, dict]:
     """Connect to the memory at `uri` and read its meta row, checking that it is a memory of this format."""
     db = _connect(uri, storage_options)
     names = _table_names(db)
-    if META_TABLE not in names:
+    meta_table = _open_committed(db, META_TABLE) if META_TABLE in names else None
+    if meta_table is None:
         raise ValueError(
             f"{uri} is not a CREM memory (it has no '{META_TABLE}' table). Index into it with create=True "
             "(`crem-memory index`), or give the folder of an existing memory."
         )
-    meta = db.open_table(META_TABLE).to_arrow().to_pylist()
+    meta = meta_table.to_arrow().to_pylist()
     if len(meta) != 1:
         raise ValueError(f"{uri}: the '{META_TABLE}' table must hold one row, it holds {len(meta)}.")
     meta = meta[0]
@@ -223,13 +254,23 @@ def _read_meta(uri: str, storage_options: dict[str, str] | None) -> tuple[Any, d
     return db, meta
 
 
+def _backbone_title(backbone: str) -> str:
+    """The backbone's name for messages (`Qwen3-VL` for `crem_qwen3_vl`), or the `model_type` itself if unknown."""
+    from ..loading import CREM_CLASSES
+
+    cls = CREM_CLASSES.get(backbone)
+    return cls._backbone_title if cls is not None else backbone
+
+
 def _describe(uri: str, db, meta: dict) -> dict[str, Any]:
     items = db.open_table(ITEMS_TABLE)
     stats = items.stats()
     rows = stats["num_rows"]
     fingerprint = json.loads(meta["fingerprint"])
+    fingerprint.setdefault("backbone", LEGACY_BACKBONE)
     return {
         "uri": uri,
+        "backbone": f"{_backbone_title(fingerprint['backbone'])} ({fingerprint['backbone']})",
         "rows": rows,
         "items_bytes": stats["total_bytes"],
         "bytes_per_item": stats["total_bytes"] / rows if rows else None,
@@ -294,7 +335,7 @@ class CREMMemory:
         _check_location(uri, create)
         if create and parallel.is_main_process():
             db = _connect(uri, storage_options)
-            if META_TABLE not in _table_names(db):
+            if _open_committed(db, META_TABLE) is None:
                 cls._create(db, uri, model, processor)
         parallel.barrier()  # the main process has created the memory before the others read it
         db, meta = _read_meta(uri, storage_options)
@@ -311,6 +352,13 @@ class CREMMemory:
 
     @staticmethod
     def _check_model(uri: str, stored: dict, current: dict) -> None:
+        written, this = stored.get("backbone", LEGACY_BACKBONE), current["backbone"]
+        if written != this:
+            raise ValueError(
+                f"{uri} was written by a {_backbone_title(written)} CREM model ({written}); this model is "
+                f"{_backbone_title(this)} ({this}). Contexts are model-specific: open it with the model that wrote "
+                "it, or index into a new memory."
+            )
         differing = [key for key in MATCHING_FIELDS if stored.get(key) != current.get(key)]
         if differing:
             details = "; ".join(f"{key}: memory {stored.get(key)!r}, model {current.get(key)!r}" for key in differing)
@@ -322,7 +370,12 @@ class CREMMemory:
 
     @classmethod
     def _create(cls, db, uri: str, model, processor) -> None:
-        """Write the items table (empty), then the meta row: a memory is complete once its meta table exists."""
+        """
+        Write the items table (empty), then the meta row: a memory is complete once its meta table exists. Safe when
+        several processes create the same memory at once: each table's first commit succeeds once (LanceDB commits a
+        version with put-if-absent), the losers keep the winner's tables, and `open` then checks that the winner's
+        fingerprint is this model's.
+        """
         fingerprint = model_fingerprint(model)
         # The prefix every context shares: the kept slots in front of the chorus block of any item.
         inputs = processor.process_embedding_inputs(texts=["."]).to(model.device)
@@ -333,7 +386,7 @@ class CREMMemory:
         hidden = fingerprint["hidden_size"]
         items_schema = pa.schema(
             [
-                pa.field("id", pa.string(), nullable=False),
+                pa.field("id", pa.string(), nullable=False, metadata=PRIMARY_KEY_METADATA),
                 pa.field("vector", pa.list_(pa.float32(), hidden)),
                 pa.field("context", pa.large_binary()),
                 pa.field("context_sha256", pa.string()),
@@ -344,7 +397,11 @@ class CREMMemory:
                 pa.field("metadata", pa.string()),
             ]
         )
-        db.create_table(ITEMS_TABLE, schema=items_schema, exist_ok=True)
+        try:
+            db.create_table(ITEMS_TABLE, schema=items_schema, exist_ok=True)
+        except Exception:
+            if _open_committed(db, ITEMS_TABLE) is None:  # not a lost race: a real failure
+                raise
         meta = {
             "format_version": FORMAT_VERSION,
             "fingerprint": json.dumps(fingerprint),
@@ -365,7 +422,11 @@ class CREMMemory:
                 pa.field("created", pa.string()),
             ]
         )
-        db.create_table(META_TABLE, data=pa.Table.from_pylist([meta], schema=meta_schema))
+        try:
+            db.create_table(META_TABLE, data=pa.Table.from_pylist([meta], schema=meta_schema))
+        except Exception:
+            if _open_committed(db, META_TABLE) is None:  # not a lost race: a real failure
+                raise
 
     # -------------------------------------------------------------------------------------------- writing
 
@@ -485,14 +546,20 @@ class CREMMemory:
                     continue
                 encoded = self._encode_batch(loaded, instruction)
                 if commit is not None:
-                    report.added += commit.result()
+                    self._count(report, *commit.result())
                 commit = writer.submit(self._commit, *encoded)
             if commit is not None:
-                report.added += commit.result()
+                self._count(report, *commit.result())
         report.failures = failures + local_failures
         if parallel.world_size() > 1:
-            report = self._summed(report, failures, local_failures)
+            report = self._summed(report, failures, local_failures, len(items) - len(pending))
         return report
+
+    @staticmethod
+    def _count(report: IndexReport, batch: int, inserted: int) -> None:
+        """A batch's rows that another writer committed first (after our pre-check) were found stored, not added."""
+        report.added += inserted
+        report.skipped_existing += batch - inserted
 
     def _load_images(
         self, items: list[MemoryItem], failures: list[tuple[str, str]]
@@ -509,14 +576,17 @@ class CREMMemory:
         return loaded
 
     @staticmethod
-    def _summed(report: IndexReport, shared: list, local: list) -> IndexReport:
-        """The report over every process (`failures` of the source reader are the same on each)."""
-        gathered = parallel.gather_objects([parallel.rank()], [(report.added, local)], parallel.world_size())
-        added = sum(count for count, _ in gathered)
+    def _summed(report: IndexReport, shared: list, local: list, shared_skipped: int) -> IndexReport:
+        """
+        The report over every process: `failures` of the source reader and the ids the pre-check found stored are
+        the same on each; what each process added, and found stored at its commits, is its own.
+        """
+        raced = report.skipped_existing - shared_skipped
+        gathered = parallel.gather_objects([parallel.rank()], [(report.added, raced, local)], parallel.world_size())
         return IndexReport(
-            added=added,
-            skipped_existing=report.skipped_existing,
-            failures=shared + [failure for _, failures in gathered for failure in failures],
+            added=sum(added for added, _, _ in gathered),
+            skipped_existing=shared_skipped + sum(raced for _, raced, _ in gathered),
+            failures=shared + [failure for _, _, failures in gathered for failure in failures],
         )
 
     @torch.no_grad()
@@ -530,11 +600,12 @@ class CREMMemory:
         return [item for item, _ in loaded], self.model.compress(**inputs, return_embeddings=True)
 
     @torch.no_grad()
-    def _commit(self, items: list[MemoryItem], context: CREMCompressedContext) -> int:
+    def _commit(self, items: list[MemoryItem], context: CREMCompressedContext) -> tuple[int, int]:
         """
         Check one encoded batch against the memory's layout and write it as one LanceDB commit (nothing of the batch
-        when a check fails); returns the rows written. Runs on the writer thread, so that the main thread never waits
-        for the device: the transfers to the CPU happen here.
+        when a check fails); returns the batch's size and the rows written (the others were stored by another writer
+        meanwhile). Runs on the writer thread, so that the main thread never waits for the device: the transfers to
+        the CPU happen here.
         """
         n, p = self.num_chorus_tokens, len(self.prefix_ids)
         if context.input_ids.shape[1] != p + n or not bool(context.attention_mask.all()):
@@ -558,10 +629,34 @@ class CREMMemory:
             "text": [item.text for item in items],
             "metadata": [json.dumps(item.metadata) for item in items],
         }
-        schema = self._items_schema
+        schema = self._keyed_items_schema()
         arrays = [c if isinstance(c := columns[f.name], pa.Array) else pa.array(c, f.type) for f in schema]
-        self.items.add(pa.Table.from_arrays(arrays, schema=schema))
-        return len(items)
+        return len(items), self._merge_insert(pa.Table.from_arrays(arrays, schema=schema))
+
+    def _keyed_items_schema(self) -> pa.Schema:
+        """The items schema, with `id` declared the primary key (done once for a memory written before it was)."""
+        if not _is_primary_key(self._items_schema.field("id")):
+            try:
+                self.items.set_unenforced_primary_key("id")
+            except Exception:  # another writer declared it at the same moment: it is declared either way
+                self.items.checkout_latest()
+            self._items_schema = self.items.schema
+        return self._items_schema
+
+    def _merge_insert(self, rows: pa.Table) -> int:
+        """
+        Insert the rows whose id is not stored yet, in one commit; returns how many it inserted. Lance retries a
+        commit that conflicts with a concurrent one (same ids inserted) on the new version, where those ids now
+        match and are skipped; conflicts that outlast its retries are tried again here, as a whole.
+        """
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                return self.items.merge_insert("id").when_not_matched_insert_all().execute(rows).num_inserted_rows
+            except Exception as error:
+                message = str(error).lower()
+                if attempt == COMMIT_ATTEMPTS or not any(word in message for word in _RETRYABLE_COMMIT_ERRORS):
+                    raise
+        raise AssertionError("unreachable")
 
     def build_ann_index(self, num_partitions: int | None = None) -> None:
         """
