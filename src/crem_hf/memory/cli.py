@@ -3,6 +3,7 @@
 crem-memory index --model outputs/main/model --memory scans.lance scans/
 crem-memory search --model outputs/main/model --memory scans.lance --text "the digit seven" --k 3
 crem-memory ask --model outputs/main/model --memory scans.lance --text "the digit seven" --question "Which digit?"
+crem-memory ask --model outputs/main/model --memory scans.lance --questions asks.jsonl --output answers.jsonl
 crem-memory info --memory scans.lance
 Under `torchrun` or `accelerate launch`, `index` encodes each process's share of the items into the one table.
 """
@@ -11,11 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
 from .. import parallel
-from ..io import ArgumentParser, check_model_source, format_markdown_table, positive_int, run_command
+from ..io import (
+    ArgumentParser,
+    check_model_source,
+    format_markdown_table,
+    positive_int,
+    run_command,
+    write_text_atomically,
+)
 from ..loading import load_crem
 from .sources import read_source
 from .store import CREMMemory, MemoryHit
@@ -52,8 +61,22 @@ def build_parser() -> ArgumentParser:
         command.add_argument("--k", type=positive_int, default=5)
         command.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
         if name == "ask":
-            command.add_argument("--question", required=True)
+            command.add_argument("--question", default=None, help="one question about the hits (or --ids)")
             command.add_argument("--ids", nargs="+", default=None, help="ask about these items (no search)")
+            command.add_argument(
+                "--questions",
+                default=None,
+                metavar="FILE.jsonl",
+                help='many questions: one {"question": ..., "id": ...} per line, answered in batches',
+            )
+            command.add_argument("--output", default=None, help="with --questions: write the JSONL answers here")
+            command.add_argument("--batch-size", type=positive_int, default=32, help="with --questions: rows per batch")
+            command.add_argument(
+                "--memory-budget-mib",
+                type=positive_int,
+                default=1024,
+                help="with --questions: KV-cache budget of one batch (MiB)",
+            )
             command.add_argument("--max-new-tokens", type=positive_int, default=32)
     return parser
 
@@ -78,6 +101,46 @@ def _print_hits(hits: list[MemoryHit], answers: list[str] | None, as_json: bool)
         print(format_markdown_table(list(rows[0]), [list(row.values()) for row in rows]), end="")
 
 
+def read_questions(path: str) -> list[dict]:
+    """The `{"question", "id"}` records of a JSONL file (blank lines skipped); a bad line is an error naming it."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--questions {path}: no such file.")
+    records = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number} is not JSON ({error.msg}).") from None
+            if not isinstance(record, dict):
+                raise ValueError(f'{path}: line {number} must be a JSON object with "question" and "id".')
+            for key in ("question", "id"):
+                if not isinstance(record.get(key), str) or not record[key]:
+                    raise ValueError(f"{path}: line {number} needs a non-empty string {key!r}.")
+            records.append({"line": number, "id": record["id"], "question": record["question"]})
+    if not records:
+        raise ValueError(f"{path}: no questions in the file.")
+    return records
+
+
+def _ask_file(memory: CREMMemory, records: list[dict], args: argparse.Namespace) -> list[dict]:
+    answers = memory.ask_many(
+        [(record["question"], record["id"]) for record in records],
+        max_new_tokens=args.max_new_tokens,
+        memory_budget_bytes=args.memory_budget_mib * 2**20,
+        max_batch_size=args.batch_size,
+    )
+    results = [{**record, "answer": answer} for record, answer in zip(records, answers, strict=True)]
+    text = "".join(json.dumps(result) + "\n" for result in results)
+    if args.output:
+        write_text_atomically(args.output, text)
+    else:
+        print(text, end="")
+    return results
+
+
 def _storage_options(pairs: list[str]) -> dict[str, str] | None:
     options = {}
     for pair in pairs:
@@ -95,9 +158,19 @@ def run(args: argparse.Namespace) -> object:
         print(json.dumps(CREMMemory.describe(args.memory, storage), indent=2))
         return None
     # The cheap checks come before the model is loaded: the memory (or the source to index), then the model path.
+    records = None
     if args.command == "index":
         read_source(args.source, args.image_root)
     else:
+        if args.command == "ask":
+            if (args.question is None) == (args.questions is None):
+                raise ValueError("crem-memory ask needs one of --question (with a query or --ids) or --questions.")
+            if args.questions is not None:
+                if args.ids or args.text is not None or args.image is not None:
+                    raise ValueError("--questions names its items itself: drop --ids, --text and --image.")
+                records = read_questions(args.questions)
+            elif args.output is not None:
+                raise ValueError("--output is for --questions (the JSONL answers); --question prints its table.")
         CREMMemory.describe(args.memory, storage)
     check_model_source(args.model)
     parallel.initialize_from_environment()
@@ -118,6 +191,8 @@ def run(args: argparse.Namespace) -> object:
                 for where, reason in report.failures:
                     print(f"  skipped {where}: {reason}")
             return report
+        if records is not None:
+            return _ask_file(memory, records, args)
         if args.command == "ask" and args.ids:
             hits = [MemoryHit(id=i, score=float("nan"), rank=r) for r, i in enumerate(args.ids)]
         else:

@@ -34,6 +34,7 @@ from typing import Any
 import lancedb
 import pyarrow as pa
 import torch
+from lancedb.index import BTree
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache
@@ -49,6 +50,8 @@ __all__ = ["CREMMemory", "IndexReport", "MemoryHit", "model_fingerprint"]
 FORMAT_VERSION = 1
 META_TABLE = "crem_memory"
 ITEMS_TABLE = "items"
+#: The scalar (B-tree) index on `id` that makes reading a context a point lookup, not a scan of the table.
+ID_INDEX = "id_idx"
 #: Fingerprint fields that must match for a model to read a memory (`crem_hf_version` is informative only).
 MATCHING_FIELDS = (
     "config_sha256",
@@ -266,6 +269,7 @@ def _describe(uri: str, db, meta: dict) -> dict[str, Any]:
     items = db.open_table(ITEMS_TABLE)
     stats = items.stats()
     rows = stats["num_rows"]
+    indices = items.list_indices()
     fingerprint = json.loads(meta["fingerprint"])
     fingerprint.setdefault("backbone", LEGACY_BACKBONE)
     return {
@@ -277,9 +281,31 @@ def _describe(uri: str, db, meta: dict) -> dict[str, Any]:
         "shared_prefix_bytes": db.open_table(META_TABLE).stats()["total_bytes"],
         "shared_prefix_slots": len(meta["prefix_ids"]),
         "context_slots_per_item": len(fingerprint["chorus_token_ids"]),
-        "ann_index": bool(items.list_indices()),
+        "ann_index": any("vector" in index.columns for index in indices),
+        "id_index": any(index.name == ID_INDEX for index in indices),
         "model": fingerprint,
     }
+
+
+def _refresh_id_index(items) -> bool:
+    """
+    Make the B-tree index on `id` cover every row (rebuilding it from the id column alone: no data file is
+    rewritten); returns whether it was (re)built. Rows appended after it stay readable (LanceDB scans the unindexed
+    fragments), only slower, until the next refresh.
+    """
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        if any(index.name == ID_INDEX for index in items.list_indices()):
+            stats = items.index_stats(ID_INDEX)
+            if stats is not None and stats.num_unindexed_rows == 0:
+                return False
+        try:
+            items.create_index("id", config=BTree(), replace=True, name=ID_INDEX)
+            return True
+        except Exception as error:  # another writer committed meanwhile (rows or its own refresh): look again
+            if attempt == COMMIT_ATTEMPTS or not any(word in str(error).lower() for word in _RETRYABLE_COMMIT_ERRORS):
+                raise
+            items.checkout_latest()
+    raise AssertionError("unreachable")
 
 
 class CREMMemory:
@@ -398,10 +424,12 @@ class CREMMemory:
             ]
         )
         try:
-            db.create_table(ITEMS_TABLE, schema=items_schema, exist_ok=True)
+            items = db.create_table(ITEMS_TABLE, schema=items_schema, exist_ok=True)
         except Exception:
-            if _open_committed(db, ITEMS_TABLE) is None:  # not a lost race: a real failure
+            items = _open_committed(db, ITEMS_TABLE)
+            if items is None:  # not a lost race: a real failure
                 raise
+        _refresh_id_index(items)
         meta = {
             "format_version": FORMAT_VERSION,
             "fingerprint": json.dumps(fingerprint),
@@ -502,11 +530,21 @@ class CREMMemory:
         """
         items, failures = read_source(source, image_root)
         report = self._add_items(items, instruction, batch_size, show_progress, failures)
-        if build_ann_index or (build_ann_index is None and len(self) >= ANN_MIN_ROWS):
-            if parallel.is_main_process():
-                self.build_ann_index()
-            parallel.barrier()
+        if parallel.is_main_process():
+            if build_ann_index or (build_ann_index is None and len(self) >= ANN_MIN_ROWS):
+                self.build_ann_index()  # refreshes the id index too
+            else:
+                self.refresh_id_index()
+        parallel.barrier()
         return report
+
+    def refresh_id_index(self) -> bool:
+        """
+        Bring the scalar index on `id` up to date with every stored row, so that reading a context by id is a point
+        lookup (`index` and `build_ann_index` call it; after `add` the new rows are found by a scan of just
+        them until then). Returns whether the index was rebuilt.
+        """
+        return _refresh_id_index(self.items)
 
     def _add_items(
         self,
@@ -675,6 +713,7 @@ class CREMMemory:
             num_sub_vectors=next(d for d in (hidden // 16, hidden // 8, hidden // 4, 1) if d and hidden % d == 0),
             index_type="IVF_PQ",
         )
+        self.refresh_id_index()
 
     # -------------------------------------------------------------------------------------------- reading
 
@@ -831,6 +870,105 @@ class CREMMemory:
         """One answer per hit to `question`, from the stored contexts (see [`answer_ids`])."""
         tokens = self.answer_ids(question, hits, max_new_tokens=max_new_tokens, **generate_kwargs)
         return [answer.strip() for answer in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+
+    def kv_bytes_per_row(self, question_tokens: int, max_new_tokens: int) -> int:
+        """
+        Estimated KV-cache bytes of one row of a batched ask: the shared prefix and chorus slots twice (the stored
+        context read from the memory, and the copy `generate` extends), then the question's and the new tokens'.
+        """
+        f = self.fingerprint
+        slot = f["num_layers"] * 2 * f["num_kv_heads"] * f["head_dim"] * self.dtype.itemsize
+        context = len(self.prefix_ids) + self.num_chorus_tokens
+        return slot * (2 * context + question_tokens + max_new_tokens)
+
+    def answer_ids_many(
+        self,
+        pairs: Sequence[tuple[str, MemoryHit | str]],
+        *,
+        max_new_tokens: int = 32,
+        memory_budget_bytes: int = 2**30,
+        max_batch_size: int = 64,
+        show_progress: bool = True,
+        **generate_kwargs,
+    ) -> list[torch.LongTensor]:
+        """
+        The answer tokens of many `(question, hit or id)` pairs, in input order: one `(new_tokens,)` tensor each,
+        ending at the first end-of-turn token (included) or after `max_new_tokens`. Pairs are batched by question
+        length (so no row is padded and each answer is the one `answer_ids` gives the pair alone), each batch at most
+        `max_batch_size` rows whose estimated KV cache ([`kv_bytes_per_row`]) fits `memory_budget_bytes`.
+        Greedy by default; with `do_sample=True` the draws depend on the batching.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        if not isinstance(max_batch_size, int) or max_batch_size <= 0:
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}.")
+        questions, hits = [], []
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str) and pair[0]):
+                raise ValueError(f"pairs[{i}] must be a (question, hit or id) pair with a non-empty question.")
+            questions.append(pair[0])
+            hits.append(pair[1])
+        if not questions:
+            raise ValueError("No (question, hit) pairs given.")
+        lengths = [int(row.sum()) for row in self.processor.process_followups(questions=questions)["attention_mask"]]
+        longest = max(lengths)
+        if self.kv_bytes_per_row(longest, max_new_tokens) > memory_budget_bytes:
+            raise ValueError(
+                f"memory_budget_bytes={memory_budget_bytes:,} is below one row's KV cache "
+                f"({self.kv_bytes_per_row(longest, max_new_tokens):,} bytes for a question of {longest} tokens and "
+                f"max_new_tokens={max_new_tokens})."
+            )
+        # Equal question lengths per batch, in input order within a length; each batch within the budget.
+        order = sorted(range(len(questions)), key=lambda i: (lengths[i], i))
+        batches, start = [], 0
+        while start < len(order):
+            length = lengths[order[start]]
+            rows = min(max_batch_size, memory_budget_bytes // self.kv_bytes_per_row(length, max_new_tokens))
+            stop = start
+            while stop < len(order) and stop - start < rows and lengths[order[stop]] == length:
+                stop += 1
+            batches.append(order[start:stop])
+            start = stop
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        answers: list[torch.LongTensor | None] = [None] * len(questions)
+        with tqdm(total=len(questions), desc="Answering", disable=not show_progress) as progress:
+            for batch in batches:
+                context = self.contexts([hits[i] for i in batch])
+                followups = self.processor.process_followups(questions=[questions[i] for i in batch])
+                followups = followups.to(self.model.device)
+                options = {"do_sample": False, **generate_kwargs}
+                with torch.no_grad():
+                    sequences = self.model.generate(
+                        context=context, **followups, max_new_tokens=max_new_tokens, **options
+                    )
+                for i, tokens in zip(batch, sequences[:, followups["input_ids"].shape[1] :].cpu(), strict=True):
+                    ends = [k for k, token in enumerate(tokens.tolist()) if token in eos]
+                    answers[i] = tokens[: ends[0] + 1] if ends else tokens
+                progress.update(len(batch))
+        return answers
+
+    def ask_many(
+        self,
+        pairs: Sequence[tuple[str, MemoryHit | str]],
+        *,
+        max_new_tokens: int = 32,
+        memory_budget_bytes: int = 2**30,
+        max_batch_size: int = 64,
+        show_progress: bool = True,
+        **generate_kwargs,
+    ) -> list[str]:
+        """One answer per `(question, hit or id)` pair, in input order, batched (see [`answer_ids_many`])."""
+        tokens = self.answer_ids_many(
+            pairs,
+            max_new_tokens=max_new_tokens,
+            memory_budget_bytes=memory_budget_bytes,
+            max_batch_size=max_batch_size,
+            show_progress=show_progress,
+            **generate_kwargs,
+        )
+        texts = self.processor.batch_decode([answer.tolist() for answer in tokens], skip_special_tokens=True)
+        return [answer.strip() for answer in texts]
 
     @torch.no_grad()
     def rerank(self, query: str, hits: Sequence[MemoryHit], *, question: str = RERANK_QUESTION) -> list[MemoryHit]:
