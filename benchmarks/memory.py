@@ -7,12 +7,17 @@
 3. Indexing cost: `CREMMemory.add` against `get_embedding` alone on the same items and batches (target: <= 1.15x).
 4. Search latency p50/p95 at 10k and 100k items (synthetic unit vectors), exact scan and approximate (IVF-PQ) index,
    with the index's recall@10 against the exact scan.
+5. Context storage formats (`CREMMemory.open(context_format=...)`): bytes per item at 1280 image tokens in the model
+   dtype (bf16) / int8 / int4, scales included, against the full KV cache (target: int4 <= 1/300); and the answer
+   fidelity of int8 / int4 contexts against the exact ones (whole-answer agreement, accuracy) on the main job's
+   trained model and held-out QA (`--fidelity-model outputs/main/model --fidelity-data outputs/main/data`), or, without
+   one, on a tiny random-init model (agreement only). `--formats-only` runs this section alone.
 
 The model is Qwen2-VL-2B's own config (tests/fixtures/qwen2-vl-2b) with random weights: the real KV geometry (28
 language layers, 2 key/value heads of 128, hidden 1536, the 151,936-row tied vocabulary), in bf16. On CPU (the
 default there) the MLP (8960 wide) and the vision tower (32 blocks of width 1280) are shrunk so that it runs;
 `--full-size` (the default on CUDA) keeps them.
-Run: python benchmarks/memory.py [--device cuda --attn flash_attention_2]
+Run: python benchmarks/memory.py [--device cuda --attn flash_attention_2] [--formats-only]
 """
 
 from __future__ import annotations
@@ -29,11 +34,15 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import torch
-from common import arguments, image_with_tokens, machine, markdown_rows, median_seconds, synchronize
+from common import arguments, image_with_tokens, machine, markdown_rows, median_seconds, synchronize, test_helpers
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+from crem_hf.evaluation import load_caption_rows
+from crem_hf.evaluation.generation import normalize_answer
 from crem_hf.io import write_json_atomically, write_text_atomically
+from crem_hf.loading import load_crem
 from crem_hf.memory import CREMMemory
+from crem_hf.memory.quantize import CONTEXT_FORMATS, context_nbytes
 from crem_hf.memory.store import slots_bytes
 from crem_hf.modeling_crem import CREMForEmbeddingAndGeneration
 from crem_hf.testing import make_tiny_processor, qwen2vl_files
@@ -49,6 +58,9 @@ INDEX_BATCH = 8
 CLUSTERS = 1000
 WRITE_CHUNK = 10_000
 TARGETS = {"bytes": 70.0, "first_token": 20.0, "indexing": 1.15}
+#: Section 5's targets: full KV / int4 item; int8 whole-answer agreement; accuracy drops (points) of int8 / int4.
+FORMAT_TARGETS = {"int4_ratio": 300.0, "int8_agreement": 0.99, "int8_points": 0.5, "int4_points": 2.0}
+FIDELITY_TOKENS = 16
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -356,6 +368,159 @@ def search_latency(model, processor, work: str, args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------- 5. formats
+
+
+def format_bytes(model, processor, work: str, image) -> list[dict]:
+    """One memory per context format holding the same 1280-token item: its context bytes and its row on disk."""
+    prompt_slots = int(processor.process_embedding_inputs(images=[image])["attention_mask"].sum())
+    rows = []
+    for fmt in CONTEXT_FORMATS:
+        memory = CREMMemory.open(os.path.join(work, f"format-{fmt}"), model, processor, create=True, context_format=fmt)
+        memory.add(ids=["image-1280"], images=[image], show_progress=False)
+        f = memory.fingerprint
+        shape = (f["num_layers"], 2, f["num_kv_heads"], memory.num_chorus_tokens, f["head_dim"])
+        stored = len(memory.items.to_arrow().column("context")[0].as_py())
+        if stored != context_nbytes(fmt, model.dtype, shape):
+            raise RuntimeError(f"A {fmt} context has {stored} bytes, not {context_nbytes(fmt, model.dtype, shape)}.")
+        full = prompt_slots * context_nbytes("model", model.dtype, shape) // memory.num_chorus_tokens
+        disk = disk_bytes(os.path.join(work, f"format-{fmt}", "items.lance"))
+        rows.append(
+            {
+                "format": f"model ({str(model.dtype).removeprefix('torch.')})" if fmt == "model" else fmt,
+                "context incl. scales (KiB)": stored / 2**10,
+                "item on disk (KiB)": disk / 2**10,
+                "full KV cache (MiB)": full / 2**20,
+                "full KV / context": full / stored,
+                "full KV / item on disk": full / disk,
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _trimmed(tokens: torch.Tensor, stop_ids: set[int]) -> list[list[int]]:
+    """Each row's answer tokens up to (without) its first end-of-sequence or padding token."""
+    answers = []
+    for row in tokens.tolist():
+        end = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+        answers.append(row[:end])
+    return answers
+
+
+def answer_fidelity(args, work: str) -> tuple[list[dict], str]:
+    """
+    Every held-out QA item indexed into one memory per format; each asked its question (greedy, up to
+    FIDELITY_TOKENS tokens) from its stored context. Rows per format: whole-answer agreement with the exact
+    format's answers, token agreement (positions where both answers have a token), accuracy.
+    """
+    if args.fidelity_model:
+        model, processor = load_crem(args.fidelity_model)
+        data = args.fidelity_data
+        rows = []
+        for name in ("qa_single", "qa_pairs"):
+            rows += load_caption_rows(os.path.join(data, "eval", f"{name}.jsonl"), ("question", "answer"), data)
+        label = f"the trained model {args.fidelity_model} on its {len(rows)} held-out QA items ({data})"
+    else:
+        from crem_hf.testing import make_tiny_crem, make_tiny_processor
+
+        processor = make_tiny_processor()
+        model = make_tiny_crem(processor, seed=0)
+        noise = test_helpers().random_image
+        rows = [
+            {"image": noise(56 + 28 * (i % 3), 56 + 28 * (i % 2), seed=500 + i), "question": QUESTION, "answer": None}
+            for i in range(args.fidelity_items)
+        ]
+        label = f"a tiny random-init model (no trained model given) on {len(rows)} noise images: agreement only"
+    model = model.to(args.device).eval()
+    config = model.generation_config
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    stop_ids = {token for token in [*eos, config.pad_token_id, processor.tokenizer.pad_token_id] if token is not None}
+    ids = [f"qa-{i:04d}" for i in range(len(rows))]
+    by_question: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_question.setdefault(row["question"], []).append(i)
+    answers: dict[str, list[list[int]]] = {}
+    for fmt in CONTEXT_FORMATS:
+        memory = CREMMemory.open(
+            os.path.join(work, f"fidelity-{fmt}"), model, processor, create=True, context_format=fmt
+        )
+        memory.add(ids=ids, images=[row["image"] for row in rows], batch_size=args.fidelity_batch, show_progress=False)
+        found: list[list[int] | None] = [None] * len(rows)
+        for question, members in by_question.items():
+            for start in range(0, len(members), args.fidelity_batch):
+                chunk = members[start : start + args.fidelity_batch]
+                tokens = memory.answer_ids(question, [ids[i] for i in chunk], max_new_tokens=FIDELITY_TOKENS)
+                for i, answer in zip(chunk, _trimmed(tokens, stop_ids), strict=True):
+                    found[i] = answer
+        answers[fmt] = found
+    exact = answers["model"]
+    results = []
+    for fmt in CONTEXT_FORMATS:
+        texts = [processor.tokenizer.decode(answer, skip_special_tokens=True) for answer in answers[fmt]]
+        same_tokens = [
+            sum(a == b for a, b in zip(x, y, strict=False)) for x, y in zip(answers[fmt], exact, strict=True)
+        ]
+        positions = [max(len(x), len(y)) for x, y in zip(answers[fmt], exact, strict=True)]
+        result = {
+            "format": fmt,
+            "items": len(rows),
+            "whole answers equal to exact": statistics.mean(a == b for a, b in zip(answers[fmt], exact, strict=True)),
+            "answer tokens equal to exact": sum(same_tokens) / max(1, sum(positions)),
+        }
+        if rows[0]["answer"] is not None:
+            correct = [normalize_answer(t) == normalize_answer(r["answer"]) for t, r in zip(texts, rows, strict=True)]
+            result["accuracy"] = statistics.mean(correct)
+        results.append(result)
+        print(results[-1], flush=True)
+    if "accuracy" in results[0]:
+        for result in results:
+            result["accuracy - exact (points)"] = 100 * (result["accuracy"] - results[0]["accuracy"])
+    return results, label
+
+
+def format_targets(bytes_rows: list[dict], fidelity_rows: list[dict]) -> list[dict]:
+    int4 = next(row for row in bytes_rows if row["format"] == "int4")
+    by = {row["format"]: row for row in fidelity_rows}
+    targets = [
+        target(
+            "int4 context (scales included) / full KV cache, 1280 image tokens",
+            f"<= 1/{FORMAT_TARGETS['int4_ratio']:g}",
+            f"1/{int4['full KV / context']:.1f} ({int4['context incl. scales (KiB)']:.1f} KiB; item on disk: "
+            f"1/{int4['full KV / item on disk']:.1f})",
+            int4["full KV / context"] >= FORMAT_TARGETS["int4_ratio"],
+        ),
+        target(
+            "int8 answers equal to the exact ones",
+            f">= {100 * FORMAT_TARGETS['int8_agreement']:g} %",
+            f"{100 * by['int8']['whole answers equal to exact']:.1f} % (int4: "
+            f"{100 * by['int4']['whole answers equal to exact']:.1f} %)",
+            by["int8"]["whole answers equal to exact"] >= FORMAT_TARGETS["int8_agreement"],
+        ),
+    ]
+    for fmt, key in (("int8", "int8_points"), ("int4", "int4_points")):
+        if "accuracy" in by[fmt]:
+            drop = -by[fmt]["accuracy - exact (points)"]
+            targets.append(
+                target(
+                    f"{fmt} accuracy drop vs exact contexts",
+                    f"<= {FORMAT_TARGETS[key]:g} points",
+                    f"{drop:.2f} points ({100 * by[fmt]['accuracy']:.1f} % vs {100 * by['model']['accuracy']:.1f} %)",
+                    drop <= FORMAT_TARGETS[key],
+                )
+            )
+    return targets
+
+
+FORMAT_BYTES_NOTE = (
+    "One memory per format, each holding the same 1280-token item (written by `CREMMemory.add`). Context: the stored "
+    "`context` bytes of its 16 chorus slots, scales included (int8 / int4: KIVI-style, keys per channel over the "
+    "slots, values per slot over the head dim, min/max with a float16 scale and a zero point in the model dtype per "
+    "group; int4 two codes a byte). Item on disk: the whole one-row items table folder (embedding, ids, positions, "
+    "checksum, LanceDB's manifests). Full KV cache: every prompt slot of the item in the model dtype (computed)."
+)
+
+
 # ---------------------------------------------------------------------------------------------------- report
 
 
@@ -400,6 +565,54 @@ def section(title: str, rows: list[dict], notes: str) -> str:
     return f"#### {title}\n\n{markdown_rows(rows)}\n" + (f"{notes}\n\n" if notes else "\n")
 
 
+def fidelity_note(label: str) -> str:
+    return (
+        f"Measured on {label}. Each item is indexed into one memory per format and asked its question from its "
+        f"stored context (greedy, up to {FIDELITY_TOKENS} new tokens, batches of questions alike). Whole answers "
+        "equal: the answer's tokens (up to end of sequence) are the exact format's; answer tokens equal: positions "
+        "where both answers agree over the longer one's length; accuracy: the normalised answer is the label."
+    )
+
+
+def formats_only(model, processor, image, label: str, args, started: float, load_start) -> None:
+    """Section 5 alone, written as memory_formats.md / .json."""
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        format_rows = format_bytes(model, processor, work, image)
+        fidelity_rows, fidelity_label = answer_fidelity(args, work)
+    targets = format_targets(format_rows, fidelity_rows)
+    load_end = os.getloadavg()
+    seconds = time.perf_counter() - started
+    header = (
+        f"### memory: context formats\n\nMachine: {machine()}; bytes: model {label}, dtype {args.dtype}; lancedb "
+        f"{lancedb.__version__}. Load average (1/5/15 min) at start {load_start[0]:.2f}/{load_start[1]:.2f}/"
+        f"{load_start[2]:.2f}, at end {load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f}; whole run {seconds:.0f} s."
+        "\n\n"
+    )
+    target_rows = [
+        {"target": t["what"], "goal": t["target"], "measured": t["measured"], "status": t["met"]} for t in targets
+    ]
+    text = header + section("Targets", target_rows, "")
+    text += section("5a. Context formats: bytes per item", format_rows, FORMAT_BYTES_NOTE)
+    text += section("5b. Context formats: answer fidelity", fidelity_rows, fidelity_note(fidelity_label))
+    print(text)
+    os.makedirs(args.output_dir, exist_ok=True)
+    write_text_atomically(os.path.join(args.output_dir, "memory_formats.md"), text)
+    payload = {
+        "name": "memory_formats",
+        "machine": machine(),
+        "model": label,
+        "args": vars(args),
+        "seconds": seconds,
+        "targets": targets,
+        "context_formats": {"bytes": format_rows, "fidelity": fidelity_rows, "fidelity_model": fidelity_label},
+        "notes": {"bytes": FORMAT_BYTES_NOTE, "fidelity": fidelity_note(fidelity_label)},
+    }
+    path = os.path.join(args.output_dir, "memory_formats.json")
+    write_json_atomically(path, json.loads(json.dumps(payload, default=str)))
+    missed = [t["what"] for t in targets if t["met"] != "met"]
+    print("Targets missed: " + "; ".join(missed) if missed else "Every target met.")
+
+
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0])
     parser.set_defaults(dtype="bfloat16")
@@ -414,6 +627,16 @@ def main() -> None:
     parser.add_argument("--search-rows", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--queries", type=int, default=50, help="search queries per table size")
     parser.add_argument("--work-dir", default=None, help="where the memories are written (default: a temporary folder)")
+    parser.add_argument(
+        "--fidelity-model",
+        default="outputs/main/model" if os.path.isdir("outputs/main/model") else None,
+        help="the trained CREM folder for the answer fidelity of quantised contexts (default: the main job's, if any; "
+        "else a tiny random-init model)",
+    )
+    parser.add_argument("--fidelity-data", default="outputs/main/data", help="the main job's data folder (held-out QA)")
+    parser.add_argument("--fidelity-items", type=int, default=64, help="noise images when no trained model is given")
+    parser.add_argument("--fidelity-batch", type=int, default=32)
+    parser.add_argument("--formats-only", action="store_true", help="run section 5 (context formats) alone")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.full_size = cuda if args.full_size is None else args.full_size
@@ -425,13 +648,20 @@ def main() -> None:
     load_start = os.getloadavg()
     started = time.perf_counter()
 
+    if args.formats_only:
+        args.image_tokens = [1280]
     model, processor, label = build_qwen2vl_2b(args)
     images = {n: image_with_tokens(processor, n, seed=n) for n in args.image_tokens}
+    if args.formats_only:
+        formats_only(model, processor, images[1280], label, args, started, load_start)
+        return
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
         bytes_rows, memory, bytes_extra = stored_bytes(model, processor, work, images)
         token_rows = first_token(model, processor, memory, images, args)
         index_row = indexing_cost(model, processor, work, args)
         search_rows = search_latency(model, processor, work, args)
+        format_rows = format_bytes(model, processor, work, images[1280])
+        fidelity_rows, fidelity_label = answer_fidelity(args, work)
     seconds = time.perf_counter() - started
     load_end = os.getloadavg()
 
@@ -465,6 +695,7 @@ def main() -> None:
             f"{wall_ratio:.3f}x (CPU time: {cpu_ratio:.3f}x)",
             wall_ratio <= TARGETS["indexing"],
         ),
+        *format_targets(format_rows, fidelity_rows),
     ]
 
     header = (
@@ -520,6 +751,8 @@ def main() -> None:
     text += section("2. Time to the first answer token", token_rows, token_note)
     text += section("3. Indexing cost", [index_row], index_note)
     text += section("4. Search latency", search_rows, search_note)
+    text += section("5a. Context formats: bytes per item", format_rows, FORMAT_BYTES_NOTE)
+    text += section("5b. Context formats: answer fidelity", fidelity_rows, fidelity_note(fidelity_label))
     print(text)
     os.makedirs(args.output_dir, exist_ok=True)
     write_text_atomically(os.path.join(args.output_dir, "memory.md"), text)
@@ -536,6 +769,7 @@ def main() -> None:
         "first_token": token_rows,
         "indexing": index_row,
         "search": search_rows,
+        "context_formats": {"bytes": format_rows, "fidelity": fidelity_rows, "fidelity_model": fidelity_label},
         "notes": {"bytes": slot_note, "first_token": token_note, "indexing": index_note, "search": search_note},
     }
     write_json_atomically(os.path.join(args.output_dir, "memory.json"), json.loads(json.dumps(payload, default=str)))

@@ -1,6 +1,6 @@
 """`crem-memory`: index items into a visual memory, search it, ask about the hits from their stored contexts.
 
-crem-memory index --model outputs/main/model --memory scans.lance scans/
+crem-memory index --model outputs/main/model --memory scans.lance scans/ [--context-format int8]
 crem-memory search --model outputs/main/model --memory scans.lance --text "the digit seven" --k 3
 crem-memory ask --model outputs/main/model --memory scans.lance --text "the digit seven" --question "Which digit?"
 crem-memory ask --model outputs/main/model --memory scans.lance --questions asks.jsonl --output answers.jsonl
@@ -26,6 +26,7 @@ from ..io import (
     write_text_atomically,
 )
 from ..loading import load_crem
+from .quantize import CONTEXT_FORMATS
 from .sources import read_source
 from .store import CREMMemory, MemoryHit
 
@@ -55,6 +56,13 @@ def build_parser() -> ArgumentParser:
             command.add_argument("--instruction", default=None, help="embedding instruction for every item")
             command.add_argument("--batch-size", type=positive_int, default=8)
             command.add_argument("--ann", action="store_true", help="build an approximate index afterwards")
+            command.add_argument(
+                "--context-format",
+                default=None,
+                choices=CONTEXT_FORMATS,
+                help="how contexts are stored: model (exact, the model's dtype), int8 or int4 (quantised); default: "
+                "model for a new memory, the memory's own for an existing one",
+            )
             continue
         command.add_argument("--text", default=None, help="query text")
         command.add_argument("--image", default=None, help="query image (path or URL)")
@@ -161,6 +169,13 @@ def run(args: argparse.Namespace) -> object:
     records = None
     if args.command == "index":
         read_source(args.source, args.image_root)
+        if args.context_format is not None:
+            try:
+                stored = CREMMemory.describe(args.memory, storage)["context_format"]
+            except ValueError:
+                stored = None  # no memory there yet (or not one): `open` creates it or says why it cannot
+            if stored is not None:
+                CREMMemory._check_format(args.memory, stored, args.context_format)
     else:
         if args.command == "ask":
             if (args.question is None) == (args.questions is None):
@@ -177,7 +192,14 @@ def run(args: argparse.Namespace) -> object:
     try:
         model, processor = load_crem(args.model)
         model = model.to(args.device).eval()
-        memory = CREMMemory.open(args.memory, model, processor, create=args.command == "index", storage_options=storage)
+        memory = CREMMemory.open(
+            args.memory,
+            model,
+            processor,
+            create=args.command == "index",
+            storage_options=storage,
+            context_format=args.context_format if args.command == "index" else None,
+        )
         if args.command == "index":
             report = memory.index(
                 args.source,

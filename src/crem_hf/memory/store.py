@@ -5,10 +5,12 @@ stored in one row, the prompt prefix every context shares (system prompt and tur
 
 Layout of a memory (a LanceDB database: a local folder or any LanceDB URI, e.g. on object storage):
 
-* table `crem_memory`, one row: the format version, the fingerprint of the model that wrote it and the shared prefix
-  (its keys/values, token ids and positions);
+* table `crem_memory`, one row: the format version, the fingerprint of the model that wrote it, the storage format of
+  the contexts (`context_format`: `model`, `int8` or `int4`, see `quantize.py`) and the shared prefix (its exact
+  keys/values, token ids and positions);
 * table `items`, one row per item: `id`, `vector` (the embedding; cosine search), `context` (keys/values of the
-  chorus slots, `(layers, 2, kv_heads, num_chorus_tokens, head_dim)` in the model's dtype, with its SHA-256),
+  chorus slots, `(layers, 2, kv_heads, num_chorus_tokens, head_dim)` in the model's dtype or quantised with their
+  scales, with its SHA-256),
   `context_ids` and `context_positions` (`(3, num_chorus_tokens)` MRoPE positions), and the user's `source`, `text`
   and `metadata` (JSON).
 
@@ -42,6 +44,7 @@ from transformers import DynamicCache
 from .. import parallel
 from ..evaluation.retrieval import T2I_INSTRUCTION
 from ..modeling_crem import CREMCompressedContext
+from .quantize import CONTEXT_FORMATS, check_context_format, decode_context, encode_contexts
 from .sources import MemoryItem, read_source
 
 __all__ = ["CREMMemory", "IndexReport", "MemoryHit", "model_fingerprint"]
@@ -167,24 +170,21 @@ def model_fingerprint(model) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- tensors <-> bytes
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-
-
 def _bytes_tensor(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
-def slots_bytes(cache: DynamicCache, start: int, stop: int | None = None) -> list[bytes]:
+def slots_bytes(cache: DynamicCache, start: int, stop: int | None = None, context_format: str = "model") -> list[bytes]:
     """
     Each row's keys and values of slots `[start, stop)`, as stored in a memory: `(layers, 2, kv_heads, slots,
-    head_dim)` in the cache's dtype, brought to the CPU in one transfer for the whole batch.
+    head_dim)` in the cache's dtype (`context_format="model"`) or quantised (`int8`, `int4`: see `quantize.py`),
+    brought to the CPU in one transfer for the whole batch.
     """
     kv = torch.stack(
         [torch.stack([layer.keys[:, :, start:stop], layer.values[:, :, start:stop]], dim=1) for layer in cache.layers],
         dim=1,
-    ).cpu()
-    return [_tensor_bytes(row) for row in kv]
+    )
+    return encode_contexts(kv, context_format)
 
 
 def _is_local(uri: str) -> bool:
@@ -252,6 +252,13 @@ def _read_meta(uri: str, storage_options: dict[str, str] | None) -> tuple[Any, d
             f"{uri} has memory format version {meta['format_version']}; this crem-hf reads version "
             f"{FORMAT_VERSION}. Re-index it with this version."
         )
+    # Memories written before quantised contexts have no format field: their contexts are exact.
+    meta["context_format"] = meta.get("context_format") or "model"
+    if meta["context_format"] not in CONTEXT_FORMATS:
+        raise ValueError(
+            f"{uri} stores its contexts in format {meta['context_format']!r}, which this crem-hf does not read (it "
+            f"reads {', '.join(CONTEXT_FORMATS)}). Open it with the crem-hf that wrote it, or re-index it."
+        )
     if ITEMS_TABLE not in names:
         raise ValueError(f"{uri} is damaged: it has no '{ITEMS_TABLE}' table.")
     return db, meta
@@ -281,6 +288,7 @@ def _describe(uri: str, db, meta: dict) -> dict[str, Any]:
         "shared_prefix_bytes": db.open_table(META_TABLE).stats()["total_bytes"],
         "shared_prefix_slots": len(meta["prefix_ids"]),
         "context_slots_per_item": len(fingerprint["chorus_token_ids"]),
+        "context_format": meta["context_format"],
         "ann_index": any("vector" in index.columns for index in indices),
         "id_index": any(index.name == ID_INDEX for index in indices),
         "model": fingerprint,
@@ -321,6 +329,7 @@ class CREMMemory:
         self.model, self.processor = model, processor
         self._items_schema = items.schema  # read once: each `.schema` is a call into LanceDB
         self.fingerprint = json.loads(meta["fingerprint"])
+        self.context_format = meta["context_format"]
         self.num_chorus_tokens = model.config.num_chorus_tokens
         self.dtype = model.dtype
         f = self.fingerprint
@@ -343,6 +352,7 @@ class CREMMemory:
         *,
         create: bool = False,
         storage_options: dict[str, str] | None = None,
+        context_format: str | None = None,
     ) -> CREMMemory:
         """
         Open the memory at `uri` (a folder, or any LanceDB URI such as `s3://bucket/memory`) for `model`.
@@ -353,18 +363,25 @@ class CREMMemory:
             processor: its `CREMProcessor`.
             create: create the memory when `uri` holds none (under a launcher, the main process creates it).
             storage_options: passed to `lancedb.connect` (object-storage credentials and the like).
+            context_format: how the contexts are stored: `model` (exact, in the model's dtype; the default of a new
+                memory), `int8` or `int4` (quantised, dequantised into the model's dtype when read; see
+                `quantize.py`). `None`: the memory's own format (`model` for a new one). A memory holds one format.
         Raises:
-            ValueError: `uri` is not a memory (and `create` is False), was written by another model or another
-                format version, or is damaged.
+            ValueError: `uri` is not a memory (and `create` is False), was written by another model, another format
+                version or in another context format than `context_format`, or is damaged; `context_format` is
+                unknown (nothing is written).
         """
         uri = os.fspath(uri)
+        if context_format is not None:
+            check_context_format(context_format)
         _check_location(uri, create)
         if create and parallel.is_main_process():
             db = _connect(uri, storage_options)
             if _open_committed(db, META_TABLE) is None:
-                cls._create(db, uri, model, processor)
+                cls._create(db, uri, model, processor, context_format or "model")
         parallel.barrier()  # the main process has created the memory before the others read it
         db, meta = _read_meta(uri, storage_options)
+        cls._check_format(uri, meta["context_format"], context_format)
         cls._check_model(uri, json.loads(meta["fingerprint"]), model_fingerprint(model))
         return cls(uri, db, meta, db.open_table(ITEMS_TABLE), model, processor)
 
@@ -375,6 +392,15 @@ class CREMMemory:
         _check_location(uri, create=False)
         db, meta = _read_meta(uri, storage_options)
         return _describe(uri, db, meta)
+
+    @staticmethod
+    def _check_format(uri: str, stored: str, requested: str | None) -> None:
+        """A memory holds one context format: opening it for another (to add rows of that format) is refused."""
+        if requested is not None and stored != requested:
+            raise ValueError(
+                f"{uri} stores its contexts in format {stored!r}, not {requested!r}: a memory holds one format. "
+                "Open it without a format (or with its own), or index into a new memory."
+            )
 
     @staticmethod
     def _check_model(uri: str, stored: dict, current: dict) -> None:
@@ -395,12 +421,12 @@ class CREMMemory:
             )
 
     @classmethod
-    def _create(cls, db, uri: str, model, processor) -> None:
+    def _create(cls, db, uri: str, model, processor, context_format: str) -> None:
         """
         Write the items table (empty), then the meta row: a memory is complete once its meta table exists. Safe when
         several processes create the same memory at once: each table's first commit succeeds once (LanceDB commits a
         version with put-if-absent), the losers keep the winner's tables, and `open` then checks that the winner's
-        fingerprint is this model's.
+        fingerprint and context format are this model's and the requested ones.
         """
         fingerprint = model_fingerprint(model)
         # The prefix every context shares: the kept slots in front of the chorus block of any item.
@@ -433,6 +459,7 @@ class CREMMemory:
         meta = {
             "format_version": FORMAT_VERSION,
             "fingerprint": json.dumps(fingerprint),
+            "context_format": context_format,
             "prefix_kv": prefix,
             "prefix_sha256": _sha256(prefix),
             "prefix_ids": context.input_ids[0, :prefix_length].tolist(),
@@ -443,6 +470,7 @@ class CREMMemory:
             [
                 pa.field("format_version", pa.int32()),
                 pa.field("fingerprint", pa.string()),
+                pa.field("context_format", pa.string()),
                 pa.field("prefix_kv", pa.large_binary()),
                 pa.field("prefix_sha256", pa.string()),
                 pa.field("prefix_ids", pa.list_(pa.int32())),
@@ -654,7 +682,7 @@ class CREMMemory:
         input_ids = context.input_ids.cpu()
         if not torch.equal(input_ids[:, :p], self.prefix_ids.expand(len(items), -1)):
             raise ValueError("An item's prompt prefix differs from the memory's shared prefix (another processor?).")
-        contexts = slots_bytes(context.cache, p)
+        contexts = slots_bytes(context.cache, p, context_format=self.context_format)
         vectors = context.embeddings.float().cpu()
         columns = {
             "id": [item.id for item in items],
@@ -720,7 +748,13 @@ class CREMMemory:
     def info(self) -> dict[str, Any]:
         """The memory's size on storage, its rows, its shared prefix and the model that wrote it."""
         return _describe(
-            self.uri, self.db, {"fingerprint": json.dumps(self.fingerprint), "prefix_ids": self.prefix_ids}
+            self.uri,
+            self.db,
+            {
+                "fingerprint": json.dumps(self.fingerprint),
+                "prefix_ids": self.prefix_ids,
+                "context_format": self.context_format,
+            },
         )
 
     @torch.no_grad()
@@ -828,7 +862,13 @@ class CREMMemory:
             data = row["context"]
             if _sha256(data) != row["context_sha256"] or len(row["context_positions"]) != 3 * n:
                 raise ValueError(f"{self.uri}: the stored context of item {i!r} is corrupt (checksum mismatch).")
-            keys_values.append(_bytes_tensor(data, self.dtype, self._kv_shape[:3] + (n, self._kv_shape[4])))
+            try:  # a row of another format (mixed into the table by hand) has another size: refused, never misread
+                kv = decode_context(data, self.context_format, self.dtype, self._kv_shape[:3] + (n, self._kv_shape[4]))
+            except ValueError as error:
+                raise ValueError(
+                    f"{self.uri}: the stored context of item {i!r} does not fit the memory: {error}."
+                ) from None
+            keys_values.append(kv)
             item_ids.append(row["context_ids"])
             positions.append(torch.tensor(row["context_positions"]).reshape(3, n))
         batch = len(ids)
