@@ -388,3 +388,9 @@ def test_train_lora_on_the_real_layout_then_crem_export(checkpoint, saved, tmp_p
     save_file({k: v for k, v in adapter.items() if k != dropped}, broken / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="does not load exactly"):
         load_crem(broken)
+
+
+def test_a_folder_without_a_model_is_refused_by_what_it_lacks(tmp_path):
+    (tmp_path / "generation_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds no model: no config.json with a model_type"):
+        load_crem(tmp_path)

@@ -116,6 +116,10 @@ def checkpoint_kind(name_or_path: str | os.PathLike) -> str:
     if find_adapter_config_file(name_or_path) is not None:
         return "adapter"
     kind = PreTrainedConfig.get_config_dict(name_or_path)[0].get("model_type")
+    if kind is None:
+        raise ValueError(
+            f"{name_or_path} holds no model: no config.json with a model_type (and no adapter_config.json)."
+        )
     if kind not in CREM_CLASSES and kind not in BACKBONE_CREM_CLASSES:
         raise ValueError(
             f"{name_or_path} is a {kind!r} model; expected a CREM folder ({', '.join(CREM_CLASSES)}), a LoRA adapter "
