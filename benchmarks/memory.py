@@ -514,10 +514,11 @@ def format_targets(bytes_rows: list[dict], fidelity_rows: list[dict]) -> list[di
 
 FORMAT_BYTES_NOTE = (
     "One memory per format, each holding the same 1280-token item (written by `CREMMemory.add`). Context: the stored "
-    "`context` bytes of its 16 chorus slots, scales included (int8 / int4: KIVI-style, keys per channel over the "
-    "slots, values per slot over the head dim, min/max with a float16 scale and a zero point in the model dtype per "
-    "group; int4 two codes a byte). Item on disk: the whole one-row items table folder (embedding, ids, positions, "
-    "checksum, LanceDB's manifests). Full KV cache: every prompt slot of the item in the model dtype (computed)."
+    "`context` bytes of its 16 chorus slots, scales included (min/max groups, each a float16 scale and a zero point "
+    "in the model dtype; values per slot over the head dim; int8 keys per channel over the slots (KIVI), int4 keys "
+    "Hadamard-rotated over the head dim, then per slot; int4 two codes a byte). Item on disk: the whole one-row "
+    "items table folder (embedding, ids, positions, checksum, LanceDB's manifests). Full KV cache: every prompt slot "
+    "of the item in the model dtype (computed)."
 )
 
 

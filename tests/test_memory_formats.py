@@ -1,6 +1,6 @@
-"""A memory's context storage formats: `model` (exact), `int8` and `int4` (KIVI-style quantised). Quantised contexts
-come back within half a scale of the exact ones, int8 answers equal the exact answers on the tiny model, the format
-is recorded and a reader refuses what it does not know; bad input writes nothing."""
+"""A memory's context storage formats: `model` (exact), `int8` and `int4` (quantised, see `quantize.py`). Quantised
+contexts come back within the quantisation bound of the exact ones, int8 answers equal the exact answers on the tiny
+model, the format is recorded and a reader refuses what it does not know; bad input writes nothing."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from helpers import random_image
 
 from crem_hf.memory import CREMMemory
-from crem_hf.memory.quantize import context_nbytes, quantize
+from crem_hf.memory.quantize import context_nbytes, hadamard, quantize
 
 QUESTION = "Which digit is shown?"
 #: Eight items: images of three sizes, text-only and image+text items.
@@ -59,11 +59,16 @@ def _stored_kv(memory: CREMMemory) -> torch.Tensor:
 def test_quantised_contexts_come_back_within_half_a_scale_of_the_exact_ones(memories, fmt, bits):
     exact, quantised = _stored_kv(memories["model"]), _stored_kv(memories[fmt])
     assert quantised.dtype == exact.dtype == torch.float32 and quantised.shape == exact.shape
-    # The oracle's scales: each exact context quantised per key channel (over the slots) and per value slot.
-    _, key_scale, _ = quantize(exact[:, :, 0], bits, dim=-2)
+    # The oracle's scales: each exact context quantised per value slot, and per key channel (int8) or, in the
+    # Hadamard-rotated frame, per key slot (int4); each element within half its group's scale.
     _, value_scale, _ = quantize(exact[:, :, 1], bits, dim=-1)
     slack = 1e-5 * float(exact.abs().max())
-    assert bool(((quantised[:, :, 0] - exact[:, :, 0]).abs() <= key_scale.float() / 2 + slack).all())
+    keys, exact_keys = quantised[:, :, 0], exact[:, :, 0]
+    if fmt == "int4":
+        matrix = hadamard(exact.shape[-1])
+        keys, exact_keys = keys @ matrix, exact_keys @ matrix
+    _, key_scale, _ = quantize(exact_keys, bits, dim=-2 if fmt == "int8" else -1)
+    assert bool(((keys - exact_keys).abs() <= key_scale.float() / 2 + slack).all())
     assert bool(((quantised[:, :, 1] - exact[:, :, 1]).abs() <= value_scale.float() / 2 + slack).all())
     assert not torch.equal(quantised, exact)  # it is quantised
     # The shared prefix stays exact, positions and ids are those of the exact memory.
