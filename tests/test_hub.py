@@ -202,6 +202,43 @@ def test_sentence_transformers_vectors_equal_get_embedding(exported):
     assert json.loads(result.stdout.strip().splitlines()[-1]) <= 1e-5
 
 
+PIPELINE = textwrap.dedent(
+    """
+    import json, torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+    from helpers import random_image
+    folder = sys.argv[1]
+    pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True, device="cpu")
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    results = []
+    for question, seed in (("What is in the image?", 1), ("Describe it in detail, please.", 2)):
+        messages = [{"role": "user", "content": [
+            {"type": "image", "image": random_image(56, 84, seed)}, {"type": "text", "text": question}
+        ]}]
+        piped = pipe(text=messages, max_new_tokens=6, return_full_text=False, generate_kwargs={"do_sample": False})
+        batch = processor.process_chat(conversations=[messages], compress_layout=False)
+        with torch.no_grad():
+            ids = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1] :]
+        answer = processor.batch_decode(ids, skip_special_tokens=True)[0]
+        results.append([type(pipe.model).__name__, piped[0]["generated_text"], answer])
+    print(json.dumps(results))
+    """
+)
+
+
+@on_every_backbone
+def test_transformers_pipeline_answers_as_generate(exported):
+    """`pipeline("image-text-to-text")` on the exported folder (remote code, the card's pipeline tag) gives the native
+    answer that the model's `generate` gives on CREMProcessor's own plain chat prompt (`process_chat`)."""
+    folder, _, backbone = exported
+    result = run_clean(PIPELINE, str(folder))
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name, piped, answer in json.loads(result.stdout.strip().splitlines()[-1]):
+        assert name == BACKBONES[backbone][2].__name__
+        assert piped == answer and answer
+
+
 def test_merged_equals_adapter_on_base_and_adapter_export(processor, tmp_path):
     base_folder = tmp_path / "base"
     make_tiny_crem(processor, seed=5).save_pretrained(base_folder)  # the base the adapter was trained on
