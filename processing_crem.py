@@ -307,8 +307,8 @@ class CREMProcessor(Qwen2VLProcessor):
         if min(width, height) < factor:
             if not self.upscale_small_images:
                 raise ValueError(
-                    f"{where} is {width}x{height} px; Qwen2-VL needs at least {factor} px per side. Resize it, or "
-                    "build the processor with upscale_small_images=True."
+                    f"{where} is {width}x{height} px; the image processor needs at least {factor} px per side (one "
+                    "merged image token). Resize it, or build the processor with upscale_small_images=True."
                 )
             scale = factor / min(width, height)
             image = image.resize((max(factor, round(width * scale)), max(factor, round(height * scale))))

@@ -2,15 +2,16 @@
 (MMEB-train form) and conversations (LLaVA / ShareGPT4V form), with the mixed loss 1 x InfoNCE + 0.5 x LM and
 p = 0.5 compressed generation samples. Defaults follow the paper's Table 1.
 
-    # one process
-    python examples/train_lora.py --model Qwen/Qwen2-VL-2B-Instruct --output_dir out \\
+    # one process (any backbone: Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen3-VL-2B-Instruct)
+    python examples/train_lora.py --model Qwen/Qwen3-VL-2B-Instruct --output_dir out \\
         --retrieval_data mmeb_train.jsonl --retrieval_image_root images/ \\
         --generation_data sharegpt4v_mix665k.json --generation_image_root images/
     # several (CPU: gloo; GPU: nccl)
     torchrun --nproc_per_node 8 examples/train_lora.py ... [--deepspeed examples/ds_zero2.json --bf16]
     accelerate launch --multi_gpu --num_processes 8 examples/train_lora.py ...
 
-`--model` takes a Qwen2-VL checkpoint (converted on the fly, N chorus tokens added) or a CREM folder.
+`--model` takes a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (converted on the fly, N chorus tokens added) or a CREM
+folder of any of them; LoRA targets the q/k/v/o projections of that model's language model, found on the model.
 Checkpoints hold the adapter (with the chorus rows) and the processor; `--resume_from_checkpoint` continues a run.
 The run's summary (bad rows skipped per reason, final metrics) is written to `<output_dir>/run_summary.json`.
 Exit status 0 on success; 1 with a one-line reason on stderr for a bad input (2: bad usage).
@@ -44,9 +45,10 @@ PROG = "examples/train_lora.py"
 @dataclass
 class ModelArguments:
     model: str = field(
-        default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "A Qwen2-VL checkpoint or a CREM folder."}
+        default="Qwen/Qwen2-VL-2B-Instruct",
+        metadata={"help": "A Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint, or a CREM folder."},
     )
-    num_chorus_tokens: int = field(default=16, metadata={"help": "N chorus tokens (when converting a Qwen2-VL)."})
+    num_chorus_tokens: int = field(default=16, metadata={"help": "N chorus tokens (when converting a backbone)."})
     lora: bool = field(default=True, metadata={"help": "LoRA + chorus rows; False trains every weight."})
     lora_r: int = 16
     lora_alpha: int = 64

@@ -11,6 +11,10 @@ import sys
 import pytest
 from helpers import colour_image
 
+from crem_hf.evaluation.generation import evaluate_generation
+from crem_hf.evaluation.retrieval import load_caption_rows
+from crem_hf.testing import BACKBONES, make_tiny_crem, make_tiny_processor
+
 BIN = os.path.dirname(sys.executable)
 
 
@@ -37,7 +41,18 @@ def one_line(stderr: str, *fragments: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def saved_model(model, processor, tmp_path_factory):
+def backbone_model(request, model, processor):
+    """`(model, processor)`: the session's Qwen2-VL ones unless parametrized with another backbone."""
+    backbone = getattr(request, "param", "qwen2_vl")
+    if backbone == "qwen2_vl":
+        return model, processor
+    processor = make_tiny_processor(backbone=backbone)
+    return make_tiny_crem(processor, seed=0, backbone=backbone), processor
+
+
+@pytest.fixture(scope="module")
+def saved_model(backbone_model, tmp_path_factory):
+    model, processor = backbone_model
     folder = tmp_path_factory.mktemp("cli") / "model"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -55,7 +70,10 @@ def qa_file(tmp_path):
     return str(path)
 
 
-def test_crem_eval_exits_0_with_its_results_on_stdout(saved_model, qa_file, tmp_path):
+@pytest.mark.parametrize("backbone_model", list(BACKBONES), indirect=True)
+def test_crem_eval_exits_0_with_its_results_on_stdout(backbone_model, saved_model, qa_file, tmp_path):
+    """On a saved folder of each backbone: the command's answers (a batch of two, the model loaded from the folder)
+    are the in-memory model's, answered one row at a time."""
     output = tmp_path / "res" / "qa.json"
     done = command(
         "crem-eval", "generation", "--model", saved_model, "--data", qa_file, "--image-root", str(tmp_path),
@@ -65,7 +83,12 @@ def test_crem_eval_exits_0_with_its_results_on_stdout(saved_model, qa_file, tmp_
     printed = json.loads(done.stdout)
     assert printed["num_rows"] == 2 and "predictions" not in printed
     assert "num_rows" not in done.stderr and "predictions" not in done.stderr
-    assert json.loads(output.read_text())["num_rows"] == 2
+    written = json.loads(output.read_text())
+    assert written["num_rows"] == 2
+    model, processor = backbone_model
+    rows = load_caption_rows(qa_file, ("question", "answer"), str(tmp_path))
+    alone = evaluate_generation(model.eval(), processor, rows, compress=True, batch_size=1, max_new_tokens=2)
+    assert written["predictions"] == alone["predictions"] and any(alone["predictions"])
 
 
 def test_crem_eval_checks_its_output_before_loading_the_model(tmp_path, saved_model, qa_file, capsys):

@@ -13,8 +13,9 @@ import pytest
 import torch
 from helpers import outputs_of, random_image
 
+from crem_hf.configuration_crem import BACKBONE_AUTO_CLASSES
 from crem_hf.hub import CardInfo, export_hub_folder, load_for_export, main, render_model_card
-from crem_hf.testing import make_tiny_crem
+from crem_hf.testing import BACKBONES, make_tiny_crem, make_tiny_processor
 from crem_hf.training import apply_lora
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,9 +25,19 @@ MMEB_RESULTS = {
 }
 
 
-def trained_adapter(processor):
-    """A peft model on a tiny CREM whose LoRA and chorus rows are not the identity."""
-    model = apply_lora(make_tiny_crem(processor, seed=5), dropout=0.0)
+#: Per backbone: the checkpoint the card's metadata names as its base, and the CREM model_type of its folders.
+BASES = {
+    "qwen2_vl": ("Qwen/Qwen2-VL-2B-Instruct", "crem"),
+    "qwen2_5_vl": ("Qwen/Qwen2.5-VL-3B-Instruct", "crem_qwen2_5_vl"),
+    "qwen3_vl": ("Qwen/Qwen3-VL-2B-Instruct", "crem_qwen3_vl"),
+}
+#: Tests of the export that run on every backbone (the others on Qwen2-VL): `exported` takes the backbone.
+on_every_backbone = pytest.mark.parametrize("exported", list(BACKBONES), indirect=True)
+
+
+def trained_adapter(processor, backbone: str = "qwen2_vl"):
+    """A peft model on a tiny CREM of `backbone` whose LoRA and chorus rows are not the identity."""
+    model = apply_lora(make_tiny_crem(processor, seed=5, backbone=backbone), dropout=0.0)
     torch.manual_seed(1)
     with torch.no_grad():
         for _name, param in model.named_parameters():
@@ -36,14 +47,18 @@ def trained_adapter(processor):
 
 
 @pytest.fixture(scope="module")
-def exported(processor, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hub") / "crem-tiny"
-    model = trained_adapter(processor)
+def exported(request, processor, tmp_path_factory):
+    """`(folder, reference outputs, backbone)`: a trained adapter exported merged, Qwen2-VL unless parametrized."""
+    backbone = getattr(request, "param", "qwen2_vl")
+    if backbone != "qwen2_vl":
+        processor = make_tiny_processor(backbone=backbone)
+    folder = tmp_path_factory.mktemp(f"hub-{backbone}") / "crem-tiny"
+    model = trained_adapter(processor, backbone)
     reference = outputs_of(model, processor)
-    info = CardInfo(repo_id="org/crem-tiny", base_model="Qwen/Qwen2-VL-2B-Instruct", datasets=["TIGER-Lab/MMEB-train"],
+    info = CardInfo(repo_id="org/crem-tiny", base_model=BASES[backbone][0], datasets=["TIGER-Lab/MMEB-train"],
                     eval_results=MMEB_RESULTS)  # fmt: skip
     export_hub_folder(model, processor, folder, info)
-    return folder, reference
+    return folder, reference, backbone
 
 
 def run_clean(code: str, *args, timeout=600) -> subprocess.CompletedProcess:
@@ -55,8 +70,9 @@ def run_clean(code: str, *args, timeout=600) -> subprocess.CompletedProcess:
     )
 
 
+@on_every_backbone
 def test_folder_is_complete_and_pickle_free(exported):
-    folder, _ = exported
+    folder, _, backbone = exported
     names = set(os.listdir(folder))
     expected = {
         "config.json", "generation_config.json", "model.safetensors", "configuration_crem.py", "modeling_crem.py",
@@ -66,11 +82,10 @@ def test_folder_is_complete_and_pickle_free(exported):
     assert expected <= names, expected - names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"))]
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"] == {
-        "AutoConfig": "configuration_crem.CREMConfig",
-        "AutoModel": "modeling_crem.CREMForEmbeddingAndGeneration",
-        "AutoModelForImageTextToText": "modeling_crem.CREMForEmbeddingAndGeneration",
-    }
+    kind = BASES[backbone][1]
+    assert config["model_type"] == kind
+    assert config["auto_map"] == {k: v for k, v in BACKBONE_AUTO_CLASSES[kind].items() if k != "AutoProcessor"}
+    assert config["architectures"] == [BACKBONES[backbone][2].__name__]
     assert json.loads((folder / "processor_config.json").read_text())["auto_map"] == {
         "AutoProcessor": "processing_crem.CREMProcessor"
     }
@@ -81,13 +96,14 @@ REMOTE = textwrap.dedent(
     import json
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
     from helpers import outputs_of
-    folder = sys.argv[1]
-    assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "CREMConfig"
+    folder, config_class, model_class = sys.argv[1:4]
+    assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == config_class
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     results = []
     for auto in (AutoModel, AutoModelForImageTextToText):
         model = auto.from_pretrained(folder, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        assert type(model).__name__ == model_class, type(model).__name__
         results.append(outputs_of(model, processor))
     print(json.dumps(results))
     """
@@ -98,9 +114,11 @@ def close(a, b, tolerance=1e-5) -> bool:
     return torch.allclose(torch.tensor(a), torch.tensor(b), atol=tolerance)
 
 
+@on_every_backbone
 def test_clean_process_loads_the_folder_and_matches(exported):
-    folder, reference = exported
-    result = run_clean(REMOTE, str(folder))
+    folder, reference, backbone = exported
+    crem_class = BACKBONES[backbone][2]
+    result = run_clean(REMOTE, str(folder), crem_class.config_class.__name__, crem_class.__name__)
     assert result.returncode == 0, result.stderr[-3000:]
     for remote in json.loads(result.stdout.strip().splitlines()[-1]):
         assert close(remote["embeddings"], reference["embeddings"])
@@ -108,7 +126,7 @@ def test_clean_process_loads_the_folder_and_matches(exported):
 
 
 def test_every_card_code_block_runs_against_the_folder(exported):
-    folder, _ = exported
+    folder, _, _ = exported
     card = (folder / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
     assert len(blocks) >= 4
@@ -130,24 +148,34 @@ def test_every_card_code_block_runs_against_the_folder(exported):
     assert re.search(r"^(red|blue) \['.*'\]$", with_package.stdout, flags=re.M), with_package.stdout[-2000:]
 
 
+@on_every_backbone
 def test_card_metadata_validates(exported):
     from huggingface_hub import ModelCard
     from huggingface_hub.repocard_data import model_index_to_eval_results
 
-    folder, _ = exported
+    folder, _, backbone = exported
     card = ModelCard.load(folder / "README.md")
     data = card.data
     assert data.library_name == "transformers" and data.pipeline_tag == "image-text-to-text"
-    assert data.base_model == "Qwen/Qwen2-VL-2B-Instruct" and data.datasets == ["TIGER-Lab/MMEB-train"]
-    assert {"crem", "custom_code"} <= set(data.tags)
+    assert data.base_model == BASES[backbone][0] and data.datasets == ["TIGER-Lab/MMEB-train"]
+    assert {"crem", "custom_code", backbone} <= set(data.tags)
+    assert not set(data.tags) & (set(BACKBONES) - {backbone})
+    # The text names this backbone and its classes, and no other backbone.
+    crem_class, plain_class = BACKBONES[backbone][2], BACKBONES[backbone][1]
+    title = crem_class._backbone_title
+    assert f"on {title}:" in card.text and f"plain {title}." in card.text
+    assert f"`{crem_class.__name__}`" in card.text and f"`{plain_class.__name__}`" in card.text
+    others = {cls._backbone_title for _, _, cls in BACKBONES.values()} - {title}
+    assert not [other for other in others if re.search(rf"{re.escape(other)}\b", card.text)], others
     name, results = model_index_to_eval_results(data.to_dict()["model-index"])
     assert name == "crem-tiny"
     assert sorted((r.dataset_config, r.metric_value) for r in results) == [("ImageNet-1K", 50.0), ("N24News", 75.0)]
     assert "| **Overall** | 62.5 |" in card.text
 
 
+@on_every_backbone
 def test_sentence_transformers_vectors_equal_get_embedding(exported):
-    folder, _ = exported
+    folder, _, _ = exported
     code = textwrap.dedent(
         """
         import json, torch
@@ -172,6 +200,43 @@ def test_sentence_transformers_vectors_equal_get_embedding(exported):
     result = run_clean(code, str(folder))
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+PIPELINE = textwrap.dedent(
+    """
+    import json, torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+    from helpers import random_image
+    folder = sys.argv[1]
+    pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True, device="cpu")
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    results = []
+    for question, seed in (("What is in the image?", 1), ("Describe it in detail, please.", 2)):
+        messages = [{"role": "user", "content": [
+            {"type": "image", "image": random_image(56, 84, seed)}, {"type": "text", "text": question}
+        ]}]
+        piped = pipe(text=messages, max_new_tokens=6, return_full_text=False, generate_kwargs={"do_sample": False})
+        batch = processor.process_chat(conversations=[messages], compress_layout=False)
+        with torch.no_grad():
+            ids = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1] :]
+        answer = processor.batch_decode(ids, skip_special_tokens=True)[0]
+        results.append([type(pipe.model).__name__, piped[0]["generated_text"], answer])
+    print(json.dumps(results))
+    """
+)
+
+
+@on_every_backbone
+def test_transformers_pipeline_answers_as_generate(exported):
+    """`pipeline("image-text-to-text")` on the exported folder (remote code, the card's pipeline tag) gives the native
+    answer that the model's `generate` gives on CREMProcessor's own plain chat prompt (`process_chat`)."""
+    folder, _, backbone = exported
+    result = run_clean(PIPELINE, str(folder))
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name, piped, answer in json.loads(result.stdout.strip().splitlines()[-1]):
+        assert name == BACKBONES[backbone][2].__name__
+        assert piped == answer and answer
 
 
 def test_merged_equals_adapter_on_base_and_adapter_export(processor, tmp_path):

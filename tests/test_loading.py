@@ -24,7 +24,14 @@ from transformers import AutoModel, AutoModelForImageTextToText, Qwen2VLForCondi
 
 from crem_hf import CREMForEmbeddingAndGeneration
 from crem_hf.loading import load_crem, load_qwen2vl_processor
-from crem_hf.testing import make_qwen2vl_tokenizer, make_tiny_processor, qwen2vl_files, write_tiny_qwen2vl_checkpoint
+from crem_hf.testing import (
+    make_qwen2vl_tokenizer,
+    make_tiny_processor,
+    qwen2vl_files,
+    write_tiny_qwen2_5vl_checkpoint,
+    write_tiny_qwen2vl_checkpoint,
+    write_tiny_qwen3vl_checkpoint,
+)
 
 HERE = Path(__file__).resolve().parent
 FILES = HERE / "fixtures" / "qwen2-vl-2b"
@@ -42,12 +49,12 @@ def published(key: str) -> str:
     return key
 
 
-def read_weights(folder) -> dict[str, torch.Tensor]:
-    """Every tensor of a folder's safetensors files, under its published name."""
+def read_weights(folder, name=published) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors files, under its published name (`name` of a stored key)."""
     tensors = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            tensors.update({published(k): v for k, v in load_file(os.path.join(folder, name)).items()})
+    for file in sorted(os.listdir(folder)):
+        if file.endswith(".safetensors"):
+            tensors.update({name(k): v for k, v in load_file(os.path.join(folder, file)).items()})
     return tensors
 
 
@@ -60,15 +67,22 @@ def assert_exact(model, saved: dict[str, torch.Tensor], new_chorus_rows: bool = 
     assert_exact_state(model.state_dict(), saved, new_chorus_rows)
 
 
-def assert_exact_state(state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], new_chorus_rows: bool) -> None:
-    state = {published(k): v for k, v in state.items() if k != "lm_head.weight"}
+def assert_exact_state(
+    state: dict[str, torch.Tensor],
+    saved: dict[str, torch.Tensor],
+    new_chorus_rows: bool,
+    name=published,
+    chorus: list[int] = CHORUS,
+) -> None:
+    """`state` holds exactly `saved` (published names; `name` maps a state key to its published name)."""
+    state = {name(k): v for k, v in state.items() if k != "lm_head.weight"}
     assert set(state) == set(saved)
     for key, value in saved.items():
         got, value = state[key].float(), value.float()
-        if new_chorus_rows and key == "model.embed_tokens.weight":
+        if new_chorus_rows and key == name("model.language_model.embed_tokens.weight"):
             assert got.shape == value.shape == (REAL_ROWS, value.shape[1])
             others = torch.ones(REAL_ROWS, dtype=torch.bool)
-            others[CHORUS] = False
+            others[chorus] = False
             got, value = got[others], value[others]
         assert torch.equal(got, value), key
 
@@ -329,16 +343,34 @@ def train_lora_module(monkeypatch):
     return module
 
 
+#: Per backbone: its test-bed writer (the published layout at tiny widths) and the published name of a state key.
+TEST_BEDS = {
+    "qwen2_vl": (write_tiny_qwen2vl_checkpoint, published),
+    "qwen2_5_vl": (write_tiny_qwen2_5vl_checkpoint, published),  # published in the old layout too
+    "qwen3_vl": (write_tiny_qwen3vl_checkpoint, str),  # published in the current layout: the names as they are
+}
+
+
 @pytest.mark.slow
-def test_train_lora_on_the_real_layout_then_crem_export(checkpoint, saved, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backbone", list(TEST_BEDS))
+def test_train_lora_on_the_real_layout_then_crem_export(backbone, checkpoint, saved, tmp_path, monkeypatch):
+    """examples/train_lora.py on each backbone's test bed (real files, key names and layout), then crem-export: the
+    exported weights are the checkpoint's, plus alpha / r x B A on q/k/v/o of every language layer and the trained
+    chorus rows; nothing else changed (the vision tower included)."""
     from crem_hf.hub import main as export
 
+    writer, name = TEST_BEDS[backbone]
+    if backbone != "qwen2_vl":
+        checkpoint = Path(writer(tmp_path / "checkpoint"))
+        saved = read_weights(checkpoint, name)
     module, loaded = train_lora_module(monkeypatch), {}
 
     def recording_load_crem(*args, **kwargs):
         model, processor = load_crem(*args, **kwargs)
         loaded["tied"] = model.lm_head.weight is model.get_input_embeddings().weight
         loaded["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        loaded["chorus"] = processor.chorus_token_ids
+        loaded["layers"] = model.config.text_config.num_hidden_layers
         return model, processor
 
     monkeypatch.setattr(module, "load_crem", recording_load_crem)
@@ -352,35 +384,41 @@ def test_train_lora_on_the_real_layout_then_crem_export(checkpoint, saved, tmp_p
         "--max_steps", "1", "--save_strategy", "no", "--logging_steps", "1", "--warmup_steps", "0",
         "--learning_rate", "1e-2", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
     ])  # fmt: skip
-    assert loaded["tied"]
-    assert_exact_state(loaded["state"], saved, new_chorus_rows=True)
+    chorus = loaded["chorus"]
+    assert backbone != "qwen2_vl" or chorus == CHORUS
+    assert loaded["tied"] and max(chorus) < REAL_ROWS  # the real tokenizer's spare rows: no resize
+    assert_exact_state(loaded["state"], saved, new_chorus_rows=True, name=name, chorus=chorus)
 
     assert export(["--model", str(out), "--output-dir", str(tmp_path / "hub")]) == 0
-    exported = read_weights(tmp_path / "hub")
+    exported = read_weights(tmp_path / "hub", name)  # saved in the current layout, compared under published names
     adapter = load_file(out / "adapter_model.safetensors")
     settings = json.loads((out / "adapter_config.json").read_text())
     assert settings["base_model_name_or_path"] == str(checkpoint)
     scale = settings["lora_alpha"] / settings["r"]
-    lora = {k.split("base_model.model.", 1)[1]: v.float() for k, v in adapter.items() if ".lora_" in k}
+    lora = {name(k.split("base_model.model.", 1)[1]): v.float() for k, v in adapter.items() if ".lora_" in k}
     merged = 0
     for key, value in saved.items():
         got = exported[key].float()
-        down = lora.get(key.replace("model.", "model.language_model.", 1).replace(".weight", ".lora_A.weight"))
+        down = lora.get(key.replace(".weight", ".lora_A.weight"))
         if down is not None:  # W + alpha / r * B A, in the precision of the weights
-            up = lora[key.replace("model.", "model.language_model.", 1).replace(".weight", ".lora_B.weight")]
+            up = lora[key.replace(".weight", ".lora_B.weight")]
             expected = value.float() + scale * up @ down
             assert (up != 0).any() and torch.allclose(got, expected, atol=1e-2, rtol=1e-2), key
             assert not torch.equal(got, value.float()), key
+            assert "visual" not in key and key.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj"), key
             merged += 1
-        elif key == "model.embed_tokens.weight":
+        elif key == name("model.language_model.embed_tokens.weight"):
             (rows,) = [v for k, v in adapter.items() if "trainable_tokens_delta" in k]
-            assert torch.equal(got[CHORUS], rows.float().to(exported[key].dtype).float())
+            assert torch.equal(got[chorus], rows.float().to(exported[key].dtype).float())
             others = torch.ones(REAL_ROWS, dtype=torch.bool)
-            others[CHORUS] = False
+            others[chorus] = False
             assert torch.equal(got[others], value.float()[others])
         else:
             assert torch.equal(got, value.float()), key
-    assert merged == 4 * 28, "q, k, v and o of every language layer"
+    assert merged == 4 * loaded["layers"], "q, k, v and o of every language layer"
+    assert loaded["layers"] == {"qwen2_vl": 28, "qwen2_5_vl": 36, "qwen3_vl": 28}[backbone]
+    if backbone != "qwen2_vl":
+        return  # the refusal of a broken adapter does not depend on the backbone
 
     broken = tmp_path / "broken-adapter"
     shutil.copytree(out, broken)

@@ -32,6 +32,8 @@ from crem_hf.integrations.mteb import (
     mteb_eval_results,
     register_crem_model,
 )
+from crem_hf.loading import load_crem
+from crem_hf.testing import BACKBONES, make_tiny_crem, make_tiny_processor
 
 pytestmark = pytest.mark.filterwarnings("ignore:`model_revision` is not specified")
 NUM_ROWS = 40  # digit-pair scans and their captions: several captions occur twice, so exact ties occur
@@ -51,8 +53,13 @@ def digits(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def crem_folder(model, processor, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("crem") / "crem-tiny"
+def crem_folder(request, model, processor, tmp_path_factory):
+    """A saved tiny CREM folder: Qwen2-VL (the session's model) unless parametrized with another backbone."""
+    backbone = getattr(request, "param", "qwen2_vl")
+    if backbone != "qwen2_vl":
+        processor = make_tiny_processor(backbone=backbone)
+        model = make_tiny_crem(processor, seed=0, backbone=backbone)
+    folder = tmp_path_factory.mktemp(f"crem-{backbone}") / "crem-tiny"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return str(folder)
@@ -104,7 +111,7 @@ def mteb_run(crem_folder, digits, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------- metadata
 
 
-def test_model_meta_describes_crem(model, crem_folder):
+def test_model_meta_describes_crem(model, processor, crem_folder, tmp_path):
     meta = crem_model_meta(crem_folder, name=NAME)
     text = model.config.text_config
     assert meta.embed_dim == text.hidden_size == 64
@@ -118,10 +125,16 @@ def test_model_meta_describes_crem(model, crem_folder):
     assert meta.similarity_fn_name == "dot"  # embeddings are L2-normalised: the cosine, computed as crem-eval does
     with pytest.raises(ValueError, match="not_a_field"):
         crem_model_meta(crem_folder, not_a_field=1)
+    plain = tmp_path / "plain"
+    BACKBONES["qwen3_vl"][0](processor.tokenizer).save_pretrained(plain)  # a plain backbone: no chorus tokens
+    with pytest.raises(ValueError, match=r"'qwen3_vl' model, not a CREM model \(expected one of crem, "):
+        crem_model_meta(plain)
 
 
+@pytest.mark.parametrize("crem_folder", list(BACKBONES), indirect=True)
 def test_mteb_builds_the_model_by_name(crem_folder, no_network):
-    """mteb's own machinery: the ModelMeta's loader, and `mteb.get_model` once registered (no torchvision needed)."""
+    """mteb's own machinery on a CREM folder of each backbone: the ModelMeta's loader, and `mteb.get_model` once
+    registered (no torchvision needed); the encoder it builds embeds as the folder's model's get_embedding does."""
     meta = register_crem_model(crem_model_meta(crem_folder, name=NAME))
     try:
         encoder = mteb.get_model(NAME, device="cpu")
@@ -130,6 +143,26 @@ def test_mteb_builds_the_model_by_name(crem_folder, no_network):
         assert mteb.get_model_meta(NAME) is meta
     finally:
         MODEL_REGISTRY.pop(NAME, None)
+    model, processor = load_crem(crem_folder)  # the oracle: the folder's model, one item per forward
+    assert type(encoder.model) is type(model) and meta.embed_dim == model.config.text_config.hidden_size
+    assert meta.n_parameters == sum(p.numel() for p in model.parameters())  # a tied head (Qwen2.5-VL's) once
+    flickr = mteb.get_task("Flickr30kI2TRetrieval").metadata
+    texts, images = ["a red digit", "two", "the digit seven"], [random_image(56, 84, 1), None, random_image(32, 64, 2)]
+    got = encoder.encode(
+        [{"text": texts, "image": images}],
+        task_metadata=flickr,
+        hf_split="test",
+        hf_subset="default",
+        prompt_type=PromptType.query,
+    )
+    with torch.no_grad():
+        want = torch.cat([
+            model.get_embedding(**processor.process_embedding_inputs(
+                images=None if image is None else [image], texts=[text], instruction=flickr.prompt["query"]
+            ))
+            for text, image in zip(texts, images, strict=True)
+        ])  # fmt: skip
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="Alibaba-NLP/gme-Qwen2-VL-2B-Instruct is an mteb model"):
         register_crem_model(crem_model_meta(crem_folder, name="Alibaba-NLP/gme-Qwen2-VL-2B-Instruct"))
 

@@ -9,10 +9,18 @@ import sys
 
 import pytest
 import torch
-from helpers import colour_image, mixed_batch, randomize_lora_b, write_colour_data
+from helpers import colour_image, mixed_batch, outputs_of, randomize_lora_b, write_colour_data
+from safetensors import safe_open
 
 from crem_hf.io import current_umask
-from crem_hf.testing import make_tiny_crem, make_tiny_qwen2vl, make_tiny_qwen2vl_processor
+from crem_hf.loading import load_crem
+from crem_hf.testing import (
+    BACKBONES,
+    make_tiny_crem,
+    make_tiny_processor,
+    make_tiny_qwen2vl,
+    make_tiny_qwen2vl_processor,
+)
 from crem_hf.training import (
     CREMTrainer,
     CREMTrainingArguments,
@@ -21,6 +29,7 @@ from crem_hf.training import (
     load_conversations,
     load_retrieval_pairs,
 )
+from crem_hf.training.lora import lora_target_modules
 from crem_hf.training.trainer import split_embedding_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +62,34 @@ def step_gradients(model, tmp_path, batch, **overrides) -> tuple[float, dict[str
     model.zero_grad(set_to_none=True)
     loss = trainer.training_step(trainer.model, batch)
     return float(loss), gradients(model)
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_lora_wraps_the_language_model_attention_projections_only(backbone):
+    """On every backbone peft wraps exactly q/k/v/o of each decoder layer (counted from the config), no vision layer."""
+    from peft.tuners.lora import LoraLayer
+
+    model = make_tiny_crem(make_tiny_processor(backbone=backbone), seed=0, backbone=backbone)
+    wrapped = apply_lora(model, dropout=0.0)
+    names = {name.removeprefix("base_model.model.") for name, m in wrapped.named_modules() if isinstance(m, LoraLayer)}
+    layers = model.config.text_config.num_hidden_layers
+    expected = {
+        f"model.language_model.layers.{i}.self_attn.{p}"
+        for i in range(layers)
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    }
+    assert names == expected
+    assert not [name for name, p in wrapped.named_parameters() if p.requires_grad and "visual" in name]
+    trainable = [name for name, p in wrapped.named_parameters() if p.requires_grad]
+    assert all("lora_" in name or "trainable_tokens" in name for name in trainable), trainable
+
+
+def test_lora_targets_name_what_a_decoder_lacks():
+    model = make_tiny_crem(seed=0)
+    for layer in model.model.language_model.layers:
+        layer.self_attn.o_proj = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"no \['o_proj'\] linear layers"):
+        lora_target_modules(model)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -153,15 +190,33 @@ def test_bad_hyper_parameters_are_refused(tmp_path, overrides, message):
         training_args(tmp_path, **overrides)
 
 
+#: The exported folder in a fresh process without crem_hf: its remote code, through AutoModel, on the fixed batch.
+REMOTE_OUTPUTS = """
+import json, sys
+sys.modules["crem_hf"] = None
+sys.path.insert(0, sys.argv[2])
+from transformers import AutoModel, AutoProcessor
+from helpers import outputs_of
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+print(json.dumps({"class": type(model).__name__, **outputs_of(model, processor)}))
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", [1, 2])
-def test_train_lora_example_end_to_end(tmp_path, processes):
+@pytest.mark.parametrize(
+    ("backbone", "processes"), [("qwen2_vl", 1), ("qwen2_vl", 2), ("qwen2_5_vl", 1), ("qwen3_vl", 1)]
+)
+def test_train_lora_example_end_to_end(tmp_path, backbone, processes):
+    """examples/train_lora.py on a plain tiny checkpoint of each backbone, then crem-export of its output folder: the
+    exported folder, loaded with AutoModel as remote code in a clean process, gives what load_crem(output) gives."""
     data = write_colour_data(tmp_path / "data", copies=2)
     with open(data["retrieval"], "a") as handle:  # one bad row: skipped, counted, reported
         handle.write(json.dumps({"qry": "<|image_1|> q", "qry_image_path": "missing.png", "pos_text": "red"}) + "\n")
-    base = tmp_path / "qwen2vl-tiny"
-    processor = make_tiny_qwen2vl_processor()
-    make_tiny_qwen2vl(processor.tokenizer, seed=0).save_pretrained(base)
+    base = tmp_path / f"{backbone}-tiny"
+    processor = make_tiny_qwen2vl_processor(backbone=backbone)
+    make_tiny_qwen2vl(processor.tokenizer, seed=0, backbone=backbone).save_pretrained(base)
     processor.save_pretrained(base)
     out = tmp_path / "out"
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", "2"] if processes > 1 else [])
@@ -175,9 +230,8 @@ def test_train_lora_example_end_to_end(tmp_path, processes):
         "--max_steps", "3", "--save_steps", "2", "--logging_steps", "1", "--warmup_steps", "0",
         "--learning_rate", "1e-3", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
     ]  # fmt: skip
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "run_summary.json").read_text())
     assert [d["kept"] for d in summary["data"]] == [12, 12]
@@ -188,3 +242,33 @@ def test_train_lora_example_end_to_end(tmp_path, processes):
     # safetensors writes 0600; the run's files get the modes the umask gives (this process's, inherited).
     assert (out / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
+    # The adapter holds LoRA for q/k/v/o of every decoder layer of this backbone, and nothing of the vision tower.
+    with safe_open(out / "adapter_model.safetensors", framework="pt") as handle:
+        lora = {key.split(".lora_")[0] for key in handle.keys() if ".lora_" in key}
+    layers = BACKBONES[backbone][0](processor.tokenizer).text_config.num_hidden_layers
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert lora == {
+        f"base_model.model.model.language_model.layers.{i}.self_attn.{p}" for i in range(layers) for p in projections
+    }
+    if processes > 1:
+        return  # the export of a trained folder is the same for one process or two
+    hub = tmp_path / "hub"
+    exported = subprocess.run(
+        [sys.executable, "-m", "crem_hf.hub", "--model", str(out), "--output-dir", str(hub)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-4000:]
+    assert exported.stdout.strip().splitlines()[-1] == f"Exported {hub}"
+    model, trained_processor = load_crem(out)
+    reference = outputs_of(model.eval(), trained_processor)
+    remote = subprocess.run(
+        [sys.executable, "-c", REMOTE_OUTPUTS, str(hub), os.path.dirname(os.path.abspath(__file__))],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert remote.returncode == 0, remote.stderr[-4000:]
+    loaded = json.loads(remote.stdout.strip().splitlines()[-1])
+    assert loaded["class"] == BACKBONES[backbone][2].__name__ == type(model).__name__
+    torch.testing.assert_close(
+        torch.tensor(loaded["embeddings"]), torch.tensor(reference["embeddings"]), atol=1e-5, rtol=0
+    )
+    assert loaded["native"] == reference["native"] and loaded["compressed"] == reference["compressed"]

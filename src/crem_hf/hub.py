@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .configuration_crem import CREMConfig
+from .configuration_crem import CREMConfigMixin
 from .io import (
     ArgumentParser,
     apply_umask,
@@ -34,7 +34,7 @@ from .io import (
     run_command,
     write_text_atomically,
 )
-from .loading import BACKBONE_CREM_CLASSES, checkpoint_kind, load_crem, merge_adapter
+from .loading import BACKBONE_CREM_CLASSES, CREM_CLASSES, checkpoint_kind, load_crem, merge_adapter
 from .processing_crem import CREMProcessor
 
 __all__ = [
@@ -80,10 +80,11 @@ class CardInfo:
 def load_for_export(path: str | os.PathLike, base_model: str | os.PathLike | None = None, merge: bool = True):
     """
     `(model, processor)` from a CREM folder, or from a LoRA adapter folder (`adapter_config.json`, with its
-    processor) on a CREM base or on the Qwen2-VL checkpoint it was trained from: `crem_hf.load_crem`, the one loader.
+    processor) on a CREM base or on the backbone checkpoint it was trained from (Qwen2-VL, Qwen2.5-VL, Qwen3-VL):
+    `crem_hf.load_crem`, the one loader.
 
     Raises:
-        ValueError: a plain Qwen2-VL checkpoint (nothing trained to export), a missing processor, an adapter that
+        ValueError: a plain backbone checkpoint (nothing trained to export), a missing processor, an adapter that
             does not fit the base (chorus ids or shapes), or weights that do not load exactly.
     """
     path = os.fspath(path)
@@ -112,9 +113,23 @@ def _results_rows(eval_results: dict[str, Any] | None, extra: list[Any] = ()) ->
     return "\n".join(tables).rstrip("\n")
 
 
-def render_model_card(config: CREMConfig, info: CardInfo):
-    """The model card (`huggingface_hub.ModelCard`): metadata, what CREM is, runnable usage, recipe, limitations."""
+def render_model_card(config: CREMConfigMixin, info: CardInfo):
+    """
+    The model card (`huggingface_hub.ModelCard`): metadata, what CREM is, runnable usage, recipe, limitations. The
+    backbone (its name, its plain class and the CREM class) is read from the CREM config's `model_type`.
+
+    Raises:
+        ValueError: `config` is not a CREM config of a known backbone.
+    """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    crem_class = CREM_CLASSES.get(getattr(config, "model_type", None))
+    if crem_class is None:
+        raise ValueError(
+            f"A model card needs a CREM config ({', '.join(CREM_CLASSES)}), got {type(config).__name__} "
+            f"({getattr(config, 'model_type', None)!r})."
+        )
+    backbone_class = crem_class._backbone_class
 
     eval_results = []
     for name, result in ((info.eval_results or {}).get("subsets") or {}).items():
@@ -137,7 +152,14 @@ def render_model_card(config: CREMConfig, info: CardInfo):
         license=info.license,
         base_model=info.base_model,
         datasets=info.datasets or None,
-        tags=["crem", "qwen2_vl", "multimodal-embedding", "retrieval", "sentence-transformers", "custom_code"],
+        tags=[
+            "crem",
+            backbone_class.config_class.model_type,
+            "multimodal-embedding",
+            "retrieval",
+            "sentence-transformers",
+            "custom_code",
+        ],
         model_name=info.repo_id.split("/")[-1],
         eval_results=eval_results or None,
     )
@@ -146,6 +168,9 @@ def render_model_card(config: CREMConfig, info: CardInfo):
         data,
         template_str=template,
         repo_id=info.repo_id,
+        backbone=crem_class._backbone_title,
+        crem_class=crem_class.__name__,
+        backbone_class=backbone_class.__name__,
         num_chorus_tokens=config.num_chorus_tokens,
         hidden_size=config.text_config.hidden_size,
         results=_results_rows(info.eval_results, info.extra_eval_results),

@@ -1,4 +1,7 @@
-"""`crem-eval`: evaluate a CREM model (a CREM folder, or a Qwen2-VL checkpoint converted on the fly).
+"""`crem-eval`: evaluate a CREM model of any backbone (a CREM or adapter folder, or a converted backbone checkpoint).
+
+`--model` is what `crem_hf.load_crem` reads: a CREM folder or LoRA adapter folder on Qwen2-VL, Qwen2.5-VL or Qwen3-VL,
+or a plain checkpoint of one of them (converted on the fly, chorus tokens added).
 
 crem-eval mmeb --model out/ --data MMEB-eval/ --subsets ImageNet-1K N24News --image-root images/ --output-dir res/
 crem-eval retrieval --model out/ --data flickr_test.jsonl --image-root images/ --output res/flickr.json
@@ -46,7 +49,7 @@ def build_parser() -> ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("mmeb", "retrieval", "compositional", "generation"):
         command = commands.add_parser(name)
-        command.add_argument("--model", required=True, help="CREM folder or Qwen2-VL checkpoint")
+        command.add_argument("--model", required=True, help="CREM or adapter folder, or a backbone checkpoint")
         command.add_argument("--data", required=True, help="file (or, for mmeb, a folder of <subset>.jsonl)")
         command.add_argument("--image-root", default=None)
         command.add_argument("--batch-size", type=positive_int, default=32)

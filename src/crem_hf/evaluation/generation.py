@@ -39,7 +39,7 @@ def evaluate_generation(
 
     Args:
         compress: answer from the compressed context (the chorus tokens alone).
-        chorus: use the CREM prompt (chorus block present, the paper's native mode); `False` gives the plain Qwen2-VL
+        chorus: use the CREM prompt (chorus block present, the paper's native mode); `False` gives the backbone's plain
             chat prompt (native only).
     Returns:
         `accuracy`, `num_rows` and the `predictions`.
@@ -55,7 +55,7 @@ def evaluate_generation(
         chunk = rows[starts[b] : starts[b] + batch_size]
         conversations = [conversation_messages(r["image"], [r["question"]]) for r in chunk]
         batch = processor.process_chat(conversations=conversations, compress_layout=chorus).to(device)
-        mode = {"compress": True} if compress else {}  # native: any Qwen2-VL model works
+        mode = {"compress": True} if compress else {}  # native: a plain backbone model works too
         out = model.generate(**batch, **mode, max_new_tokens=max_new_tokens, do_sample=False)
         answers += processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         indices += range(starts[b], starts[b] + len(chunk))

@@ -36,11 +36,12 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers import PreTrainedConfig
 
-from ..configuration_crem import CREMConfig
+from ..configuration_crem import CREMConfigMixin
 from ..evaluation.encoding import encode_items
 from ..evaluation.retrieval import I2T_INSTRUCTION, T2I_INSTRUCTION, load_caption_rows
-from ..loading import load_crem
+from ..loading import CREM_CLASSES, load_crem
 
 if TYPE_CHECKING:
     from huggingface_hub import EvalResult
@@ -144,7 +145,7 @@ class CREMEncoder(AbsEncoder):
            `TASK_TYPE_INSTRUCTIONS` otherwise); none for other tasks (the item's text alone).
 
     Args:
-        model: a `CREMForEmbeddingAndGeneration` (on the device it should run on).
+        model: a CREM model of any backbone (on the device it should run on).
         processor: its `CREMProcessor`.
         prompts: instruction overrides (see above), checked by mteb's `validate_task_to_prompt_name`.
         batch_size: items per forward; `None` takes mteb's `encode_kwargs["batch_size"]`.
@@ -326,7 +327,7 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I1
 
 
 def _meta_from_config(
-    config: CREMConfig, name: str, loader: Any, revision: str | None = None, **fields: Any
+    config: CREMConfigMixin, name: str, loader: Any, revision: str | None = None, **fields: Any
 ) -> CREMModelMeta:
     text = config.text_config
     values: dict[str, Any] = {
@@ -349,7 +350,7 @@ def _meta_from_config(
         "similarity_fn_name": ScoringFunction.DOT_PRODUCT if config.normalize_embeddings else ScoringFunction.COSINE,
         "use_instructions": True,
         "training_datasets": set(TRAINING_DATASETS),
-        "adapted_from": None,  # the Qwen2-VL checkpoint it was trained from: pass adapted_from=
+        "adapted_from": None,  # the backbone checkpoint it was trained from: pass adapted_from=
         "modalities": ["image", "text"],
         "model_type": ["dense"],
         "citation": CITATION,
@@ -384,9 +385,10 @@ def crem_model_meta(
     local = os.path.isdir(source)
     if name is None:
         name = f"local/{os.path.basename(os.path.abspath(source))}" if local else source
-    config = CREMConfig.from_pretrained(source, revision=revision)
-    if config.model_type != CREMConfig.model_type:
-        raise ValueError(f"{source} is a {config.model_type!r} model, not a CREM model.")
+    kind = PreTrainedConfig.get_config_dict(source, revision=revision)[0].get("model_type")
+    if kind not in CREM_CLASSES:  # CREM folders of every backbone; a plain checkpoint has no chorus tokens to read
+        raise ValueError(f"{source} is a {kind!r} model, not a CREM model (expected one of {', '.join(CREM_CLASSES)}).")
+    config = CREM_CLASSES[kind].config_class.from_pretrained(source, revision=revision)
     n_parameters, memory = _count_parameters(source) if local else (None, None)
     loader_kwargs = {"model_path": os.path.abspath(source)} if local else {}
     fields = {
