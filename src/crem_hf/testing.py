@@ -27,7 +27,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from .loading import Qwen2VLImageOnlyProcessor
+from .loading import Qwen2VLImageOnlyProcessor, load_backbone_processor
 from .modeling_crem import (
     CREMForEmbeddingAndGeneration,
     CREMMixin,
@@ -784,48 +784,3 @@ def write_tiny_qwen3vl_checkpoint(
 
     # Qwen3-VL was published in transformers' current layout: the state-dict names are the stored names.
     return _write_tiny_backbone(folder, source, config, Qwen3VLForConditionalGeneration, str, shards, seed)
-
-
-def _image_only(processor_class: type) -> type:
-    """`processor_class` without its video processor (which needs torchvision), built from its other parts."""
-
-    def init(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        processor_class.__init__(
-            self,
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=chat_template,
-        )
-
-    name = processor_class.__name__.replace("Processor", "ImageOnlyProcessor")
-    doc = f"{processor_class.__name__} without its video processor (which needs torchvision)."
-    return type(name, (processor_class,), {"__init__": init, "__doc__": doc, "__module__": __name__})
-
-
-def load_backbone_processor(folder: str | os.PathLike):
-    """
-    The processor of a Qwen2.5-VL or Qwen3-VL checkpoint folder (e.g. a test bed written above), without torchvision:
-    its tokenizer, its image processor (`AutoImageProcessor` picks the PIL one, patch size from the folder) and the
-    folder's `chat_template.json`, in the backbone's own processor class less the video processor.
-
-    Raises:
-        ValueError: the folder's `model_type` is neither `qwen2_5_vl` nor `qwen3_vl`.
-    """
-    from transformers import AutoImageProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor
-
-    folder = os.fspath(folder)
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
-        model_type = json.load(handle).get("model_type")
-    classes = {"qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}
-    if model_type not in classes:
-        raise ValueError(f"{folder} is a {model_type!r} checkpoint; expected one of {sorted(classes)}.")
-    template = None
-    if os.path.isfile(os.path.join(folder, "chat_template.json")):
-        with open(os.path.join(folder, "chat_template.json"), encoding="utf-8") as handle:
-            template = json.load(handle)["chat_template"]
-    return _image_only(classes[model_type])(
-        image_processor=AutoImageProcessor.from_pretrained(folder),
-        tokenizer=AutoTokenizer.from_pretrained(folder, local_files_only=True),
-        chat_template=template,
-    )
