@@ -339,7 +339,7 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return flat
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-vl-3b", "qwen3-vl-2b"])
+@pytest.mark.parametrize("name", [name for name, _ in PUBLISHED.values()])
 def test_package_copies_of_the_published_configs_are_the_fixtures(name):
     """The tiny configs are built from the package's copies: they must be the fixtures' real files, byte for byte."""
     fixture = os.path.join(backbone_files(name), "config.json")
