@@ -15,7 +15,7 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"crem_hf": ["model_card_template.md", "st_module.py"]},
+    package_data={"crem_hf": ["model_card_template.md", "st_module.py", "backbone_configs/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -13,11 +13,14 @@
    trained model and held-out QA (`--fidelity-model outputs/main/model --fidelity-data outputs/main/data`), or, without
    one, on a tiny random-init model (agreement only). `--formats-only` runs this section alone.
 
-The model is Qwen2-VL-2B's own config (tests/fixtures/qwen2-vl-2b) with random weights: the real KV geometry (28
-language layers, 2 key/value heads of 128, hidden 1536, the 151,936-row tied vocabulary), in bf16. On CPU (the
-default there) the MLP (8960 wide) and the vision tower (32 blocks of width 1280) are shrunk so that it runs;
-`--full-size` (the default on CUDA) keeps them.
-Run: python benchmarks/memory.py [--device cuda --attn flash_attention_2] [--formats-only]
+The model is the published config of the backbone's model (`--backbone`: Qwen2-VL-2B, Qwen2.5-VL-3B or Qwen3-VL-2B,
+read from tests/fixtures; nothing is downloaded) with random weights and that model's real tokenizer, template and
+image processor: the real KV geometry (Qwen2-VL-2B: 28 language layers, 2 key/value heads of 128, hidden 1536;
+Qwen2.5-VL-3B: 36 x 2 x 128, hidden 2048; Qwen3-VL-2B: 28 x 8 x 128, hidden 2048; each with its 151,936-row tied
+vocabulary), in bf16. On CPU (the default there) the MLP and the vision tower are shrunk so that it runs;
+`--full-size` (the default on CUDA) keeps them. `--sections` runs some parts (e.g. `bytes` alone;
+`formats` is section 5; `--formats-only` runs it alone into memory_formats.md).
+Run: python benchmarks/memory.py [--backbone qwen3_vl] [--device cuda --attn flash_attention_2] [--formats-only]
 """
 
 from __future__ import annotations
@@ -34,8 +37,18 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import torch
-from common import arguments, image_with_tokens, machine, markdown_rows, median_seconds, synchronize, test_helpers
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from common import (
+    arguments,
+    backbone_processor,
+    geometry,
+    image_with_tokens,
+    machine,
+    markdown_rows,
+    median_seconds,
+    published_files,
+    synchronize,
+    test_helpers,
+)
 
 from crem_hf.evaluation import load_caption_rows
 from crem_hf.evaluation.generation import normalize_answer
@@ -44,14 +57,32 @@ from crem_hf.loading import load_crem
 from crem_hf.memory import CREMMemory
 from crem_hf.memory.quantize import CONTEXT_FORMATS, context_nbytes
 from crem_hf.memory.store import slots_bytes
-from crem_hf.modeling_crem import CREMForEmbeddingAndGeneration
-from crem_hf.testing import make_tiny_processor, qwen2vl_files
+from crem_hf.modeling_crem import CREMMixin
+from crem_hf.testing import BACKBONES
 
 IMAGE_TOKENS = (256, 1280, 4096)
 QUESTION = "What is in the image?"
-#: The shrunk parts of the CPU model (the KV geometry is untouched).
+#: The shrunk parts of the CPU model (the KV geometry is untouched), per backbone: its vision tower's own keys.
 CPU_MLP_WIDTH = 1024
-CPU_VISION = {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2}
+CPU_VISION = {
+    "qwen2_vl": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2},
+    "qwen2_5_vl": {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "fullatt_block_indexes": [1],
+    },
+    # three DeepStack levels, as the real one feeds the first three decoder layers
+    "qwen3_vl": {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "deepstack_visual_indexes": [0, 1, 2],
+    },
+}
+SECTIONS = ("bytes", "first_token", "indexing", "search", "formats")
 INDEX_IMAGE_TOKENS = 256
 INDEX_BATCH = 8
 #: Clusters of the synthetic search vectors (points of one cluster share a direction, as embeddings of similar items).
@@ -66,29 +97,39 @@ FIDELITY_TOKENS = 16
 # ---------------------------------------------------------------------------------------------------- model
 
 
-def build_qwen2vl_2b(args) -> tuple[CREMForEmbeddingAndGeneration, object, str]:
-    """The CREM model on Qwen2-VL-2B's config with random weights, its processor (real tokenizer), and a label."""
-    processor = make_tiny_processor(real_tokenizer=True)
+def build_published(args) -> tuple[CREMMixin, object, str]:
+    """
+    The CREM model on the published config of `args.backbone`'s model with random weights, its processor (the
+    model's real tokenizer, template and image processor), and a label.
+    """
+    _, plain_class, crem_class = BACKBONES[args.backbone]
+    name = geometry(args.backbone)["model"]
+    processor = backbone_processor(args.backbone, real_vocabulary=True)
     processor.set_image_token_range(1, max(args.image_tokens))
-    config = Qwen2VLConfig.from_pretrained(qwen2vl_files())
+    config = plain_class.config_class.from_pretrained(published_files(args.backbone))
     if args.full_size:
-        label = "Qwen2-VL-2B (full size, random weights)"
+        label = f"{name} (full size, random weights)"
     else:
+        mlp = config.text_config.intermediate_size
         config.text_config.intermediate_size = CPU_MLP_WIDTH
-        for key, value in CPU_VISION.items():
+        vision = CPU_VISION[args.backbone]
+        before = f"{config.vision_config.depth} blocks"
+        for key, value in vision.items():
             setattr(config.vision_config, key, value)
+        if hasattr(config.vision_config, "out_hidden_size"):
+            config.vision_config.out_hidden_size = config.text_config.hidden_size
         label = (
-            f"Qwen2-VL-2B KV geometry (random weights; MLP 8960 -> {CPU_MLP_WIDTH}, vision tower 32 x 1280 -> "
-            f"{CPU_VISION['depth']} x {CPU_VISION['embed_dim']})"
+            f"{name} KV geometry (random weights; MLP {mlp} -> {CPU_MLP_WIDTH}, vision tower {before} -> "
+            f"{vision['depth']} blocks of width {vision.get('embed_dim') or vision['hidden_size']})"
         )
     config._attn_implementation = args.attn
     torch.manual_seed(0)
     with torch.device(args.device):  # built where it runs: no 2B-parameter copy from the CPU
-        base = Qwen2VLForConditionalGeneration(config)
+        base = plain_class(config)
     base = base.to(dtype=getattr(torch, args.dtype)).eval()
     base.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     base.generation_config.eos_token_id = processor.tokenizer.eos_token_id
-    model = CREMForEmbeddingAndGeneration.from_qwen2vl(base, processor).eval()
+    model = crem_class.from_backbone(base, processor).eval()
     return model, processor, label
 
 
@@ -162,6 +203,9 @@ def stored_bytes(model, processor, work: str, images: dict[int, object]) -> tupl
                 "image tokens": n,
                 "prompt slots": slots,
                 "stored slots": memory.num_chorus_tokens,
+                "full KV computed (bytes)": slots * slot_bytes,
+                "stored KV computed (bytes)": memory.num_chorus_tokens * slot_bytes,
+                "stored / full KV (computed)": memory.num_chorus_tokens / slots,
                 "full KV computed (MiB)": slots * slot_bytes / 2**20,
                 "full KV on disk (MiB)": full_disk / 2**20,
                 "full KV table stats (MiB)": table.stats()["total_bytes"] / 2**20,
@@ -615,8 +659,9 @@ def formats_only(model, processor, image, label: str, args, started: float, load
 
 
 def main() -> None:
-    parser = arguments(__doc__.splitlines()[0])
+    parser = arguments(__doc__.splitlines()[0], backbone=True)
     parser.set_defaults(dtype="bfloat16")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="the parts to run")
     parser.add_argument(
         "--full-size", action=argparse.BooleanOptionalAction, default=None, help="real MLP and vision tower"
     )
@@ -649,55 +694,79 @@ def main() -> None:
     load_start = os.getloadavg()
     started = time.perf_counter()
 
+    if "first_token" in args.sections and "bytes" not in args.sections:
+        raise SystemExit("--sections first_token needs bytes too (it answers from the memory that part writes).")
+
     if args.formats_only:
         args.image_tokens = [1280]
-    model, processor, label = build_qwen2vl_2b(args)
+    model, processor, label = build_published(args)
+    text, shape = model.config.text_config, geometry(args.backbone)
+    built = (text.num_hidden_layers, text.num_key_value_heads, getattr(text, "head_dim", None) or shape["head_dim"])
+    if built != (shape["num_layers"], shape["num_kv_heads"], shape["head_dim"]):
+        raise SystemExit(f"The model's KV geometry {built} is not {shape['model']}'s: the benchmark is misbuilt.")
     images = {n: image_with_tokens(processor, n, seed=n) for n in args.image_tokens}
     if args.formats_only:
         formats_only(model, processor, images[1280], label, args, started, load_start)
         return
+    run = set(args.sections)
+    format_rows, fidelity_rows, fidelity_label = [], [], ""
+    bytes_rows, bytes_extra, token_rows, index_row, search_rows = [], {}, [], {}, []
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
-        bytes_rows, memory, bytes_extra = stored_bytes(model, processor, work, images)
-        token_rows = first_token(model, processor, memory, images, args)
-        index_row = indexing_cost(model, processor, work, args)
-        search_rows = search_latency(model, processor, work, args)
-        format_rows = format_bytes(model, processor, work, images[1280])
-        fidelity_rows, fidelity_label = answer_fidelity(args, work)
+        if "bytes" in run:
+            bytes_rows, memory, bytes_extra = stored_bytes(model, processor, work, images)
+        if "first_token" in run:
+            token_rows = first_token(model, processor, memory, images, args)
+        if "indexing" in run:
+            index_row = indexing_cost(model, processor, work, args)
+        if "search" in run:
+            search_rows = search_latency(model, processor, work, args)
+        if "formats" in run:
+            format_rows = format_bytes(model, processor, work, images[1280])
+            fidelity_rows, fidelity_label = answer_fidelity(args, work)
     seconds = time.perf_counter() - started
     load_end = os.getloadavg()
 
-    at = {row["image tokens"]: row for row in bytes_rows}[1280]
-    first = {row["image tokens"]: row for row in token_rows}[1280]
-    full_ratio, info_ratio = at["full / item (on disk)"], at["full / item (info)"]
-    by_compressed, by_native = first["compress=True / stored"], first["native / stored"]
-    wall_ratio, cpu_ratio = index_row["add / get_embedding (wall)"], index_row["add / get_embedding (CPU)"]
-    targets = [
-        target(
-            "memory item / full KV cache, on disk, 1280 image tokens",
-            f"<= 1/{TARGETS['bytes']:g}",
-            f"1/{full_ratio:.1f} (info(): 1/{info_ratio:.1f})",
-            full_ratio >= TARGETS["bytes"],
-        ),
-        target(
-            "first token from the image, generate(compress=True) / stored context, 1280",
-            f">= {TARGETS['first_token']:g}x",
-            f"{by_compressed:.1f}x",
-            by_compressed >= TARGETS["first_token"],
-        ),
-        target(
-            "first token from the image, native generate / stored context, 1280",
-            f">= {TARGETS['first_token']:g}x",
-            f"{by_native:.1f}x",
-            by_native >= TARGETS["first_token"],
-        ),
-        target(
-            "indexing, add / get_embedding (wall)",
-            f"<= {TARGETS['indexing']:g}x",
-            f"{wall_ratio:.3f}x (CPU time: {cpu_ratio:.3f}x)",
-            wall_ratio <= TARGETS["indexing"],
-        ),
-        *format_targets(format_rows, fidelity_rows),
-    ]
+    targets = []
+    if "bytes" in run:
+        at = {row["image tokens"]: row for row in bytes_rows}[1280]
+        full_ratio, info_ratio = at["full / item (on disk)"], at["full / item (info)"]
+        targets.append(
+            target(
+                "memory item / full KV cache, on disk, 1280 image tokens",
+                f"<= 1/{TARGETS['bytes']:g}",
+                f"1/{full_ratio:.1f} (info(): 1/{info_ratio:.1f})",
+                full_ratio >= TARGETS["bytes"],
+            )
+        )
+    if "first_token" in run:
+        first = {row["image tokens"]: row for row in token_rows}[1280]
+        by_compressed, by_native = first["compress=True / stored"], first["native / stored"]
+        targets += [
+            target(
+                "first token from the image, generate(compress=True) / stored context, 1280",
+                f">= {TARGETS['first_token']:g}x",
+                f"{by_compressed:.1f}x",
+                by_compressed >= TARGETS["first_token"],
+            ),
+            target(
+                "first token from the image, native generate / stored context, 1280",
+                f">= {TARGETS['first_token']:g}x",
+                f"{by_native:.1f}x",
+                by_native >= TARGETS["first_token"],
+            ),
+        ]
+    if "indexing" in run:
+        wall_ratio, cpu_ratio = index_row["add / get_embedding (wall)"], index_row["add / get_embedding (CPU)"]
+        targets.append(
+            target(
+                "indexing, add / get_embedding (wall)",
+                f"<= {TARGETS['indexing']:g}x",
+                f"{wall_ratio:.3f}x (CPU time: {cpu_ratio:.3f}x)",
+                wall_ratio <= TARGETS["indexing"],
+            )
+        )
+    if "formats" in run:
+        targets += format_targets(format_rows, fidelity_rows)
 
     header = (
         f"### memory\n\nMachine: {machine()}; dtype {args.dtype}; attention {args.attn}; model: {label}; "
@@ -705,9 +774,20 @@ def main() -> None:
         f"{load_start[2]:.2f}, at end {load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f}; whole run {seconds:.0f} s."
         "\n\n"
     )
-    slot_note = (
+    shape = geometry(args.backbone)
+    geometry_note = (
+        f"Backbone {args.backbone}: {shape['model']}'s KV geometry (its config.json), {shape['num_layers']} layers x "
+        f"{shape['num_kv_heads']} key/value heads x {shape['head_dim']} = {shape['kv_bytes_per_slot']:,} bytes per "
+        "cached token in bf16. "
+    )
+    # Notes of the parts not run are left out of the report (their figures are placeholders here).
+    bytes_extra = bytes_extra or dict.fromkeys(
+        ("rows", "stored_context_bytes_computed", "vector_bytes", "shared_prefix_slots", "shared_prefix_bytes"), 0
+    )
+    stored_chorus = bytes_rows[0]["stored slots"] if bytes_rows else 0
+    slot_note = geometry_note + (
         f"The memory holds {bytes_extra['rows']} items (one per size, written by `CREMMemory.add`); an item stores "
-        f"{bytes_rows[0]['stored slots']} chorus slots ({bytes_extra['stored_context_bytes_computed']:,} bytes of keys/"
+        f"{stored_chorus} chorus slots ({bytes_extra['stored_context_bytes_computed']:,} bytes of keys/"
         f"values) and its {bytes_extra['vector_bytes']:,}-byte embedding, plus ids, positions and a checksum; the "
         f"shared prefix ({bytes_extra['shared_prefix_slots']} slots, {bytes_extra['shared_prefix_bytes']:,} bytes in "
         "the meta table) is stored once per memory. The full KV cache is every slot of the same item's prompt "
@@ -716,7 +796,7 @@ def main() -> None:
         "manifests, transactions) per row; info(): LanceDB's table statistics per row; memory folder: the whole "
         "memory (both tables) per row."
     )
-    stored_slots = bytes_extra["shared_prefix_slots"] + bytes_rows[0]["stored slots"]
+    stored_slots = bytes_extra["shared_prefix_slots"] + stored_chorus
     token_note = (
         f"Time to the first answer token (`max_new_tokens=1`, greedy, question '{QUESTION}'), each path including its "
         "input processing: from a stored context = `memory.answer_ids` (reading the context from LanceDB, the "
@@ -736,7 +816,7 @@ def main() -> None:
         "a negative value being within the noise). CPU seconds: this process's, all threads (LanceDB's included)."
     )
     search_note = (
-        f"Synthetic unit vectors ({memory.fingerprint['hidden_size']} dims; {CLUSTERS} Gaussian clusters, noise as "
+        f"Synthetic unit vectors ({model.config.text_config.hidden_size} dims; {CLUSTERS} Gaussian clusters, noise as "
         "large as the centres) written straight into a memory's items table with 16-byte placeholder contexts; "
         f"{args.queries} queries from the same distribution, k=10, through `CREMMemory.search_vector` (which also "
         "counts the rows); one warm-up query. The approximate index is `build_ann_index()` (IVF-PQ, cosine, "
@@ -748,12 +828,18 @@ def main() -> None:
         {"target": t["what"], "goal": t["target"], "measured": t["measured"], "status": t["met"]} for t in targets
     ]
     text = header + section("Targets", target_rows, "")
-    text += section("1. Stored bytes per item vs the full KV cache", bytes_rows, slot_note)
-    text += section("2. Time to the first answer token", token_rows, token_note)
-    text += section("3. Indexing cost", [index_row], index_note)
-    text += section("4. Search latency", search_rows, search_note)
-    text += section("5a. Context formats: bytes per item", format_rows, FORMAT_BYTES_NOTE)
-    text += section("5b. Context formats: answer fidelity", fidelity_rows, fidelity_note(fidelity_label))
+    parts = {
+        "bytes": ("1. Stored bytes per item vs the full KV cache", bytes_rows, slot_note),
+        "first_token": ("2. Time to the first answer token", token_rows, token_note),
+        "indexing": ("3. Indexing cost", [index_row], index_note),
+        "search": ("4. Search latency", search_rows, search_note),
+    }
+    for part in SECTIONS:
+        if part in run and part != "formats":
+            text += section(*parts[part])
+    if "formats" in run:
+        text += section("5a. Context formats: bytes per item", format_rows, FORMAT_BYTES_NOTE)
+        text += section("5b. Context formats: answer fidelity", fidelity_rows, fidelity_note(fidelity_label))
     print(text)
     os.makedirs(args.output_dir, exist_ok=True)
     write_text_atomically(os.path.join(args.output_dir, "memory.md"), text)
@@ -774,7 +860,8 @@ def main() -> None:
         "notes": {"bytes": slot_note, "first_token": token_note, "indexing": index_note, "search": search_note},
     }
     write_json_atomically(os.path.join(args.output_dir, "memory.json"), json.loads(json.dumps(payload, default=str)))
-    plot(os.path.join(args.output_dir, "memory.png"), bytes_rows, token_rows)
+    if bytes_rows and token_rows:
+        plot(os.path.join(args.output_dir, "memory.png"), bytes_rows, token_rows)
     missed = [t["what"] for t in targets if t["met"] != "met"]
     print("Targets missed: " + "; ".join(missed) if missed else "Every target met.")
 

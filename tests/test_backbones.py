@@ -16,7 +16,15 @@ import backbones
 import pytest
 import torch
 from helpers import dense_oracle_states, outputs_of, random_image
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, Qwen3VLConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen3VLConfig,
+)
 
 from crem_hf import (
     CREMConfig,
@@ -27,7 +35,16 @@ from crem_hf import (
     CREMQwen3VLConfig,
     CREMQwen3VLForEmbeddingAndGeneration,
 )
-from crem_hf.testing import BACKBONES, make_tiny_crem, make_tiny_processor, make_tiny_qwen2vl, tiny_backbone_config
+from crem_hf import testing as crem_testing
+from crem_hf.testing import (
+    BACKBONES,
+    backbone_files,
+    make_tiny_crem,
+    make_tiny_processor,
+    make_tiny_qwen2vl,
+    published_config,
+    tiny_backbone_config,
+)
 
 # The per-backbone fixtures (they override the session's Qwen2-VL ones here): each test runs on every backbone.
 backbone = backbones.backbone
@@ -272,3 +289,95 @@ def test_tiny_configs_keep_the_real_structure():
     assert sum(qwen3.text_config.rope_parameters["mrope_section"]) == qwen3.text_config.head_dim // 2
     qwen25 = tiny_backbone_config("qwen2_5_vl", tokenizer)
     assert qwen25.vision_config.fullatt_block_indexes and qwen25.vision_config.window_size == 112
+
+
+# What the tiny config of each backbone changes in its published config (nested keys joined by dots): the sizes, the
+# block indexes within the tiny depths, the tokenizer-bound ids and the dtype (float32 tiny models); nothing else.
+_SIZES = {
+    "text_config.vocab_size",
+    "text_config.hidden_size",
+    "text_config.intermediate_size",
+    "text_config.num_hidden_layers",
+    "text_config.num_attention_heads",
+    "text_config.rope_parameters.mrope_section",
+    "vision_config.depth",
+    "vision_config.hidden_size",
+    "vision_config.intermediate_size",
+    "vision_config.num_heads",
+    "vision_config.out_hidden_size",
+}
+_IDS = {
+    "text_config.bos_token_id",
+    "text_config.eos_token_id",
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+}
+TINY_CHANGES = {
+    "qwen2_5_vl": _SIZES
+    | _IDS
+    | {"text_config.layer_types", "vision_config.fullatt_block_indexes", "vision_token_id"}
+    | {"dtype", "text_config.dtype"},
+    # Qwen3-VL-2B has 8 KV heads (the tiny config 2; Qwen2.5-VL-3B's 2 stay 2) and an explicit head width.
+    "qwen3_vl": _SIZES
+    | _IDS
+    | {"text_config.num_key_value_heads", "text_config.head_dim", "vision_config.deepstack_visual_indexes"}
+    | {"text_config.dtype"},
+}
+PUBLISHED = {"qwen2_5_vl": ("qwen2.5-vl-3b", Qwen2_5_VLConfig), "qwen3_vl": ("qwen3-vl-2b", Qwen3VLConfig)}
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """A config dict with its nested dicts (text/vision configs, rope parameters) flattened to dotted keys."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key in ("text_config", "vision_config", "rope_parameters"):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@pytest.mark.parametrize("name", [name for name, _ in PUBLISHED.values()])
+def test_package_copies_of_the_published_configs_are_the_fixtures(name):
+    """The tiny configs are built from the package's copies: they must be the fixtures' real files, byte for byte."""
+    fixture = os.path.join(backbone_files(name), "config.json")
+    with open(fixture, "rb") as handle:
+        real = handle.read()
+    copy = os.path.join(os.path.dirname(crem_testing.__file__), "backbone_configs", f"{name}.json")
+    with open(copy, "rb") as handle:
+        assert handle.read() == real
+    assert published_config(name) == json.loads(real)
+    with pytest.raises(ValueError, match="No published config named 'qwen9-vl'.*qwen2.5-vl-3b"):
+        published_config("qwen9-vl")
+
+
+@pytest.mark.parametrize("backbone", list(PUBLISHED))
+def test_tiny_configs_differ_from_the_published_ones_only_in_sizes_and_ids(backbone):
+    name, config_class = PUBLISHED[backbone]
+    tokenizer = make_tiny_processor().tokenizer
+    tiny = _flat(tiny_backbone_config(backbone, tokenizer).to_dict())
+    real = _flat(config_class.from_dict(published_config(name)).to_dict())
+    assert set(tiny) == set(real)
+    assert {key for key in real if tiny[key] != real[key]} == TINY_CHANGES[backbone]
+    # Each id names the same token in the tiny tokenizer as in the real one (from the fixture's files).
+    real_tokenizer = AutoTokenizer.from_pretrained(backbone_files(name), local_files_only=True)
+    for key in TINY_CHANGES[backbone] & (_IDS | {"vision_token_id"}):
+        assert tokenizer.convert_ids_to_tokens(tiny[key]) == real_tokenizer.convert_ids_to_tokens(real[key]), key
+    assert tiny["text_config.pad_token_id"] is real["text_config.pad_token_id"] is None
+    # The sizes keep the published proportions and stay within the tiny depths.
+    text_width = tiny["text_config.hidden_size"] // tiny["text_config.num_attention_heads"]
+    sections = tiny["text_config.rope_parameters.mrope_section"]
+    real_sections = real["text_config.rope_parameters.mrope_section"]
+    assert sum(sections) == text_width // 2 and len(sections) == len(real_sections) == 3 and min(sections) > 0
+    scale = sum(sections) / sum(real_sections)
+    assert all(abs(s - r * scale) < 2 for s, r in zip(sections, real_sections, strict=True)), (sections, real_sections)
+    depth = tiny["vision_config.depth"]
+    blocks = tiny.get("vision_config.fullatt_block_indexes", tiny.get("vision_config.deepstack_visual_indexes"))
+    assert blocks and max(blocks) < depth
+    if "text_config.layer_types" in tiny:
+        assert tiny["text_config.layer_types"] == ["full_attention"] * tiny["text_config.num_hidden_layers"]
+    # A model of it is float32 throughout (a published bfloat16 dtype would build the language model in bf16).
+    model = make_tiny_qwen2vl(tokenizer, backbone=backbone)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import filecmp
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import crem_hf.configuration_crem
 import crem_hf.modeling_crem
 import crem_hf.processing_crem
 from crem_hf.hub import CardInfo, export_hub_folder
+from crem_hf.testing import published_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REMOTE_CODE = ("configuration_crem.py", "modeling_crem.py", "processing_crem.py")
@@ -80,3 +82,6 @@ def test_a_wheel_ships_the_remote_code_set_as_files(tmp_path):
             shipped = archive.read(f"crem_hf/{name}")
             assert shipped == open(os.path.join(REPO, name), "rb").read(), name
         assert not [n for n in archive.namelist() if n.split("/")[0] in {os.path.splitext(r)[0] for r in REMOTE_CODE}]
+        # The published configs the tiny Qwen2.5-VL / Qwen3-VL models are built from (the demo runs from a wheel).
+        for name in ("qwen2.5-vl-3b", "qwen3-vl-2b"):
+            assert json.loads(archive.read(f"crem_hf/backbone_configs/{name}.json")) == published_config(name), name

@@ -9,7 +9,7 @@ import json
 import os
 from typing import Any
 
-from transformers import AutoProcessor, PreTrainedConfig, Qwen2VLProcessor
+from transformers import AutoProcessor, PreTrainedConfig, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 from transformers.utils import cached_file
 from transformers.utils.peft_utils import find_adapter_config_file
 
@@ -25,10 +25,13 @@ __all__ = [
     "BACKBONE_CREM_CLASSES",
     "CREM_CLASSES",
     "Qwen2VLImageOnlyProcessor",
+    "backbone_crem_processor",
     "checkpoint_kind",
+    "load_backbone_processor",
     "load_crem",
     "load_qwen2vl_processor",
     "merge_adapter",
+    "template_default_system_turn",
 ]
 
 _CLASSES = (
@@ -47,57 +50,132 @@ BACKBONE_CREM_CLASSES: dict[str, type[CREMMixin]] = {
 _PROBE = {"system": "crem-probe-system", "user": "crem-probe-user", "assistant": "crem-probe-assistant"}
 
 
-class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-    """Qwen2-VL's processor without its video processor (which needs torchvision)."""
+def _image_only(processor_class: type) -> type:
+    """`processor_class` without its video processor (which needs torchvision), built from its other parts."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(
-            image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=chat_template
+    def init(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_class.__init__(
+            self,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
         )
+
+    name = processor_class.__name__.replace("Processor", "ImageOnlyProcessor")
+    doc = f"{processor_class.__name__} without its video processor (which needs torchvision)."
+    return type(name, (processor_class,), {"__init__": init, "__doc__": doc, "__module__": __name__})
+
+
+#: Qwen2-VL's processor without its video processor (which needs torchvision).
+Qwen2VLImageOnlyProcessor = _image_only(Qwen2VLProcessor)
+# Per plain backbone `model_type`: its processor less the video processor (the fallback without torchvision).
+_IMAGE_ONLY_PROCESSORS = {
+    "qwen2_vl": Qwen2VLImageOnlyProcessor,
+    "qwen2_5_vl": _image_only(Qwen2_5_VLProcessor),
+    "qwen3_vl": _image_only(Qwen3VLProcessor),
+}
+
+
+def _render(processor: Qwen2VLProcessor, messages: list[dict]) -> str:
+    """The template's text for `messages`, or "" when it cannot render them."""
+    if not processor.chat_template:
+        return ""
+    try:
+        return processor.apply_chat_template(messages, tokenize=False)
+    except Exception:  # any template that cannot render these turns is unusable alike
+        return ""
 
 
 def _check_chat_template(processor: Qwen2VLProcessor, name_or_path: str | os.PathLike) -> None:
-    """Refuse a chat template that does not lay out system, user and assistant turns (e.g. the base model's)."""
+    """
+    Refuse a chat template that does not lay out system, user and assistant turns (e.g. the base model's). A
+    default system turn is not required (Qwen3-VL's template adds none), but a given system message must render.
+    """
     messages = [
         {"role": role, "content": [{"type": "text", "text": text}] if role == "user" else text}
         for role, text in _PROBE.items()
     ]
-    rendered = ""
-    if processor.chat_template:
-        try:
-            rendered = processor.apply_chat_template(messages, tokenize=False)
-        except Exception:  # any template that cannot render these turns is unusable alike
-            rendered = ""
+    rendered = _render(processor, messages)
     turns = [f"<|im_start|>{role}\n" for role in _PROBE]
     if not all(turn in rendered for turn in turns) or not all(text in rendered for text in _PROBE.values()):
         state = "has no chat template" if not processor.chat_template else "has a chat template without turns"
         raise ValueError(
             f"{name_or_path} {state}: CREM needs a chat template that renders system, user and assistant turns "
-            "(<|im_start|>role ... <|im_end|>), as Qwen2-VL-Instruct's does. Put one in the folder as "
-            "chat_template.jinja or chat_template.json (the base model's template lays out no turns)."
+            "(<|im_start|>role ... <|im_end|>), as the -Instruct templates of Qwen2-VL, Qwen2.5-VL and Qwen3-VL do. "
+            "Put one in the folder as chat_template.jinja or chat_template.json (the base model's template lays out "
+            "no turns)."
         )
 
 
-def load_qwen2vl_processor(name_or_path: str | os.PathLike) -> Qwen2VLProcessor:
+def template_default_system_turn(processor: Qwen2VLProcessor) -> bool:
     """
-    A Qwen2-VL checkpoint's processor. Without torchvision (no video processor) it is assembled from the image
-    processor, the tokenizer and the chat template alone; either way the folder's `chat_template.jinja` /
-    `chat_template.json` takes precedence over the tokenizer's template, as in transformers.
+    Whether the processor's chat template puts a system turn before a conversation that has none (Qwen2-VL's and
+    Qwen2.5-VL's do, "You are a helpful assistant."; Qwen3-VL's does not).
+    """
+    messages = [{"role": "user", "content": [{"type": "text", "text": _PROBE["user"]}]}]
+    return "<|im_start|>system\n" in _render(processor, messages)
+
+
+def _model_type(name_or_path: str | os.PathLike) -> str | None:
+    """The folder's `model_type`, or None without a config.json."""
+    try:
+        return PreTrainedConfig.get_config_dict(os.fspath(name_or_path))[0].get("model_type")
+    except OSError:
+        return None
+
+
+def load_backbone_processor(name_or_path: str | os.PathLike) -> Qwen2VLProcessor:
+    """
+    A Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint's processor, as published: `AutoProcessor`'s, or without
+    torchvision (no video processor) the backbone's own processor class (by the folder's `model_type`; Qwen2-VL's
+    without a config.json) assembled from its tokenizer, its image processor (patch and merge size, pixel bounds,
+    mean/std from the folder's `preprocessor_config.json`) and its chat template. Either way the folder's
+    `chat_template.jinja` / `chat_template.json` takes precedence over the tokenizer's template, as in
+    transformers. The template is not checked here (see `load_qwen2vl_processor`).
 
     Raises:
-        ValueError: the checkpoint has no chat template that lays out system, user and assistant turns.
+        ValueError: a folder of another model type.
     """
+    kind = _model_type(name_or_path)
+    if kind is not None and kind not in _IMAGE_ONLY_PROCESSORS:
+        raise ValueError(
+            f"{name_or_path} is a {kind!r} checkpoint; expected one of {', '.join(_IMAGE_ONLY_PROCESSORS)}."
+        )
     processor = None
     try:
         processor = AutoProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError, ImportError, AttributeError):
         pass  # e.g. the video processor needs torchvision: fall back to the image-only parts below
     if not (hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")):
-        processor = Qwen2VLImageOnlyProcessor.from_pretrained(name_or_path)
+        processor = _IMAGE_ONLY_PROCESSORS[kind or "qwen2_vl"].from_pretrained(name_or_path)
     if not processor.chat_template:
         processor.chat_template = processor.tokenizer.chat_template
+    return processor
+
+
+def load_qwen2vl_processor(name_or_path: str | os.PathLike) -> Qwen2VLProcessor:
+    """
+    `load_backbone_processor` of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint, with its chat template checked.
+
+    Raises:
+        ValueError: the checkpoint has no chat template that lays out system, user and assistant turns.
+    """
+    processor = load_backbone_processor(name_or_path)
     _check_chat_template(processor, name_or_path)
     return processor
+
+
+def backbone_crem_processor(name_or_path: str | os.PathLike, num_chorus_tokens: int = 16) -> CREMProcessor:
+    """
+    The CREM processor of a backbone checkpoint (what `load_crem` converts it with): its processor
+    (`load_qwen2vl_processor`) with `num_chorus_tokens` chorus tokens, and a system prompt only where the
+    checkpoint's template has a default system turn (the same text then: Qwen2-VL, Qwen2.5-VL); on Qwen3-VL, whose
+    template adds none, the kept prefix is what the template puts before the user turn header.
+    """
+    base = load_qwen2vl_processor(name_or_path)
+    options = {} if template_default_system_turn(base) else {"system_prompt": None}
+    return CREMProcessor.from_qwen2vl_processor(base, num_chorus_tokens, **options)
 
 
 def _has_file(name_or_path: str, filename: str) -> bool:
@@ -167,7 +245,7 @@ def load_crem(
         processor = _saved_processor(name_or_path)
         return CREM_CLASSES[kind].from_pretrained(name_or_path, **from_pretrained_kwargs), processor
     if kind in BACKBONE_CREM_CLASSES:
-        processor = CREMProcessor.from_qwen2vl_processor(load_qwen2vl_processor(name_or_path), num_chorus_tokens)
+        processor = backbone_crem_processor(name_or_path, num_chorus_tokens)
         model = BACKBONE_CREM_CLASSES[kind].from_backbone(name_or_path, processor, **from_pretrained_kwargs)
         return model, processor
     return _load_adapter(name_or_path, base_model, merge, from_pretrained_kwargs)

@@ -27,7 +27,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from .loading import Qwen2VLImageOnlyProcessor
+from .loading import Qwen2VLImageOnlyProcessor, load_backbone_processor
 from .modeling_crem import (
     CREMForEmbeddingAndGeneration,
     CREMMixin,
@@ -58,6 +58,7 @@ __all__ = [
     "tiny_qwen2_5_vl_config",
     "tiny_qwen2vl_config",
     "tiny_qwen3_vl_config",
+    "published_config",
     "write_tiny_qwen2vl_checkpoint",
 ]
 
@@ -126,6 +127,13 @@ _TINY_HEADS = 4
 _VISION_DEPTH = 2
 _VISION_EMBED = 32
 _TINY_IMAGE_PIXELS = (56 * 56, 112 * 112)
+
+# The package's copies of the published config.json files the tiny Qwen2.5-VL / Qwen3-VL configs are built from.
+_PUBLISHED_CONFIGS = Path(__file__).resolve().parent / "backbone_configs"
+# The ids of `QWEN2VL_SPECIAL_TOKENS` in the real Qwen2-VL / Qwen2.5-VL / Qwen3-VL vocabularies (what configs name).
+_REAL_SPECIAL_IDS = dict(
+    zip((151643, 151644, 151645, 151652, 151653, 151654, 151655, 151656), QWEN2VL_SPECIAL_TOKENS, strict=True)
+)
 
 # The real Qwen2-VL files in a crem-hf checkout (src/crem_hf/testing.py -> tests/fixtures/qwen2-vl-2b).
 _CHECKOUT_FILES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "qwen2-vl-2b"
@@ -301,31 +309,105 @@ def tiny_qwen2vl_config(
     return config
 
 
-def _text_config(tokenizer, hidden_size, num_layers, num_heads, vocab_size, half_head, sections, **extra) -> dict:
-    return {
-        "vocab_size": vocab_size if vocab_size is not None else len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": max(1, num_heads // 2),
-        "max_position_embeddings": 4096,
-        "bos_token_id": None,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        **extra,
-        "rope_parameters": {**extra.get("rope_parameters", {}), "mrope_section": sections},
-    }
+def published_config(name: str) -> dict:
+    """
+    The published `config.json` of `"qwen2.5-vl-3b"` (Qwen/Qwen2.5-VL-3B-Instruct) or `"qwen3-vl-2b"`
+    (Qwen/Qwen3-VL-2B-Instruct), as stored: the package's copy of `tests/fixtures/<name>/config.json` (an installed
+    wheel has no tests folder; a test keeps the two equal).
+
+    Raises:
+        ValueError: no published config of that name.
+    """
+    path = _PUBLISHED_CONFIGS / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in _PUBLISHED_CONFIGS.glob("*.json"))
+        raise ValueError(f"No published config named {name!r}; expected one of {known}.")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
-def _token_ids(tokenizer) -> dict[str, int]:
-    ids = tokenizer.convert_tokens_to_ids
-    return {
-        "image_token_id": ids("<|image_pad|>"),
-        "video_token_id": ids("<|video_pad|>"),
-        "vision_start_token_id": ids("<|vision_start|>"),
-        "vision_end_token_id": ids("<|vision_end|>"),
+def _scaled_sections(sections: list[int], half_head: int) -> list[int]:
+    """MRoPE sections in the published proportion, summing to `half_head` (the remainder to the first)."""
+    total = sum(sections)
+    scaled = [s * half_head // total for s in sections]
+    scaled[0] += half_head - sum(scaled)
+    return scaled
+
+
+def _tiny_id(published_id, tokenizer: Qwen2Tokenizer):
+    """
+    The tokenizer's id of the special token a published config names by its real id (`None` stays `None`; a list
+    maps item by item).
+
+    Raises:
+        ValueError: an id that is not one of `QWEN2VL_SPECIAL_TOKENS` in the real vocabularies.
+    """
+    if published_id is None:
+        return None
+    if isinstance(published_id, list):
+        return [_tiny_id(i, tokenizer) for i in published_id]
+    if published_id not in _REAL_SPECIAL_IDS:
+        raise ValueError(f"Token id {published_id} is not one of the real special-token ids {_REAL_SPECIAL_IDS}.")
+    return tokenizer.convert_tokens_to_ids(_REAL_SPECIAL_IDS[published_id])
+
+
+def _tiny_from_published(
+    config_class: type,
+    name: str,
+    tokenizer: Qwen2Tokenizer,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    vision_embed_dim: int,
+    vocab_size: int | None,
+    attn_implementation: str,
+    vision: dict,
+    head_dim: bool,
+):
+    """
+    The published config of `name` (normalised by `config_class`) with only the sizes, the tokenizer-bound ids and the
+    weight dtype changed: the text width, depth, heads, vocabulary, `layer_types` (as long as the depth, of the
+    published kind), MRoPE sections (the published proportion at the tiny head width), `head_dim` (when `head_dim`);
+    the vision tower's depth, width, heads, output width and `vision` (block indexes within the tiny depth); the
+    special-token ids as the tokenizer's ids of the same tokens. `dtype` is dropped: a published `bfloat16` would
+    build the language model in bf16 next to a float32 vision tower; the tiny models are float32.
+    """
+    values = config_class.from_dict(published_config(name)).to_dict()
+    text, published_text = dict(values["text_config"]), values["text_config"]
+    width = hidden_size // num_heads
+    text.update(
+        vocab_size=vocab_size if vocab_size is not None else len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        dtype=None,
+        **{key: _tiny_id(published_text[key], tokenizer) for key in ("bos_token_id", "eos_token_id", "pad_token_id")},
+    )
+    if "layer_types" in published_text:
+        text["layer_types"] = [published_text["layer_types"][0]] * num_layers
+    if head_dim:
+        text["head_dim"] = width
+    rope = dict(published_text["rope_parameters"])
+    rope["mrope_section"] = _scaled_sections(rope["mrope_section"], width // 2)
+    text["rope_parameters"] = rope
+    values["text_config"] = text
+    values["vision_config"] = {
+        **values["vision_config"],
+        "depth": _VISION_DEPTH,
+        "hidden_size": vision_embed_dim,
+        "intermediate_size": 2 * vision_embed_dim,
+        "num_heads": 2,
+        "out_hidden_size": hidden_size,
+        **vision,
     }
+    ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id")
+    values.update({key: _tiny_id(values[key], tokenizer) for key in ids if key in values})
+    values["dtype"] = None
+    config = config_class.from_dict(values)
+    config._attn_implementation = attn_implementation
+    return config
 
 
 def tiny_qwen2_5_vl_config(
@@ -338,43 +420,24 @@ def tiny_qwen2_5_vl_config(
     attn_implementation: str = "sdpa",
 ) -> Qwen2_5_VLConfig:
     """
-    A Qwen2.5-VL config shaped as Qwen2.5-VL-3B-Instruct's at tiny width: SiLU vision MLP with RMSNorm, window
-    attention (112-px windows) with full attention in the last vision block (the real `fullatt_block_indexes` every
-    8th), a merger onto the text width, MRoPE sections in the real 16:24:24 proportion, tied embeddings, the
-    tokenizer's special-token ids.
+    Qwen2.5-VL-3B-Instruct's published config (`published_config("qwen2.5-vl-3b")`) at tiny width: only the sizes,
+    the tokenizer's ids and the dtype change (see `_tiny_from_published`; tests/test_backbones.py lists the fields);
+    the window attention (112-px windows) keeps its full-attention block last (the real one every 8th), the MRoPE
+    sections keep the real 16:24:24 proportion, everything else is the real config's.
     """
-    half = hidden_size // num_heads // 2
-    height = (half * 24) // 64
-    config = Qwen2_5_VLConfig(
-        vision_config={
-            "depth": _VISION_DEPTH,
-            "hidden_size": vision_embed_dim,
-            "intermediate_size": 2 * vision_embed_dim,
-            "num_heads": 2,
-            "out_hidden_size": hidden_size,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
-            "fullatt_block_indexes": [_VISION_DEPTH - 1],
-            "tokens_per_second": 2,
-        },
-        text_config=_text_config(
-            tokenizer,
-            hidden_size,
-            num_layers,
-            num_heads,
-            vocab_size,
-            half,
-            [half - 2 * height, height, height],
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-            tie_word_embeddings=True,
-        ),
-        tie_word_embeddings=True,
-        **_token_ids(tokenizer),
+    return _tiny_from_published(
+        Qwen2_5_VLConfig,
+        "qwen2.5-vl-3b",
+        tokenizer,
+        hidden_size,
+        num_layers,
+        num_heads,
+        vision_embed_dim,
+        vocab_size,
+        attn_implementation,
+        vision={"fullatt_block_indexes": [_VISION_DEPTH - 1]},
+        head_dim=False,
     )
-    config._attn_implementation = attn_implementation
-    return config
 
 
 def tiny_qwen3_vl_config(
@@ -387,44 +450,24 @@ def tiny_qwen3_vl_config(
     attn_implementation: str = "sdpa",
 ) -> Qwen3VLConfig:
     """
-    A Qwen3-VL (dense) config shaped as Qwen3-VL-2B-Instruct's at tiny width: 16-px patches, learned position
-    embeddings, DeepStack features from every vision block into the first decoder layers (the real one takes blocks
-    5, 11, 17 of 24 into layers 0-2), interleaved MRoPE in the real 24:20:20 proportion, QK-norm, an explicit head
-    width, tied embeddings, the tokenizer's special-token ids.
+    Qwen3-VL-2B-Instruct's published config (`published_config("qwen3-vl-2b")`) at tiny width: only the sizes, the
+    tokenizer's ids and the dtype change (see `tiny_qwen2_5_vl_config`); DeepStack takes every tiny vision block into
+    the first decoder layers (the real one blocks 5, 11, 17 of 24 into layers 0-2), the interleaved MRoPE keeps the
+    real 24:20:20 proportion, the head width is explicit (hidden / heads), everything else is the real config's.
     """
-    head_dim = hidden_size // num_heads
-    half = head_dim // 2
-    height = (half * 20) // 64
-    config = Qwen3VLConfig(
-        vision_config={
-            "depth": _VISION_DEPTH,
-            "hidden_size": vision_embed_dim,
-            "intermediate_size": 2 * vision_embed_dim,
-            "num_heads": 2,
-            "out_hidden_size": hidden_size,
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 64,
-            "deepstack_visual_indexes": list(range(min(_VISION_DEPTH, num_layers))),
-        },
-        text_config=_text_config(
-            tokenizer,
-            hidden_size,
-            num_layers,
-            num_heads,
-            vocab_size,
-            half,
-            [half - 2 * height, height, height],
-            head_dim=head_dim,
-            rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True},
-            tie_word_embeddings=True,
-        ),
-        tie_word_embeddings=True,
-        **_token_ids(tokenizer),
+    return _tiny_from_published(
+        Qwen3VLConfig,
+        "qwen3-vl-2b",
+        tokenizer,
+        hidden_size,
+        num_layers,
+        num_heads,
+        vision_embed_dim,
+        vocab_size,
+        attn_implementation,
+        vision={"deepstack_visual_indexes": list(range(min(_VISION_DEPTH, num_layers)))},
+        head_dim=True,
     )
-    config._attn_implementation = attn_implementation
-    return config
 
 
 #: Per backbone name: the tiny config builder, the plain class and the CREM class.
@@ -784,48 +827,3 @@ def write_tiny_qwen3vl_checkpoint(
 
     # Qwen3-VL was published in transformers' current layout: the state-dict names are the stored names.
     return _write_tiny_backbone(folder, source, config, Qwen3VLForConditionalGeneration, str, shards, seed)
-
-
-def _image_only(processor_class: type) -> type:
-    """`processor_class` without its video processor (which needs torchvision), built from its other parts."""
-
-    def init(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        processor_class.__init__(
-            self,
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=chat_template,
-        )
-
-    name = processor_class.__name__.replace("Processor", "ImageOnlyProcessor")
-    doc = f"{processor_class.__name__} without its video processor (which needs torchvision)."
-    return type(name, (processor_class,), {"__init__": init, "__doc__": doc, "__module__": __name__})
-
-
-def load_backbone_processor(folder: str | os.PathLike):
-    """
-    The processor of a Qwen2.5-VL or Qwen3-VL checkpoint folder (e.g. a test bed written above), without torchvision:
-    its tokenizer, its image processor (`AutoImageProcessor` picks the PIL one, patch size from the folder) and the
-    folder's `chat_template.json`, in the backbone's own processor class less the video processor.
-
-    Raises:
-        ValueError: the folder's `model_type` is neither `qwen2_5_vl` nor `qwen3_vl`.
-    """
-    from transformers import AutoImageProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor
-
-    folder = os.fspath(folder)
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
-        model_type = json.load(handle).get("model_type")
-    classes = {"qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}
-    if model_type not in classes:
-        raise ValueError(f"{folder} is a {model_type!r} checkpoint; expected one of {sorted(classes)}.")
-    template = None
-    if os.path.isfile(os.path.join(folder, "chat_template.json")):
-        with open(os.path.join(folder, "chat_template.json"), encoding="utf-8") as handle:
-            template = json.load(handle)["chat_template"]
-    return _image_only(classes[model_type])(
-        image_processor=AutoImageProcessor.from_pretrained(folder),
-        tokenizer=AutoTokenizer.from_pretrained(folder, local_files_only=True),
-        chat_template=template,
-    )
