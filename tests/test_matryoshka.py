@@ -1,0 +1,130 @@
+"""Matryoshka embeddings: `get_embedding(dim=...)` against a hand-pooled oracle, its refusals, the config field, the
+loss over prefixes (closed form) and training with `--matryoshka_dims`; on every backbone where a model is used."""
+
+from __future__ import annotations
+
+import backbones
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_image
+
+from crem_hf.configuration_crem import CREMConfig, check_matryoshka_dims
+from crem_hf.testing import make_tiny_crem
+
+backbone = backbones.backbone
+processor = backbones.processor
+
+HIDDEN = 64  # the tiny models' hidden size
+DIMS = [16, 32, HIDDEN]
+
+
+@pytest.fixture(scope="module")
+def model(processor, backbone):
+    """A tiny model whose config says it was trained for 16, 32 and the full 64."""
+    model = make_tiny_crem(processor, seed=0, backbone=backbone).eval()
+    model.config.matryoshka_dims = [16, 32, "full"]
+    model.config.matryoshka_dims = check_matryoshka_dims(model.config.matryoshka_dims, HIDDEN)
+    return model
+
+
+def unnormalised_chorus_mean(model, batch) -> torch.Tensor:
+    """`(batch, hidden)`: the mean chorus state read off the decoder's final norm (the oracle, pooled by hand)."""
+    normed = []
+    hook = model.model.language_model.norm.register_forward_hook(lambda module, args, out: normed.append(out))
+    try:
+        with torch.no_grad():
+            model._backbone_class.forward(model, **batch)
+    finally:
+        hook.remove()
+    chorus = torch.isin(batch["input_ids"], torch.tensor(model.config.chorus_token_ids))
+    return normed[0][chorus].view(batch["input_ids"].shape[0], model.config.num_chorus_tokens, -1).mean(1)
+
+
+# ---------------------------------------------------------------- inference
+
+
+@pytest.mark.parametrize("dim", [16, 32, HIDDEN, None])
+def test_get_embedding_at_a_dim_is_the_normalised_prefix_of_the_chorus_mean(model, processor, dim):
+    images = [random_image(56, 84, 1), None, random_image(112, 112, 2)]
+    batch = processor.process_embedding_inputs(images=images, texts=["a cat", "only text", None])
+    with torch.no_grad():
+        embedding = model.get_embedding(**batch, dim=dim)
+    mean = unnormalised_chorus_mean(model, batch)
+    expected = F.normalize(mean[:, : dim or HIDDEN], dim=-1)
+    assert embedding.shape == (3, dim or HIDDEN)
+    assert torch.allclose(embedding, expected, atol=1e-6)
+    if dim is not None and dim < HIDDEN:
+        # Not the prefix of the unit full vector (that one is shorter than 1).
+        assert not torch.allclose(embedding, model.get_embedding(**batch)[:, :dim], atol=1e-3)
+
+
+def test_embedding_at_a_dim_is_independent_of_batch_and_padding(model, processor):
+    images = [random_image(56, 56, 5), random_image(112, 84, 6), None, random_image(84, 112, 7)]
+    texts = [None, "a red dog on a very long and winding road", "only text here", "a cat"]
+    with torch.no_grad():
+        together = model.get_embedding(**processor.process_embedding_inputs(images=images, texts=texts), dim=16)
+        for i, (image, text) in enumerate(zip(images, texts, strict=True)):
+            alone = model.get_embedding(**processor.process_embedding_inputs(images=[image], texts=[text]), dim=16)
+            assert (alone[0] - together[i]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("dim", "message"),
+    [
+        (24, r"dim 24 is not an embedding size this model was trained for \(trained for \[16, 32, 64\]"),
+        (65, "dim 65 is larger than the hidden size 64"),
+        (0, "dim must be a positive integer"),
+        (-16, "dim must be a positive integer"),
+        ("16", "dim must be a positive integer"),
+        (True, "dim must be a positive integer"),
+    ],
+)
+def test_a_dim_the_model_was_not_trained_for_is_refused_by_name(model, processor, dim, message):
+    batch = processor.process_embedding_inputs(texts=["a cat"])
+    with pytest.raises(ValueError, match=message):
+        model.get_embedding(**batch, dim=dim)
+
+
+def test_without_trained_dims_only_the_full_embedding_is_allowed(processor, backbone):
+    plain = make_tiny_crem(processor, seed=0, backbone=backbone).eval()
+    assert plain.config.matryoshka_dims is None
+    batch = processor.process_embedding_inputs(texts=["a cat"])
+    with torch.no_grad():
+        assert plain.get_embedding(**batch, dim=HIDDEN).equal(plain.get_embedding(**batch))
+    with pytest.raises(ValueError, match="dim 16 is not an embedding size.*not trained with Matryoshka dims"):
+        plain.get_embedding(**batch, dim=16)
+
+
+# ---------------------------------------------------------------- the config field
+
+
+def test_config_records_the_trained_dims_and_round_trips(tmp_path, model):
+    model.config.save_pretrained(tmp_path)
+    loaded = type(model.config).from_pretrained(tmp_path)
+    assert loaded.matryoshka_dims == DIMS
+    assert '"matryoshka_dims": [\n    16,\n    32,\n    64\n  ]' in (tmp_path / "config.json").read_text()
+    assert CREMConfig().matryoshka_dims is None
+
+
+@pytest.mark.parametrize(
+    ("dims", "message"),
+    [
+        ([16, 8], "matryoshka_dims: dims must be strictly increasing, got 8 after 16"),
+        ([16, 16], "matryoshka_dims: dims must be strictly increasing, got 16 after 16"),
+        ([0, 16], "matryoshka_dims: dim 0 must be > 0"),
+        ([16, 9000], "matryoshka_dims: dim 9000 is larger than the hidden size 8192"),
+        (["full", 16], "matryoshka_dims: 'full' .* must be the last dim"),
+        ([16, "half"], "matryoshka_dims: dim 'half' is not a positive integer"),
+        ([16, 2.5], "matryoshka_dims: dim 2.5 is not a positive integer"),
+        ([], "matryoshka_dims must name at least one dim"),
+        (16, "matryoshka_dims must be a list of dims"),
+    ],
+)
+def test_bad_dims_in_the_config_are_refused_by_name(dims, message):
+    with pytest.raises(ValueError, match=message):
+        CREMConfig(matryoshka_dims=dims)
+
+
+def test_full_in_the_config_is_the_hidden_size():
+    assert CREMConfig(matryoshka_dims=["64", 512, "full"]).matryoshka_dims == [64, 512, 8192]
