@@ -10,6 +10,9 @@ p = 0.5 compressed generation samples. Defaults follow the paper's Table 1.
     torchrun --nproc_per_node 8 examples/train_lora.py ... [--deepspeed examples/ds_zero2.json --bf16]
     accelerate launch --multi_gpu --num_processes 8 examples/train_lora.py ...
 
+`--matryoshka_dims 64 128 256 512 full` trains Matryoshka embeddings (the InfoNCE loss averaged over the
+re-normalised prefixes); the saved model records them (`config.matryoshka_dims`; beside an adapter, in
+crem_adapter_settings.json) and `get_embedding(dim=...)` accepts exactly those.
 `--model` takes a Qwen2-VL checkpoint (converted on the fly, N chorus tokens added) or a CREM folder.
 Checkpoints hold the adapter (with the chorus rows) and the processor; `--resume_from_checkpoint` continues a run.
 The run's summary (bad rows skipped per reason, final metrics) is written to `<output_dir>/run_summary.json`.

@@ -3,14 +3,20 @@ loss over prefixes (closed form) and training with `--matryoshka_dims`; on every
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import backbones
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_image
+from helpers import random_image, write_colour_data
 
 from crem_hf.configuration_crem import CREMConfig, check_matryoshka_dims
-from crem_hf.testing import make_tiny_crem
+from crem_hf.loading import ADAPTER_CREM_SETTINGS, load_crem
+from crem_hf.testing import make_tiny_crem, make_tiny_qwen2vl, make_tiny_qwen2vl_processor
 
 backbone = backbones.backbone
 processor = backbones.processor
@@ -128,3 +134,68 @@ def test_bad_dims_in_the_config_are_refused_by_name(dims, message):
 
 def test_full_in_the_config_is_the_hidden_size():
     assert CREMConfig(matryoshka_dims=["64", 512, "full"]).matryoshka_dims == [64, 512, 8192]
+
+
+# ---------------------------------------------------------------- training as a command
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_lora.py")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def train_lora(tmp_path, *options: str) -> tuple[subprocess.CompletedProcess, str]:
+    data = write_colour_data(tmp_path / "data", copies=1)
+    base = tmp_path / "qwen2vl-tiny"
+    if not base.exists():
+        plain = make_tiny_qwen2vl_processor()
+        make_tiny_qwen2vl(plain.tokenizer, seed=0).save_pretrained(base)
+        plain.save_pretrained(base)
+    out = tmp_path / "out"
+    command = [
+        sys.executable, SCRIPT, "--model", str(base), "--output_dir", str(out),
+        "--retrieval_data", data["retrieval"], "--retrieval_image_root", data["image_root"],
+        "--min_image_tokens", "4", "--max_image_tokens", "16",
+        "--retrieval_batch_size", "4", "--gradient_cache_chunk_size", "2",
+        "--max_steps", "2", "--save_steps", "1", "--logging_steps", "1", "--warmup_steps", "0",
+        "--learning_rate", "1e-3", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", *options,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV), str(out)
+
+
+@pytest.mark.slow
+def test_train_lora_with_matryoshka_dims_records_them_and_the_model_embeds_at_them(tmp_path):
+    result, out = train_lora(tmp_path, "--matryoshka_dims", "16", "32", "full")
+    assert result.returncode == 0, result.stderr[-4000:]
+    for folder in (out, os.path.join(out, "checkpoint-1")):
+        with open(os.path.join(folder, ADAPTER_CREM_SETTINGS)) as handle:
+            assert json.load(handle) == {"matryoshka_dims": DIMS}
+    with open(os.path.join(out, "run_summary.json")) as handle:
+        logged = [entry for entry in json.load(handle)["log_history"] if "contrastive_loss" in entry]
+    assert len(logged) == 2 and all(f"contrastive_loss_d{d}" in entry for entry in logged for d in DIMS)
+    model, processor = load_crem(out)
+    assert model.config.matryoshka_dims == DIMS
+    batch = processor.process_embedding_inputs(images=[random_image(56, 84, 1)], texts=["a cat"])
+    with torch.no_grad():
+        at_16, full = model.get_embedding(**batch, dim=16), model.get_embedding(**batch)
+    assert torch.allclose(at_16, F.normalize(full[:, :16], dim=-1), atol=1e-6)
+    with pytest.raises(ValueError, match=r"dim 24 is not an embedding size .*trained for \[16, 32, 64\]"):
+        model.get_embedding(**batch, dim=24)
+    # The merged export carries them in config.json.
+    model.save_pretrained(tmp_path / "merged")
+    assert CREMConfig.from_pretrained(tmp_path / "merged").matryoshka_dims == DIMS
+
+
+@pytest.mark.slow
+def test_train_lora_refuses_bad_matryoshka_dims_by_name_and_writes_nothing(tmp_path):
+    result, out = train_lora(tmp_path, "--matryoshka_dims", "32", "16")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "examples/train_lora.py: error: matryoshka_dims: dims must be strictly increasing, got 16 after 32 in "
+        "['32', '16']."
+    ]
+    assert not os.path.exists(out)
+    # Larger than the model's hidden size: known once the model is loaded, before any step or file.
+    result, out = train_lora(tmp_path, "--matryoshka_dims", "16", "128")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "examples/train_lora.py: error: --matryoshka_dims: dim 128 is larger than the hidden size 64.", last
+    assert not os.path.exists(os.path.join(out, "adapter_model.safetensors"))
