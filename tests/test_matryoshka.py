@@ -199,3 +199,51 @@ def test_train_lora_refuses_bad_matryoshka_dims_by_name_and_writes_nothing(tmp_p
     last = result.stderr.strip().splitlines()[-1]
     assert last == "examples/train_lora.py: error: --matryoshka_dims: dim 128 is larger than the hidden size 64.", last
     assert not os.path.exists(os.path.join(out, "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------- sentence-transformers, mteb, crem-eval
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A Hub folder (crem-export's) of a Qwen2-VL tiny model trained for 16, 32 and 64."""
+    from crem_hf.hub import CardInfo, export_hub_folder
+    from crem_hf.testing import make_tiny_processor
+
+    processor = make_tiny_processor()
+    model = make_tiny_crem(processor, seed=4).eval()
+    model.config.matryoshka_dims = check_matryoshka_dims([16, 32, "full"], HIDDEN)
+    folder = tmp_path_factory.mktemp("hub") / "crem-matryoshka"
+    export_hub_folder(model, processor, folder, CardInfo(repo_id="org/crem-matryoshka"))
+    return folder, model, processor
+
+
+def test_sentence_transformers_truncate_dim_and_dim_give_get_embedding_at_the_dim(exported):
+    from sentence_transformers import SentenceTransformer
+
+    folder, model, processor = exported
+    image = random_image(56, 84, 3)
+    inputs = ["a cat", image, {"text": "a dog", "image": image}]
+    with torch.no_grad():
+        reference = torch.cat(
+            [
+                model.get_embedding(**processor.process_embedding_inputs(texts=["a cat"]), dim=16),
+                model.get_embedding(**processor.process_embedding_inputs(images=[image]), dim=16),
+                model.get_embedding(**processor.process_embedding_inputs(images=[image], texts=["a dog"]), dim=16),
+            ]
+        )
+    st = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+    # encode(dim=): the model's own truncation, unit vectors.
+    by_dim = st.encode(inputs, convert_to_tensor=True, dim=16)
+    assert (by_dim - reference).abs().max() <= 1e-5
+    # Sentence Transformers' truncate_dim cuts the unit full vector: normalised again, it is the same vector, and
+    # its cosine scores equal the Matryoshka embedding's either way.
+    truncating = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu", truncate_dim=16)
+    assert truncating.get_sentence_embedding_dimension() == 16
+    normalised = truncating.encode(inputs, convert_to_tensor=True, normalize_embeddings=True)
+    assert (normalised - reference).abs().max() <= 1e-5
+    raw = truncating.encode(inputs, convert_to_tensor=True)
+    assert raw.shape == (3, 16) and not torch.allclose(raw.norm(dim=-1), torch.ones(3), atol=1e-3)
+    assert (truncating.similarity(raw, raw) - reference @ reference.T).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="dim 24 is not an embedding size this model was trained for"):
+        st.encode(inputs, dim=24)
