@@ -247,3 +247,76 @@ def test_sentence_transformers_truncate_dim_and_dim_give_get_embedding_at_the_di
     assert (truncating.similarity(raw, raw) - reference @ reference.T).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="dim 24 is not an embedding size this model was trained for"):
         st.encode(inputs, dim=24)
+
+
+def test_encode_items_and_the_mteb_encoder_take_a_dim(exported):
+    import mteb
+    from mteb.types import PromptType
+
+    from crem_hf.evaluation.encoding import encode_items
+    from crem_hf.integrations.mteb import CREMEncoder
+
+    _, model, processor = exported
+    images = [random_image(28 * (1 + i % 3), 56, seed=i) for i in range(5)]
+    texts = ["zero", None, "two", "three", None]
+    full = encode_items(model, processor, texts, images, "Find it.", batch_size=2)
+    at_32 = encode_items(model, processor, texts, images, "Find it.", batch_size=2, dim=32)
+    assert at_32.shape == (5, 32)
+    assert torch.allclose(at_32, F.normalize(full[:, :32], dim=-1), atol=1e-6)
+    with pytest.raises(ValueError, match="dim 8 is not an embedding size"):
+        encode_items(model, processor, [], [], dim=8)  # checked before any batch, even with nothing to encode
+
+    encoder = CREMEncoder(model, processor, batch_size=2, dim=32)
+    assert encoder.mteb_model_meta.embed_dim == 32
+    flickr = mteb.get_task("Flickr30kI2TRetrieval").metadata
+    where = {"task_metadata": flickr, "hf_split": "test", "hf_subset": "default", "prompt_type": PromptType.query}
+    got = encoder.encode([{"image": images}], **where)
+    want = encode_items(model, processor, [None] * 5, images, flickr.prompt["query"], batch_size=2, dim=32)
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-5, rtol=0)
+    assert encoder.encode([], **where).shape == (0, 32)
+    with pytest.raises(ValueError, match="dim 128 is larger than the hidden size 64"):
+        CREMEncoder(model, processor, dim=128)
+
+
+@pytest.fixture(scope="module")
+def caption_file(tmp_path_factory):
+    from helpers import COLOURS, colour_image
+
+    folder = tmp_path_factory.mktemp("captions")
+    rows = []
+    for i, colour in enumerate(COLOURS):
+        colour_image(colour, i).save(folder / f"{colour}.png")
+        rows.append({"image": f"{colour}.png", "captions": [f"a {colour} square", colour]})
+    (folder / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def crem_eval(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "crem_hf.evaluation.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def test_crem_eval_dim_as_a_command(exported, caption_file, tmp_path):
+    from crem_hf.evaluation.retrieval import evaluate_image_text_retrieval, load_caption_rows
+
+    folder, model, processor = exported
+    data, root = str(caption_file / "captions.jsonl"), str(caption_file)
+    common = ["retrieval", "--model", str(folder), "--data", data, "--image-root", root, "--device", "cpu"]
+    done = crem_eval(*common, "--dim", "16", "--output", str(tmp_path / "at16.json"))
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed == json.loads((tmp_path / "at16.json").read_text())
+    assert printed.pop("embedding_dim") == 16
+    rows = load_caption_rows(data, ("captions",), root)
+    assert printed == pytest.approx(evaluate_image_text_retrieval(model, processor, rows, dim=16), abs=1e-9)
+    # Refusals: an untrained dim and one beyond the hidden size (status 1, one line, nothing written); a dim that is
+    # not a positive integer, or a command without embeddings, is bad usage (status 2).
+    for dim, fragment in [("24", "dim 24 is not an embedding size"), ("65", "dim 65 is larger than the hidden size")]:
+        done = crem_eval(*common, "--dim", dim, "--output", str(tmp_path / "bad.json"))
+        assert done.returncode == 1
+        assert done.stderr.strip().splitlines()[-1].startswith("crem-eval: error:"), done.stderr
+        assert fragment in done.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "bad.json").exists()
+    assert crem_eval(*common, "--dim", "0").returncode == 2
+    generation = ["generation", "--model", str(folder), "--data", data, "--dim", "16"]
+    assert crem_eval(*generation).returncode == 2
