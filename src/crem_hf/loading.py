@@ -44,12 +44,12 @@ BACKBONE_CREM_CLASSES: dict[str, type[CREMMixin]] = {
     cls._backbone_class.config_class.model_type: cls for cls in _CLASSES
 }
 
-# What a usable chat template renders for a system, a user and an assistant turn (as the -Instruct template does).
 #: The CREM config fields a LoRA run changed (today `matryoshka_dims`), saved next to its adapter by `CREMTrainer`: an
 #: adapter folder holds no config.json, and loading applies them to the base's config.
 ADAPTER_CREM_SETTINGS = "crem_adapter_settings.json"
 ADAPTER_CREM_FIELDS = ("matryoshka_dims",)
 
+# What a usable chat template renders for a system, a user and an assistant turn (as the -Instruct template does).
 _PROBE = {"system": "crem-probe-system", "user": "crem-probe-user", "assistant": "crem-probe-assistant"}
 
 
