@@ -320,3 +320,26 @@ def test_crem_eval_dim_as_a_command(exported, caption_file, tmp_path):
     assert crem_eval(*common, "--dim", "0").returncode == 2
     generation = ["generation", "--model", str(folder), "--data", data, "--dim", "16"]
     assert crem_eval(*generation).returncode == 2
+
+
+def test_an_adapter_folder_s_crem_settings_are_checked_on_load(tmp_path):
+    from crem_hf.testing import make_tiny_processor
+    from crem_hf.training import apply_lora
+
+    processor = make_tiny_processor()
+    base = tmp_path / "base"
+    make_tiny_crem(processor, seed=5).save_pretrained(base)
+    processor.save_pretrained(base)
+    adapter = tmp_path / "adapter"
+    apply_lora(make_tiny_crem(processor, seed=5)).save_pretrained(adapter)
+    processor.save_pretrained(adapter)
+    settings = adapter / ADAPTER_CREM_SETTINGS
+    assert load_crem(adapter, base_model=base)[0].config.matryoshka_dims is None  # no settings file: the base's
+    settings.write_text(json.dumps({"matryoshka_dims": [16, 64]}))
+    assert load_crem(adapter, base_model=base)[0].config.matryoshka_dims == [16, 64]
+    settings.write_text(json.dumps({"matryoshka_dims": [16, 128]}))
+    with pytest.raises(ValueError, match="matryoshka_dims: dim 128 is larger than the hidden size 64"):
+        load_crem(adapter, base_model=base)
+    settings.write_text(json.dumps({"matryoshka_dims": [16], "pooling": "last"}))
+    with pytest.raises(ValueError, match=r"crem_adapter_settings.json in .* holds unknown fields \['pooling'\]"):
+        load_crem(adapter, base_model=base)
