@@ -11,6 +11,7 @@ and all of them carry the same CREM fields and checks, from one dataclass mixin 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
@@ -25,6 +26,7 @@ __all__ = [
     "IGNORE_INDEX",
     "POOLING_MODES",
     "REMOTE_CODE_AUTO_MAP",
+    "check_matryoshka_dims",
     "merged_image_tokens",
     "register_for_auto_class",
 ]
@@ -63,6 +65,40 @@ IGNORE_INDEX = -100
 
 #: How the chorus block's last hidden states become one embedding.
 POOLING_MODES = ("mean", "last")
+#: The token that names the full embedding (the hidden size) in a list of Matryoshka dims.
+FULL_DIM = "full"
+
+
+def check_matryoshka_dims(dims: Any, hidden_size: int, what: str = "matryoshka_dims") -> list[int]:
+    """
+    `dims` as a list of ints: each a positive integer (or `"full"`, the hidden size, last only), at most
+    `hidden_size`, strictly increasing. A ValueError naming `what` and the first bad dim otherwise.
+    """
+    if isinstance(dims, (str, int)) or not hasattr(dims, "__iter__"):
+        raise ValueError(f"{what} must be a list of dims, got {dims!r}.")
+    dims = list(dims)
+    if not dims:
+        raise ValueError(f"{what} must name at least one dim (or be None: the full embedding only).")
+    resolved = []
+    for position, dim in enumerate(dims):
+        if dim == FULL_DIM:
+            if position != len(dims) - 1:
+                raise ValueError(
+                    f"{what}: {FULL_DIM!r} (the hidden size {hidden_size}) must be the last dim, got {dims}."
+                )
+            dim = hidden_size
+        elif isinstance(dim, str) and dim.strip().isdigit():
+            dim = int(dim)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ValueError(f"{what}: dim {dim!r} is not a positive integer or {FULL_DIM!r}.")
+        if dim <= 0:
+            raise ValueError(f"{what}: dim {dim} must be > 0.")
+        if dim > hidden_size:
+            raise ValueError(f"{what}: dim {dim} is larger than the hidden size {hidden_size}.")
+        if resolved and dim <= resolved[-1]:
+            raise ValueError(f"{what}: dims must be strictly increasing, got {dim} after {resolved[-1]} in {dims}.")
+        resolved.append(dim)
+    return resolved
 
 
 @dataclass(repr=False, kw_only=True)
@@ -94,6 +130,10 @@ class CREMConfigMixin:
         turn_header_length (`int`, *optional*, defaults to 2):
             Number of tokens after `<|im_start|>` that form the turn header (`user`, `\n` for the Qwen tokenizer).
             Computed from the tokenizer when the model is built from a processor.
+        matryoshka_dims (`list[int]`, *optional*):
+            The embedding sizes the model was trained for (Matryoshka training: `--matryoshka_dims` of
+            `examples/train_lora.py`), strictly increasing, each at most the hidden size. `get_embedding(dim=d)`
+            accepts these and the hidden size; `None` (the default): the full embedding only.
     """
 
     num_chorus_tokens: int = 16
@@ -103,6 +143,7 @@ class CREMConfigMixin:
     compression_keep_prefix: bool = True
     turn_start_token_id: int = 151644
     turn_header_length: int = 2
+    matryoshka_dims: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         # Configs saved before the training arguments owned the contrastive temperature carry it: a training
@@ -132,6 +173,31 @@ class CREMConfigMixin:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
         if self.turn_header_length < 0:
             raise ValueError(f"turn_header_length must be >= 0, got {self.turn_header_length}.")
+        if self.matryoshka_dims is not None:
+            self.matryoshka_dims = check_matryoshka_dims(self.matryoshka_dims, self.text_config.hidden_size)
+
+    def check_embedding_dim(self, dim: int | None) -> int | None:
+        """
+        `dim` if `get_embedding` may truncate to it: `None` (the full embedding), the hidden size, or one of the
+        trained `matryoshka_dims`; else a ValueError naming it (a prefix the model was not trained for is not an
+        embedding of the model).
+        """
+        if dim is None:
+            return None
+        hidden_size = self.text_config.hidden_size
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"dim must be a positive integer (or None for the full {hidden_size}), got {dim!r}.")
+        if dim > hidden_size:
+            raise ValueError(f"dim {dim} is larger than the hidden size {hidden_size}.")
+        if dim != hidden_size and dim not in (self.matryoshka_dims or ()):
+            trained = (
+                f"trained for {self.matryoshka_dims}" if self.matryoshka_dims else "not trained with Matryoshka dims"
+            )
+            raise ValueError(
+                f"dim {dim} is not an embedding size this model was trained for ({trained}; the full {hidden_size} "
+                "is always allowed)."
+            )
+        return dim
 
 
 class CREMConfig(CREMConfigMixin, Qwen2VLConfig):

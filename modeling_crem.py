@@ -1051,10 +1051,13 @@ class CREMMixin:
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        dim: int | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """
         Embed a batch: the pooled last-layer states of the chorus block (mean by default), L2-normalised.
+        With `dim`, the Matryoshka embedding: the first `dim` components of the pooled state, L2-normalised again
+        (a prefix of a unit vector is shorter than 1), as the model was trained for them.
 
         Runs the inner backbone model only (never `lm_head`) and stops at the chorus block: causal attention means
         tokens after it cannot change it. The result does not depend on batch composition or padding.
@@ -1066,11 +1069,15 @@ class CREMMixin:
             pixel_values: `(num_patches, patch_dim)` for the batch's images, optional.
             image_grid_thw: `(num_images, 3)`, optional.
             mm_token_type_ids: `(batch_size, sequence_length)`, optional (derived from `input_ids` when absent).
+            dim: the embedding size, optional: one of `config.matryoshka_dims` or the hidden size (the default).
             **kwargs: other processor outputs; ignored when they are not model inputs (e.g. `labels`).
         Returns:
-            `torch.FloatTensor` of shape `(batch_size, hidden_size)`.
+            `torch.FloatTensor` of shape `(batch_size, dim or hidden_size)`.
+        Raises:
+            ValueError: a `dim` the model was not trained for, or larger than the hidden size (checked first).
         """
-        return self(
+        dim = self.config.check_embedding_dim(dim)
+        embeddings = self(
             input_ids=input_ids,
             attention_mask=attention_mask,
             pixel_values=pixel_values,
@@ -1079,6 +1086,12 @@ class CREMMixin:
             return_embeddings=True,
             return_dict=True,
         ).embeddings
+        if dim is None or dim == embeddings.shape[-1]:
+            return embeddings
+        # The prefix of the pooled state, re-normalised: normalising the full vector first only scales the prefix,
+        # so this is the prefix of the unnormalised mean, normalised (what the Matryoshka loss trains).
+        prefix = embeddings[:, :dim]
+        return F.normalize(prefix, dim=-1) if self.config.normalize_embeddings else prefix
 
     # ------------------------------------------------------------------ forward
 

@@ -12,6 +12,9 @@ p = 0.5 compressed generation samples. Defaults follow the paper's Table 1.
 
 `--model` takes a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (converted on the fly, N chorus tokens added) or a CREM
 folder of any of them; LoRA targets the q/k/v/o projections of that model's language model, found on the model.
+`--matryoshka_dims 64 128 256 512 full` trains Matryoshka embeddings (the InfoNCE loss averaged over the
+re-normalised prefixes); the saved model records them (`config.matryoshka_dims`; beside an adapter, in
+crem_adapter_settings.json) and `get_embedding(dim=...)` accepts exactly those.
 Checkpoints hold the adapter (with the chorus rows) and the processor; `--resume_from_checkpoint` continues a run.
 The run's summary (bad rows skipped per reason, final metrics) is written to `<output_dir>/run_summary.json`.
 Exit status 0 on success; 1 with a one-line reason on stderr for a bad input (2: bad usage).

@@ -1,6 +1,7 @@
 """One CREMTrainer step as one process of a torchrun job: this rank's share of a fixed batch.
 
     torchrun --nproc_per_node 2 tests/distributed_step.py OUT.pt [--lora] [--gc-chunk-size N] [--float64]
+        [--matryoshka-dims D [D ...]]
 
 Run without torchrun it is the single-process reference on the whole batch. Rank 0 saves the step's loss (averaged
 over processes) and the synchronised gradients to OUT.pt.
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--gc-chunk-size", type=int, default=None)
     parser.add_argument("--float64", action="store_true", help="compare beyond float32 rounding")
+    parser.add_argument("--matryoshka-dims", nargs="+", default=None)
     options = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -46,7 +48,7 @@ def main() -> None:
     model = build_model(processor, options.lora, torch.float64 if options.float64 else torch.float32)
     args = CREMTrainingArguments(
         output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, gradient_cache_chunk_size=options.gc_chunk_size,
-        ddp_backend="gloo" if "LOCAL_RANK" in os.environ else None,
+        ddp_backend="gloo" if "LOCAL_RANK" in os.environ else None, matryoshka_dims=options.matryoshka_dims,
     )  # fmt: skip
     trainer = CREMTrainer(model=model, args=args)
     trainer.current_gradient_accumulation_steps = 1  # set by train(); this runs one step directly

@@ -25,7 +25,15 @@ def run(out, *options, processes: int = 1) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [("--lora", "--gc-chunk-size", "2"), ()], ids=["lora-gradient-cache", "full-plain"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("--lora", "--gc-chunk-size", "2"),
+        (),
+        ("--lora", "--gc-chunk-size", "2", "--matryoshka-dims", "16", "32", "full"),
+    ],
+    ids=["lora-gradient-cache", "full-plain", "lora-gradient-cache-matryoshka"],
+)
 def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path, options):
     # float64, so that the comparison sees the method, not float32 rounding of differently shaped matmuls.
     two = run(tmp_path / "two.pt", *options, "--float64", processes=2)

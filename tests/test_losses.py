@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from crem_hf.training import InfoNCELoss
+from crem_hf.training import InfoNCELoss, MatryoshkaInfoNCELoss
 from crem_hf.training import losses as losses_module
 
 
@@ -138,3 +138,70 @@ def test_the_training_arguments_own_the_temperature(processor, tmp_path):
     trainer = CREMTrainer(model=model, args=args)
     assert trainer.contrastive.temperature == 0.1
     assert "contrastive_temperature" not in model.config.to_dict()
+
+
+# ---------------------------------------------------------------- Matryoshka
+
+
+def test_matryoshka_loss_is_the_weighted_mean_over_renormalised_prefixes_closed_form():
+    # At 2 dims both rows are (1, 0): every score is 1, each query's loss log 2, and the tie goes to row 0.
+    # At 4 dims the unit rows (1, 0, 0, 1)/sqrt2 and (1, 0, 1, 0)/sqrt2 have cosine 1/2: log(1 + e^-0.5) each.
+    rows = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]])
+    at_2, at_4 = math.log(2), math.log(1 + math.exp(-0.5))
+    out = MatryoshkaInfoNCELoss(temperature=1.0, dims=[2, 4])(rows, rows)
+    assert out.loss.item() == pytest.approx((at_2 + at_4) / 2, abs=1e-6)
+    assert [d.item() for d in out.dim_losses] == pytest.approx([at_2, at_4], abs=1e-6)
+    assert [a.item() for a in out.dim_accuracies] == [0.5, 1.0]
+    assert out.accuracy.item() == 1.0  # at the largest dim
+    weighted = MatryoshkaInfoNCELoss(temperature=1.0, dims=[2, 4], weights=[1.0, 3.0])(rows, rows)
+    assert weighted.loss.item() == pytest.approx((at_2 + 3 * at_4) / 4, abs=1e-6)
+    # Scaling a row (as normalising the full vector does) changes no prefix's cosine.
+    scaled = MatryoshkaInfoNCELoss(temperature=1.0, dims=[2, 4])(rows * torch.tensor([[3.0], [0.5]]), rows)
+    assert scaled.loss.item() == pytest.approx(out.loss.item(), abs=1e-6)
+
+
+def test_matryoshka_at_the_full_width_alone_is_the_plain_infonce():
+    generator = torch.Generator().manual_seed(0)
+    queries, targets, negatives = (torch.randn(n, 8, generator=generator) for n in (4, 4, 3))
+    keys = {"positive_keys": torch.tensor([1, 2, 1, 3]), "negative_keys": torch.tensor([2, 5, 6])}
+    plain = InfoNCELoss(temperature=0.05)(queries, targets, negatives, **keys)
+    matryoshka = MatryoshkaInfoNCELoss(temperature=0.05, dims=[8])(queries, targets, negatives, **keys)
+    assert matryoshka.loss.item() == pytest.approx(plain.loss.item(), rel=1e-7)
+    assert matryoshka.accuracy.item() == plain.accuracy.item()
+
+
+def test_matryoshka_gathers_once_at_full_width_and_keeps_the_rank_offset(monkeypatch):
+    other = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+    gathered = []
+
+    def gather(tensor):
+        gathered.append(tuple(tensor.shape))
+        return torch.cat([other, tensor])
+
+    monkeypatch.setattr(losses_module, "rank", lambda: 1)
+    monkeypatch.setattr(losses_module, "all_gather_with_grad", gather)
+    mine = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]])
+    out = MatryoshkaInfoNCELoss(temperature=1.0, dims=[2, 3])(mine, mine)
+    assert gathered == [(2, 3)]
+    # At 2 dims as in test_rank_offset_points_at_this_process_positives (logits [0, 0, 1, 1], positive at 2 + i);
+    # at 3 the cosine with rank 0's rows is 1/2: logits [0.5, 0.5, 1, 1].
+    at_2 = -math.log(math.e / (2 * math.e + 2))
+    at_3 = -math.log(math.e / (2 * math.e + 2 * math.exp(0.5)))
+    assert out.loss.item() == pytest.approx((at_2 + at_3) / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dims", "weights", "message"),
+    [
+        ([4, 2], None, "strictly increasing"),
+        ([0, 2], None, "positive"),
+        ([2, 4], [1.0], "1 weights for 2 dims"),
+        ([2, 4], [0.0, 0.0], "not all 0"),
+        ([2, 4], [-1.0, 2.0], ">= 0"),
+    ],
+)
+def test_matryoshka_loss_refuses_bad_dims_and_weights(dims, weights, message):
+    with pytest.raises(ValueError, match=message):
+        MatryoshkaInfoNCELoss(temperature=1.0, dims=dims, weights=weights)
+    with pytest.raises(ValueError, match="Matryoshka dim 8 is larger than the embeddings"):
+        MatryoshkaInfoNCELoss(temperature=1.0, dims=[2, 8])(torch.ones(2, 4), torch.ones(2, 4))

@@ -24,6 +24,7 @@ from crem_hf.testing import (
 from crem_hf.training import (
     CREMTrainer,
     CREMTrainingArguments,
+    InfoNCELoss,
     apply_lora,
     build_trainer,
     load_conversations,
@@ -92,15 +93,17 @@ def test_lora_targets_name_what_a_decoder_lacks():
         lora_target_modules(model)
 
 
+@pytest.mark.parametrize("matryoshka_dims", [None, ["16", "32", "full"]], ids=["full-only", "matryoshka"])
 @pytest.mark.parametrize("lora", [False, True])
-def test_gradient_cache_equals_full_batch_gradient(processor, tmp_path, lora):
+def test_gradient_cache_equals_full_batch_gradient(processor, tmp_path, lora, matryoshka_dims):
     model = make_tiny_crem(processor, seed=1)
     if lora:
         model = randomize_lora_b(apply_lora(model, dropout=0.0))
     model.train()
     batch = mixed_batch(processor, rows=range(6), generation_rows=range(4), compress=[True, False, True, False])
-    plain_loss, plain = step_gradients(model, tmp_path, batch, gradient_cache_chunk_size=None)
-    cached_loss, cached = step_gradients(model, tmp_path, batch, gradient_cache_chunk_size=4)
+    dims = {"matryoshka_dims": matryoshka_dims}
+    plain_loss, plain = step_gradients(model, tmp_path, batch, gradient_cache_chunk_size=None, **dims)
+    cached_loss, cached = step_gradients(model, tmp_path, batch, gradient_cache_chunk_size=4, **dims)
     assert cached_loss == pytest.approx(plain_loss, rel=1e-6)
     assert plain.keys() == cached.keys()
     if lora:
@@ -109,6 +112,48 @@ def test_gradient_cache_equals_full_batch_gradient(processor, tmp_path, lora):
     for name, grad in plain.items():
         error = (cached[name] - grad).norm() / grad.norm().clamp(min=1e-12)
         assert error <= 1e-5, (name, float(error))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_matryoshka_loss_is_the_mean_of_infonce_over_get_embedding_at_each_dim(processor, tmp_path, chunk_size):
+    model = make_tiny_crem(processor, seed=1).eval()
+    batch = mixed_batch(processor, rows=range(6), generation_rows=range(2), compress=[True, False])
+    settings = {"matryoshka_dims": ["16", "32", "full"], "alpha_g": 0.0, "gradient_cache_chunk_size": chunk_size}
+    trainer = CREMTrainer(model=model, args=training_args(tmp_path, **settings))
+    assert model.config.matryoshka_dims == [16, 32, 64]  # what every save of the run records
+    trainer.current_gradient_accumulation_steps = 1
+    loss = float(trainer.training_step(model, batch))
+    # The oracle: the model's own truncation (get_embedding(dim=)) and the plain InfoNCE at each dim.
+    retrieval = batch.retrieval
+    infonce = InfoNCELoss(temperature=0.02)
+    with torch.no_grad():
+        per_dim = [
+            infonce(
+                *(model.get_embedding(**side, dim=dim) for side in retrieval.sides().values()),
+                positive_keys=retrieval.target_keys,
+                negative_keys=retrieval.negative_keys,
+            ).loss
+            for dim in (16, 32, 64)
+        ]
+    assert loss == pytest.approx(float(sum(per_dim)) / 3, rel=1e-5)
+    assert float(per_dim[0]) != pytest.approx(float(per_dim[2]), rel=1e-3), "the dims must differ for the test to bite"
+    logged = trainer._metric_sums
+    assert logged["contrastive_loss_d16"] == pytest.approx(float(per_dim[0]), rel=1e-5)
+    assert logged["contrastive_loss_d64"] == pytest.approx(float(per_dim[2]), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("dims", "message"),
+    [
+        (["16", "65"], "--matryoshka_dims: dim 65 is larger than the hidden size 64"),
+        (["16", "64", "full"], "--matryoshka_dims: dims must be strictly increasing, got 64 after 64"),
+    ],
+)
+def test_matryoshka_dims_beyond_the_model_are_refused_by_the_trainer(processor, tmp_path, dims, message):
+    model = make_tiny_crem(processor, seed=1)
+    with pytest.raises(ValueError, match=message):
+        CREMTrainer(model=model, args=training_args(tmp_path, matryoshka_dims=dims))
+    assert model.config.matryoshka_dims is None
 
 
 def test_split_embedding_batch_keeps_images_with_their_rows(processor):
@@ -183,6 +228,12 @@ def test_resume_reproduces_the_uninterrupted_run(processor, tmp_path):
         ({"gradient_cache_chunk_size": 0}, "gradient_cache_chunk_size"),
         ({"alpha_r": 0.0, "alpha_g": 0.0}, "alpha_r"),
         ({"per_device_train_batch_size": 4}, "per_device_train_batch_size"),
+        ({"matryoshka_dims": ["32", "16"]}, "matryoshka_dims: dims must be strictly increasing, got 16 after 32"),
+        ({"matryoshka_dims": ["full", "16"]}, "matryoshka_dims: 'full'"),
+        ({"matryoshka_dims": ["0"]}, "matryoshka_dims: dim 0 must be > 0"),
+        ({"matryoshka_dims": ["sixteen"]}, "matryoshka_dims: dim 'sixteen' is not a positive integer"),
+        ({"matryoshka_dims": ["16"], "matryoshka_weights": [1.0, 2.0]}, "one weight per matryoshka_dims entry"),
+        ({"matryoshka_dims": ["16", "32"], "matryoshka_weights": [0.0, 0.0]}, "matryoshka_weights must be >= 0"),
     ],
 )
 def test_bad_hyper_parameters_are_refused(tmp_path, overrides, message):

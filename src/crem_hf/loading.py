@@ -13,6 +13,7 @@ from transformers import AutoProcessor, PreTrainedConfig, Qwen2_5_VLProcessor, Q
 from transformers.utils import cached_file
 from transformers.utils.peft_utils import find_adapter_config_file
 
+from .configuration_crem import check_matryoshka_dims
 from .modeling_crem import (
     CREMForEmbeddingAndGeneration,
     CREMMixin,
@@ -45,6 +46,11 @@ CREM_CLASSES: dict[str, type[CREMMixin]] = {cls.config_class.model_type: cls for
 BACKBONE_CREM_CLASSES: dict[str, type[CREMMixin]] = {
     cls._backbone_class.config_class.model_type: cls for cls in _CLASSES
 }
+
+#: The CREM config fields a LoRA run changed (today `matryoshka_dims`), saved next to its adapter by `CREMTrainer`: an
+#: adapter folder holds no config.json, and loading applies them to the base's config.
+ADAPTER_CREM_SETTINGS = "crem_adapter_settings.json"
+ADAPTER_CREM_FIELDS = ("matryoshka_dims",)
 
 # What a usable chat template renders for a system, a user and an assistant turn (as the -Instruct template does).
 _PROBE = {"system": "crem-probe-system", "user": "crem-probe-user", "assistant": "crem-probe-assistant"}
@@ -277,6 +283,7 @@ def _load_adapter(path: str, base_model: str | os.PathLike | None, merge: bool, 
         base = BACKBONE_CREM_CLASSES[base_kind].from_backbone(base_path, processor, **from_pretrained_kwargs)
     else:
         base = CREM_CLASSES[base_kind].from_pretrained(base_path, **from_pretrained_kwargs)
+    _apply_adapter_crem_settings(path, base.config)
     adapter_chorus = (settings.get("trainable_token_indices") or {}).get("embed_tokens")
     if adapter_chorus is not None and list(adapter_chorus) != list(base.config.chorus_token_ids):
         raise ValueError(
@@ -302,3 +309,21 @@ def _load_adapter(path: str, base_model: str | os.PathLike | None, merge: bool, 
             f"{unexpected[:4]}, not loaded {differ[:4]}."
         )
     return (merge_adapter(model) if merge else model), processor
+
+
+def _apply_adapter_crem_settings(path: str, config) -> None:
+    """Set the fields saved in the adapter folder's `ADAPTER_CREM_SETTINGS` (if any) on the base's `config`."""
+    found = cached_file(path, ADAPTER_CREM_SETTINGS, _raise_exceptions_for_missing_entries=False)
+    if found is None:
+        return
+    with open(found, encoding="utf-8") as handle:
+        fields = json.load(handle)
+    unknown = sorted(set(fields) - set(ADAPTER_CREM_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"{ADAPTER_CREM_SETTINGS} in {path} holds unknown fields {unknown}; expected {ADAPTER_CREM_FIELDS}."
+        )
+    if fields.get("matryoshka_dims") is not None:
+        config.matryoshka_dims = check_matryoshka_dims(fields["matryoshka_dims"], config.text_config.hidden_size)
+    else:
+        config.matryoshka_dims = None

@@ -9,6 +9,11 @@ Accepted inputs, one vector each: ``str`` (text, or an image path/URL as Sentenc
 ``PIL.Image`` / ``(H, W, C)`` uint8 array (image), ``{"text": ..., "image": ...}`` (either key optional), and a
 chat message / list of messages whose content holds at most one image and some text. Texts, images and
 pairs may be mixed in one batch. The encode ``prompt`` (or ``prompt_name``) becomes CREM's embedding instruction.
+
+Matryoshka sizes: ``encode(..., dim=d)`` is ``get_embedding(dim=d)`` (unit vectors; a size the model was not trained
+for is refused by name). Sentence Transformers' own ``truncate_dim`` cuts this module's unit vector after it runs
+(and normalises again only with ``normalize_embeddings=True``): with that flag it gives the same vectors as
+``get_embedding(dim=d)``, and its cosine scores are the same either way; it does not check ``d``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 class CREMSentenceEmbedding(InputModule):
     # NOT "config.json": this module is saved in the folder root, next to the transformers config.json.
     config_file_name = "crem_sentence_config.json"
+    # encode() keywords passed on to forward (Sentence Transformers routes them by this attribute).
+    forward_kwargs = {"dim"}
     config_keys = ["instruction", "processing_kwargs"]
     save_in_root = True
 
@@ -97,7 +104,7 @@ class CREMSentenceEmbedding(InputModule):
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
         if isinstance(inputs.get("pixel_values"), torch.Tensor):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        features["sentence_embedding"] = self.model.get_embedding(**inputs)
+        features["sentence_embedding"] = self.model.get_embedding(**inputs, dim=kwargs.get("dim"))
         return features
 
     # ------------------------------------------------------------------ save / load

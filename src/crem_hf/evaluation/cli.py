@@ -5,6 +5,7 @@ or a plain checkpoint of one of them (converted on the fly, chorus tokens added)
 
 crem-eval mmeb --model out/ --data MMEB-eval/ --subsets ImageNet-1K N24News --image-root images/ --output-dir res/
 crem-eval retrieval --model out/ --data flickr_test.jsonl --image-root images/ --output res/flickr.json
+crem-eval retrieval ... --dim 256     (a Matryoshka size the model was trained for: config.matryoshka_dims)
 crem-eval compositional --model out/ --data sugarcrepe_swap.jsonl --output res/swap.json
 crem-eval generation --model out/ --data qa.jsonl --compress --output res/qa_compressed.json
 
@@ -54,6 +55,10 @@ def build_parser() -> ArgumentParser:
         command.add_argument("--image-root", default=None)
         command.add_argument("--batch-size", type=positive_int, default=32)
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        if name != "generation":
+            command.add_argument(
+                "--dim", type=positive_int, default=None, help="Matryoshka embedding size (default: the full one)"
+            )
         if name == "mmeb":
             command.add_argument("--subsets", nargs="+", required=True)
             command.add_argument("--output-dir", default=None)
@@ -82,20 +87,26 @@ def evaluate(args: argparse.Namespace) -> dict:
         rows = load_caption_rows(args.data, ROW_FIELDS[args.command], args.image_root)
 
     model, processor = load_crem(args.model)
+    dim = getattr(args, "dim", None)
+    model.config.check_embedding_dim(dim)  # before the model moves or anything is encoded
     model = model.to(args.device).eval()
     if args.command == "mmeb":
         output_dir = args.output_dir if main_process else None
-        results = evaluate_mmeb(model, processor, args.data, args.subsets, args.image_root, output_dir, args.batch_size)
+        results = evaluate_mmeb(
+            model, processor, args.data, args.subsets, args.image_root, output_dir, args.batch_size, dim=dim
+        )
         scores = {name: subset["precision_at_1"] for name, subset in results["subsets"].items()}
         if main_process:
             print(markdown_table(scores), end="")
         return results
     if args.command == "retrieval":
-        results = evaluate_image_text_retrieval(model, processor, rows, args.batch_size)
+        results = evaluate_image_text_retrieval(model, processor, rows, args.batch_size, dim=dim)
     elif args.command == "compositional":
-        results = evaluate_compositional(model, processor, rows, args.batch_size)
+        results = evaluate_compositional(model, processor, rows, args.batch_size, dim=dim)
     else:
         results = evaluate_generation(model, processor, rows, args.compress, args.batch_size, args.max_new_tokens)
+    if dim is not None:
+        results["embedding_dim"] = dim
     if main_process:
         if args.output:
             write_json_atomically(args.output, results)

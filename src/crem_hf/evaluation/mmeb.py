@@ -189,8 +189,11 @@ def precision_at_1(query_embeddings: torch.Tensor, candidate_embeddings: torch.T
     return sum(correct) / max(len(correct), 1), correct
 
 
-def score_subset(model, processor, rows: list[MMEBRow], batch_size: int = 32, name: str = "") -> dict[str, Any]:
-    """P@1 of one subset; each unique candidate (text, image) is encoded once."""
+def score_subset(
+    model, processor, rows: list[MMEBRow], batch_size: int = 32, name: str = "", dim: int | None = None
+) -> dict[str, Any]:
+    """P@1 of one subset (at the Matryoshka size `dim`, if given); each unique candidate (text, image) is encoded
+    once."""
     unique: dict[tuple[str, str], int] = {}
     candidates = []
     for row in rows:
@@ -198,7 +201,13 @@ def score_subset(model, processor, rows: list[MMEBRow], batch_size: int = 32, na
         candidates.append([unique.setdefault(pair, len(unique)) for pair in pairs])
     items = list(unique)
     candidate_embeddings = encode_items(
-        model, processor, [t for t, _ in items], [i for _, i in items], batch_size=batch_size, desc=f"{name} candidates"
+        model,
+        processor,
+        [t for t, _ in items],
+        [i for _, i in items],
+        batch_size=batch_size,
+        desc=f"{name} candidates",
+        dim=dim,
     )
     query_embeddings = encode_items(
         model,
@@ -207,6 +216,7 @@ def score_subset(model, processor, rows: list[MMEBRow], batch_size: int = 32, na
         [r.query_image for r in rows],
         batch_size=batch_size,
         desc=f"{name} queries",
+        dim=dim,
     )
     precision, _ = precision_at_1(query_embeddings, candidate_embeddings, candidates)
     return {"precision_at_1": precision, "num_queries": len(rows), "num_unique_candidates": len(items)}
@@ -259,12 +269,14 @@ def evaluate_mmeb(
     output_dir: str | os.PathLike | None = None,
     batch_size: int = 32,
     registry: dict[str, tuple[str, bool]] | None = None,
+    dim: int | None = None,
 ) -> dict[str, Any]:
     """
-    Evaluate subsets and, with `output_dir`, write `mmeb_results.json` and `mmeb_results.md`. The output folder is
-    checked first and every subset read and checked before any is scored; the two files are written together and
-    atomically at the end (`write_files_atomically`), so an interrupted or failed run never overwrites finished
-    results and the table never sits beside another run's results.
+    Evaluate subsets (at the Matryoshka embedding size `dim`, recorded as `embedding_dim`, if given) and, with
+    `output_dir`, write `mmeb_results.json` and `mmeb_results.md`. The output folder is checked first and every
+    subset read and checked before any is scored; the two files are written together and atomically at the end
+    (`write_files_atomically`), so an interrupted or failed run never overwrites finished results and the table
+    never sits beside another run's results.
     """
     registry = registry if registry is not None else MMEB_DATASETS
     unknown = [s for s in subsets if s not in registry]
@@ -277,13 +289,18 @@ def evaluate_mmeb(
         )
     if output_dir is not None:
         check_writable_folder(output_dir, MMEB_RESULT_FILES)
+    model.config.check_embedding_dim(dim)
     loaded = {subset: load_mmeb_subset(source, subset, image_root) for subset in subsets}
-    per_subset = {subset: score_subset(model, processor, rows, batch_size, subset) for subset, rows in loaded.items()}
+    per_subset = {
+        subset: score_subset(model, processor, rows, batch_size, subset, dim) for subset, rows in loaded.items()
+    }
     scores = {subset: result["precision_at_1"] for subset, result in per_subset.items()}
     results = {
         "subsets": {s: {**r, "meta_task": registry[s][0], "ood": registry[s][1]} for s, r in per_subset.items()},
         "summary": summarize(scores, registry),
     }
+    if dim is not None:
+        results["embedding_dim"] = dim
     if output_dir is not None:
         json_path, table_path = (os.path.join(output_dir, name) for name in MMEB_RESULT_FILES)
         # One write for both, so the folder never shows a table beside another run's results.

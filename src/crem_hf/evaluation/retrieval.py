@@ -3,6 +3,7 @@ SugarCrepe-style compositional accuracy (the true caption must outscore a pertur
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -61,37 +62,45 @@ def recall_at_k(scores: torch.Tensor, relevant: list[set[int]], ks=RECALL_KS) ->
     return out
 
 
-def evaluate_image_text_retrieval(model, processor, rows: list[dict], batch_size: int = 32) -> dict[str, float]:
+def evaluate_image_text_retrieval(
+    model, processor, rows: list[dict], batch_size: int = 32, dim: int | None = None
+) -> dict[str, float]:
     """
     Rows `{"image": path, "captions": [str, ...]}`. Text-to-image: each caption against all images; image-to-text:
     each image against all captions (any of its own counts). Returns `t2i_R@k` and `i2t_R@k` for k in 1, 5, 10.
+    With `dim`, at that Matryoshka embedding size.
     """
+    model.config.check_embedding_dim(dim)
+    encode = functools.partial(encode_items, dim=dim)
     captions = [c for row in rows for c in row["captions"]]
     owner = [i for i, row in enumerate(rows) for _ in row["captions"]]
     images = [row["image"] for row in rows]
-    caption_queries = encode_items(
+    caption_queries = encode(
         model, processor, captions, [None] * len(captions), T2I_INSTRUCTION, batch_size, "t2i queries"
     )
     # No instruction: the processor gives an image without one its `image_instruction` (MMEB's for image targets).
-    image_targets = encode_items(model, processor, [None] * len(images), images, None, batch_size, "t2i images")
-    image_queries = encode_items(
-        model, processor, [None] * len(images), images, I2T_INSTRUCTION, batch_size, "i2t queries"
-    )
-    caption_targets = encode_items(model, processor, captions, [None] * len(captions), None, batch_size, "i2t captions")
+    image_targets = encode(model, processor, [None] * len(images), images, None, batch_size, "t2i images")
+    image_queries = encode(model, processor, [None] * len(images), images, I2T_INSTRUCTION, batch_size, "i2t queries")
+    caption_targets = encode(model, processor, captions, [None] * len(captions), None, batch_size, "i2t captions")
     t2i = recall_at_k(caption_queries @ image_targets.T, [{o} for o in owner])
     own = [{j for j, o in enumerate(owner) if o == i} for i in range(len(rows))]
     i2t = recall_at_k(image_queries @ caption_targets.T, own)
     return {**{f"t2i_R@{k}": v for k, v in t2i.items()}, **{f"i2t_R@{k}": v for k, v in i2t.items()}}
 
 
-def evaluate_compositional(model, processor, rows: list[dict], batch_size: int = 32) -> dict[str, Any]:
-    """Rows `{"image", "caption", "negative_caption"}`: the fraction where the caption outscores the negative."""
+def evaluate_compositional(
+    model, processor, rows: list[dict], batch_size: int = 32, dim: int | None = None
+) -> dict[str, Any]:
+    """
+    Rows `{"image", "caption", "negative_caption"}`: the fraction where the caption outscores the negative (with
+    `dim`, at that Matryoshka embedding size).
+    """
+    model.config.check_embedding_dim(dim)
+    encode = functools.partial(encode_items, dim=dim)
     images = [row["image"] for row in rows]
-    image_queries = encode_items(model, processor, [None] * len(images), images, I2T_INSTRUCTION, batch_size, "images")
-    positives = encode_items(
-        model, processor, [r["caption"] for r in rows], [None] * len(rows), None, batch_size, "captions"
-    )
-    negatives = encode_items(
+    image_queries = encode(model, processor, [None] * len(images), images, I2T_INSTRUCTION, batch_size, "images")
+    positives = encode(model, processor, [r["caption"] for r in rows], [None] * len(rows), None, batch_size, "captions")
+    negatives = encode(
         model, processor, [r["negative_caption"] for r in rows], [None] * len(rows), None, batch_size, "negatives"
     )
     wins = (image_queries * positives).sum(-1) > (image_queries * negatives).sum(-1)

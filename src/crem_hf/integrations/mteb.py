@@ -151,6 +151,7 @@ class CREMEncoder(AbsEncoder):
         batch_size: items per forward; `None` takes mteb's `encode_kwargs["batch_size"]`.
         meta: the `ModelMeta` to report; default: one built from the model's config under `name`.
         name: the model name ("organization/model") of the default `meta`.
+        dim: the Matryoshka embedding size to encode at (one of `config.matryoshka_dims`); default: the full one.
     """
 
     def __init__(
@@ -162,6 +163,7 @@ class CREMEncoder(AbsEncoder):
         batch_size: int | None = None,
         meta: ModelMeta | None = None,
         name: str = "local/crem",
+        dim: int | None = None,
     ) -> None:
         super().__init__()
         if not hasattr(model, "get_embedding") or not hasattr(processor, "process_embedding_inputs"):
@@ -171,11 +173,13 @@ class CREMEncoder(AbsEncoder):
             )
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        self.dim = model.config.check_embedding_dim(dim)
         self.model = model.eval()
         self.processor = processor
         self.model_prompts = self.validate_task_to_prompt_name(dict(prompts)) if prompts else None
         self.batch_size = batch_size
-        self.mteb_model_meta = meta if meta is not None else _meta_from_config(model.config, name, None)
+        at_dim = {"embed_dim": dim} if dim is not None else {}
+        self.mteb_model_meta = meta if meta is not None else _meta_from_config(model.config, name, None, **at_dim)
 
     def get_instruction(self, task_metadata: TaskMetadata, prompt_type: PromptType | None) -> str:
         """The CREM instruction for `prompt_type` items of a task (order in the class docstring); `""`: none."""
@@ -206,8 +210,8 @@ class CREMEncoder(AbsEncoder):
         Embed every item of mteb's loader (batches of `{"text": [...], "image": [...], ...}`).
 
         Returns:
-            `(num_items, hidden_size)` float32 embeddings (L2-normalised unless the config says otherwise), in the
-            loader's order.
+            `(num_items, dim or hidden_size)` float32 embeddings (L2-normalised unless the config says otherwise),
+            in the loader's order.
         Raises:
             ValueError: an item with neither text nor image, an image of an unsupported type, or an audio / video
                 input (named by task, split and item).
@@ -228,7 +232,7 @@ class CREMEncoder(AbsEncoder):
         if texts:
             out.append(self._encode_window(texts, images, instruction, task_metadata, prompt_type, batch_size))
         if not out:
-            return np.zeros((0, self.model.config.text_config.hidden_size), dtype=np.float32)
+            return np.zeros((0, self.dim or self.model.config.text_config.hidden_size), dtype=np.float32)
         return torch.cat(out).numpy()
 
     @staticmethod
@@ -266,7 +270,9 @@ class CREMEncoder(AbsEncoder):
         # targets (no instruction, as in MMEB), recognised by carrying no image.
         if prompt_type is None and task_metadata.type == "ZeroShotClassification" and not any(images):
             instruction = None
-        return encode_items(self.model, self.processor, texts, images, instruction, batch_size, show_progress=False)
+        return encode_items(
+            self.model, self.processor, texts, images, instruction, batch_size, show_progress=False, dim=self.dim
+        )
 
 
 class CREMModelMeta(ModelMeta):
@@ -285,6 +291,7 @@ def load_crem_encoder(
     device: str | None = None,
     prompts: Mapping[str, str] | None = None,
     batch_size: int | None = None,
+    dim: int | None = None,
     **from_pretrained_kwargs,
 ) -> CREMEncoder:
     """
@@ -302,7 +309,7 @@ def load_crem_encoder(
         source = snapshot_download(model_name, revision=revision)
     model, processor = load_crem(source, **from_pretrained_kwargs)
     model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return CREMEncoder(model, processor, prompts=prompts, batch_size=batch_size, name=model_name)
+    return CREMEncoder(model, processor, prompts=prompts, batch_size=batch_size, name=model_name, dim=dim)
 
 
 def _count_parameters(folder: str) -> tuple[int | None, float | None]:

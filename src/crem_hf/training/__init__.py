@@ -9,7 +9,7 @@ from .builder import build_trainer
 from .collator import CREMCollator
 from .data import MixedStepDataset, SkipReport, load_conversations, load_retrieval_pairs
 from .lora import apply_lora
-from .losses import ContrastiveOutput, InfoNCELoss
+from .losses import ContrastiveOutput, InfoNCELoss, MatryoshkaInfoNCELoss
 from .run_log import whole_run_loss
 from .trainer import CREMTrainer, CREMTrainingArguments
 
@@ -20,6 +20,7 @@ __all__ = [
     "CREMTrainingArguments",
     "GenerationBatch",
     "InfoNCELoss",
+    "MatryoshkaInfoNCELoss",
     "MixedStepDataset",
     "RetrievalBatch",
     "SkipReport",

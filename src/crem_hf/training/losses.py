@@ -3,6 +3,7 @@ positions only."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -11,7 +12,14 @@ from torch import nn
 
 from .distributed import all_gather_no_grad, all_gather_with_grad, rank
 
-__all__ = ["InfoNCELoss", "ContrastiveOutput", "check_temperature"]
+__all__ = [
+    "ContrastiveOutput",
+    "GatheredTargets",
+    "InfoNCELoss",
+    "MatryoshkaInfoNCELoss",
+    "MatryoshkaOutput",
+    "check_temperature",
+]
 
 
 def check_temperature(temperature: float) -> float:
@@ -26,6 +34,19 @@ class ContrastiveOutput(NamedTuple):
 
     loss: torch.Tensor
     accuracy: torch.Tensor
+
+
+class GatheredTargets(NamedTuple):
+    """
+    What one process scores its queries against: the global batch's targets `(num_targets, hidden)` (with a
+    graph to every process's share), each query's positive `(batch_size,)` and the optional content keys.
+    """
+
+    targets: torch.Tensor
+    positive_index: torch.Tensor
+    keys: torch.Tensor | None
+    query_keys: torch.Tensor | None
+    all_query_keys: torch.Tensor | None
 
 
 class InfoNCELoss(nn.Module):
@@ -93,6 +114,19 @@ class InfoNCELoss(nn.Module):
         Returns:
             [`ContrastiveOutput`]: the mean loss over this process's queries and the in-batch accuracy.
         """
+        gathered = self.gather(queries, positives, negatives, positive_keys, negative_keys, query_keys)
+        return self.gathered_loss(queries, gathered)
+
+    @staticmethod
+    def gather(
+        queries: torch.Tensor,
+        positives: torch.Tensor,
+        negatives: torch.Tensor | None = None,
+        positive_keys: torch.Tensor | None = None,
+        negative_keys: torch.Tensor | None = None,
+        query_keys: torch.Tensor | None = None,
+    ) -> GatheredTargets:
+        """The global batch's targets and keys (one all-gather each; see `forward` for the arguments)."""
         targets = all_gather_with_grad(positives)
         keys = all_gather_no_grad(positive_keys) if positive_keys is not None else None
         if negatives is not None and negatives.shape[0] > 0:
@@ -102,7 +136,87 @@ class InfoNCELoss(nn.Module):
         # This process's positives sit at its rank's offset in the gathered targets.
         positive_index = rank() * queries.shape[0] + torch.arange(queries.shape[0], device=queries.device)
         all_query_keys = all_gather_no_grad(query_keys) if query_keys is not None else None
-        logits = self.scores(queries, targets, positive_index, keys, query_keys, all_query_keys)
-        loss = F.cross_entropy(logits, positive_index)
-        accuracy = (logits.argmax(-1) == positive_index).float().mean().detach()
+        return GatheredTargets(targets, positive_index, keys, query_keys, all_query_keys)
+
+    def gathered_loss(
+        self, queries: torch.Tensor, gathered: GatheredTargets, dim: int | None = None
+    ) -> ContrastiveOutput:
+        """
+        The loss of `queries` `(batch_size, hidden)` against gathered targets, on the first `dim` components of
+        both (re-normalised in `scores`), or on all of them.
+        """
+        targets = gathered.targets if dim is None else gathered.targets[:, :dim]
+        queries = queries if dim is None else queries[:, :dim]
+        logits = self.scores(
+            queries, targets, gathered.positive_index, gathered.keys, gathered.query_keys, gathered.all_query_keys
+        )
+        loss = F.cross_entropy(logits, gathered.positive_index)
+        accuracy = (logits.argmax(-1) == gathered.positive_index).float().mean().detach()
         return ContrastiveOutput(loss, accuracy)
+
+
+class MatryoshkaOutput(NamedTuple):
+    """
+    The weighted mean over dims of the InfoNCE losses `()`, the in-batch accuracy at the largest dim `()`, and per
+    dim (in the order of `dims`) the loss and the accuracy, detached.
+    """
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    dim_losses: tuple[torch.Tensor, ...]
+    dim_accuracies: tuple[torch.Tensor, ...]
+
+
+class MatryoshkaInfoNCELoss(nn.Module):
+    """
+    InfoNCE over Matryoshka prefixes: for each `d` of `dims`, [`InfoNCELoss`] on the first `d` components of every
+    query and target, re-normalised (so each prefix is an embedding of its own); the loss is the weighted mean
+    `sum_d w_d * L_d / sum_d w_d`.
+
+    A mean, not a sum (sentence-transformers' `MatryoshkaLoss` sums): the loss keeps the scale of the plain InfoNCE
+    whatever the number of dims, so `alpha_r` / `alpha_g`, the learning rate and the logged losses mean what they
+    mean without dims; with `dims=[hidden_size]` it is the plain InfoNCE.
+
+    The targets are gathered across processes once, at full width, and cut per dim; the loss is a function of the
+    full embeddings, so the gradient cache (which differentiates it with respect to them) stays exact.
+
+    Args:
+        temperature: softmax temperature, > 0.
+        dims: the prefix lengths, strictly increasing, each > 0 (checked against the hidden size by the trainer).
+        weights: one weight >= 0 per dim, not all 0; default: all 1.
+    """
+
+    def __init__(self, temperature: float, dims: Sequence[int], weights: Sequence[float] | None = None):
+        super().__init__()
+        self.infonce = InfoNCELoss(temperature)
+        self.dims = [int(d) for d in dims]
+        increasing = all(a < b for a, b in zip(self.dims, self.dims[1:], strict=False))
+        if not self.dims or self.dims[0] <= 0 or not increasing:
+            raise ValueError(f"dims must be positive and strictly increasing, got {list(dims)}.")
+        self.weights = [1.0] * len(self.dims) if weights is None else [float(w) for w in weights]
+        if len(self.weights) != len(self.dims):
+            raise ValueError(f"Got {len(self.weights)} weights for {len(self.dims)} dims {self.dims}.")
+        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise ValueError(f"weights must be >= 0 and not all 0, got {self.weights}.")
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        positives: torch.Tensor,
+        negatives: torch.Tensor | None = None,
+        positive_keys: torch.Tensor | None = None,
+        negative_keys: torch.Tensor | None = None,
+        query_keys: torch.Tensor | None = None,
+    ) -> MatryoshkaOutput:
+        """As [`InfoNCELoss.forward`]; the embeddings `(batch_size, hidden)` must be at least `dims[-1]` wide."""
+        if queries.shape[-1] < self.dims[-1]:
+            raise ValueError(f"Matryoshka dim {self.dims[-1]} is larger than the embeddings ({queries.shape[-1]}).")
+        gathered = self.infonce.gather(queries, positives, negatives, positive_keys, negative_keys, query_keys)
+        outputs = [self.infonce.gathered_loss(queries, gathered, dim) for dim in self.dims]
+        total = sum(w * out.loss for w, out in zip(self.weights, outputs, strict=True)) / sum(self.weights)
+        return MatryoshkaOutput(
+            total,
+            outputs[-1].accuracy,
+            tuple(out.loss.detach() for out in outputs),
+            tuple(out.accuracy for out in outputs),
+        )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,14 +13,18 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ..configuration_crem import IGNORE_INDEX
+from ..configuration_crem import IGNORE_INDEX, check_matryoshka_dims
+from ..io import write_json_atomically
+from ..loading import ADAPTER_CREM_SETTINGS
 from .batch import GenerationBatch, RetrievalBatch, StepBatch
 from .collator import check_compress_probability
 from .distributed import all_reduce_sum, world_size
-from .losses import InfoNCELoss, check_temperature
+from .losses import InfoNCELoss, MatryoshkaInfoNCELoss, MatryoshkaOutput, check_temperature
 from .run_log import LogAtCheckpointsCallback
 
 __all__ = ["CREMTrainer", "CREMTrainingArguments", "split_embedding_batch"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +49,17 @@ class CREMTrainingArguments(TrainingArguments):
         },
     )
     temperature: float = field(default=0.02, metadata={"help": "InfoNCE softmax temperature over cosine similarities."})
+    matryoshka_dims: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Matryoshka embedding sizes, strictly increasing, e.g. 64 128 256 512 full ('full': the hidden "
+            "size, last only): the contrastive loss is the mean of InfoNCE over each re-normalised prefix. The "
+            "trained model's config records them. Default: the full embedding only."
+        },
+    )
+    matryoshka_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight >= 0 per Matryoshka dim (default: all 1; the loss is their mean)."}
+    )
     alpha_r: float = field(default=1.0, metadata={"help": "Weight of the contrastive loss."})
     alpha_g: float = field(default=0.5, metadata={"help": "Weight of the LM loss."})
     compress_probability: float = field(default=0.5, metadata={"help": "p: chance a generation sample is compressed."})
@@ -61,6 +79,18 @@ class CREMTrainingArguments(TrainingArguments):
                 "gradient_cache_chunk_size must be > 0 (or None to turn the gradient cache off), got "
                 f"{self.gradient_cache_chunk_size}."
             )
+        if self.matryoshka_dims is not None:
+            # The order, sign and spelling of the dims; their bound (the hidden size) is the model's, checked by the
+            # trainer.
+            check_matryoshka_dims(self.matryoshka_dims, sys.maxsize, "matryoshka_dims")
+        if self.matryoshka_weights is not None:
+            if self.matryoshka_dims is None or len(self.matryoshka_weights) != len(self.matryoshka_dims):
+                raise ValueError(
+                    f"matryoshka_weights needs one weight per matryoshka_dims entry, got {self.matryoshka_weights} "
+                    f"for {self.matryoshka_dims}."
+                )
+            if any(w < 0 for w in self.matryoshka_weights) or sum(self.matryoshka_weights) <= 0:
+                raise ValueError(f"matryoshka_weights must be >= 0 and not all 0, got {self.matryoshka_weights}.")
         if self.alpha_r < 0 or self.alpha_g < 0 or self.alpha_r + self.alpha_g == 0:
             raise ValueError(f"alpha_r and alpha_g must be >= 0 and not both 0, got {self.alpha_r}, {self.alpha_g}.")
         if self.retrieval_batch_size < 0 or self.generation_batch_size < 0:
@@ -144,11 +174,46 @@ class CREMTrainer(Trainer):
             raise TypeError("CREMTrainer needs CREMTrainingArguments.")
         if self.args.n_gpu > 1:
             raise ValueError("CREMTrainer does not support DataParallel; launch one process per GPU with torchrun.")
-        self.contrastive = InfoNCELoss(self.args.temperature)
+        self.matryoshka_dims = self._record_matryoshka_dims()
+        if self.matryoshka_dims is None:
+            self.contrastive = InfoNCELoss(self.args.temperature)
+        else:
+            self.contrastive = MatryoshkaInfoNCELoss(
+                self.args.temperature, self.matryoshka_dims, self.args.matryoshka_weights
+            )
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_steps = 0
         # Log entries at every checkpoint and at the end, so the log history gives the whole run's loss.
         self.add_callback(LogAtCheckpointsCallback)
+
+    def _record_matryoshka_dims(self) -> list[int] | None:
+        """
+        The run's Matryoshka dims as ints (checked against the model's hidden size), written into the model's config
+        so that every save records what the model was trained for.
+        """
+        config = self.accelerator.unwrap_model(self.model).config
+        dims = self.args.matryoshka_dims
+        if dims is not None:
+            dims = check_matryoshka_dims(dims, config.text_config.hidden_size, "--matryoshka_dims")
+        elif getattr(config, "matryoshka_dims", None):
+            logger.warning(
+                "The model was trained for Matryoshka dims %s; this run trains the full embedding only, so its "
+                "config will no longer list them.",
+                config.matryoshka_dims,
+            )
+        config.matryoshka_dims = dims
+        return dims
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """
+        As the Trainer saves, plus, for an adapter (which holds no config.json), the CREM config fields the run
+        set (`matryoshka_dims`) in `ADAPTER_CREM_SETTINGS`, which `load_crem` applies to the base.
+        """
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save and os.path.isfile(os.path.join(output_dir, "adapter_config.json")):
+            settings = {"matryoshka_dims": self.matryoshka_dims}
+            write_json_atomically(os.path.join(output_dir, ADAPTER_CREM_SETTINGS), settings)
 
     # ------------------------------------------------------------------ loss
 
@@ -176,6 +241,7 @@ class CREMTrainer(Trainer):
         if chunk_size is None or chunk_size >= largest:
             embeddings = {s: self._embed(model, inputs[s]) for s in sides}
             out = self.contrastive(embeddings["query"], embeddings["target"], embeddings.get("negative"), **keys)
+            self._record_dims(out)
             return out.loss, out.accuracy, []
         vision_start = self._vision_start_id(model)
         chunks, states, cached = {}, {}, {}
@@ -189,6 +255,7 @@ class CREMTrainer(Trainer):
                     reps.append(self._embed(model, chunk))
                 cached[side] = torch.cat(reps).detach().requires_grad_()
         out = self.contrastive(cached["query"], cached["target"], cached.get("negative"), **keys)
+        self._record_dims(out)
         # Gradient of the loss with respect to every embedding: no parameters are involved yet.
         out.loss.backward()
         terms = []
@@ -197,6 +264,13 @@ class CREMTrainer(Trainer):
             for chunk, state, gradient in zip(chunks[side], states[side], gradients, strict=True):
                 terms.append(self._cached_term(model, chunk, state, gradient))
         return out.loss.detach(), out.accuracy, terms
+
+    def _record_dims(self, out) -> None:
+        """Log the loss and accuracy at each Matryoshka dim (`contrastive_loss_d64`, `retrieval_accuracy_d64`)."""
+        if isinstance(out, MatryoshkaOutput):
+            for dim, loss, accuracy in zip(self.matryoshka_dims, out.dim_losses, out.dim_accuracies, strict=True):
+                self._record(f"contrastive_loss_d{dim}", loss)
+                self._record(f"retrieval_accuracy_d{dim}", accuracy)
 
     def _cached_term(self, model, chunk: dict, state: _RandomState, gradient: torch.Tensor) -> Callable:
         def term() -> torch.Tensor:
