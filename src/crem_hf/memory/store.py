@@ -931,7 +931,7 @@ class CREMMemory:
             # Hamming candidates (all rows for an exact search), re-scored below from the stored float32 vectors.
             pool = rows if exact else min(rows, rescore_factor * k)
             query = query.bypass_vector_index() if exact else query
-            found = query.select([*columns, "vector", SEARCH_COLUMN]).limit(pool).to_arrow()
+            found = query.select([*columns, "_distance", "vector", SEARCH_COLUMN]).limit(pool).to_arrow()
         else:
             if exact:
                 query = query.bypass_vector_index()
