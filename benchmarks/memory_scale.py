@@ -8,11 +8,18 @@ vectors are generated, independent of LanceDB), the planted neighbour found at r
 one context by id (the query `CREMMemory.contexts` runs, served by the id index: its plan is checked), and the index
 build times.
 
+Part `formats`: the search layouts of `search_formats.py` at each size, one memory per layout holding the same
+synthetic items: float32 at the full 1536 dims, float32 truncated to 256 (Matryoshka), int8 (IVF-SQ) and binary
+(sign bits, Hamming IVF_FLAT), the quantised ones re-scored exactly. For each: disk size, index size and build time,
+ANN search p50/p95, recall@10 against the exact full-dim scan and against the exact scan at the layout's own dim
+(both numpy oracles), and the planted neighbour at rank 1.
+
 Part `throughput`: answers per second from stored contexts (`CREMMemory.ask_many`) against answers from the images
 (`generate`, native and `compress=True`) at batch 1 / 8 / 32, on the benchmark model of benchmarks/memory.py (the
 Qwen2-VL-2B KV geometry, small MLP and vision tower on CPU).
 
 Not in CI. Run: python benchmarks/memory_scale.py --part search [--rows 10000 100000 1000000]
+              python benchmarks/memory_scale.py --part formats [--rows 10000 100000]
               python benchmarks/memory_scale.py --part throughput [--batches 1 8 32]
 """
 
@@ -34,6 +41,7 @@ from memory import build_qwen2vl_2b, disk_bytes
 
 from crem_hf.io import write_json_atomically, write_text_atomically
 from crem_hf.memory import CREMMemory
+from crem_hf.memory.search_formats import SearchLayout, truncate
 from crem_hf.testing import make_tiny_crem, make_tiny_processor
 
 DIM = 1536
@@ -55,15 +63,19 @@ def chunk_vectors(start: int, count: int) -> np.ndarray:
     return points / np.linalg.norm(points, axis=1, keepdims=True)
 
 
-def chunk_table(start: int, vectors: np.ndarray, schema: pa.Schema, context_bytes: int) -> pa.Table:
-    """Rows of the memory's items schema: random context bytes of `context_bytes` each, with their checksums."""
+def chunk_table(
+    start: int, vectors: np.ndarray, schema: pa.Schema, context_bytes: int, layout: SearchLayout | None = None
+) -> pa.Table:
+    """Rows of the memory's items schema: random context bytes of `context_bytes` each, with their checksums, and
+    the embedding columns the memory's search layout makes of `vectors` (its own `columns`, as `add` writes them)."""
     count = len(vectors)
     rng = np.random.default_rng((SEED + 1, start))
     blob = rng.bytes(count * context_bytes)
     contexts = [blob[i * context_bytes : (i + 1) * context_bytes] for i in range(count)]
+    layout = layout or SearchLayout(format="float32", dim=DIM, hidden_size=DIM)
     columns = {
         "id": pa.array([f"item-{start + i}" for i in range(count)], pa.string()),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), DIM),
+        **layout.columns(vectors),
         "context": pa.array(contexts, pa.large_binary()),
         "context_sha256": pa.array([hashlib.sha256(c).hexdigest() for c in contexts], pa.string()),
         "context_ids": pa.array([[]] * count, pa.list_(pa.int32())),
@@ -234,6 +246,145 @@ def write_results(args, rows: list[dict], log: list[dict], seconds: float) -> No
     write_json_atomically(os.path.join(args.output_dir, "memory_scale.json"), json.loads(json.dumps(payload)))
 
 
+# ---------------------------------------------------------------------------------------------------- formats
+
+#: The search layouts compared: (label, vector_format, vector_dim, full_vectors).
+LAYOUTS = [
+    ("float32, 1536", "float32", DIM, True),
+    ("float32, 256 (truncated)", "float32", 256, True),
+    ("float32, 256, no full vectors", "float32", 256, False),
+    ("int8, 1536", "int8", DIM, True),
+    ("binary, 1536", "binary", DIM, True),
+]
+
+
+def formats_part(args) -> dict:
+    work = args.work_dir
+    shutil.rmtree(work, ignore_errors=True)
+    processor = make_tiny_processor()
+    model = make_tiny_crem(processor, hidden_size=DIM, num_layers=1, num_heads=12)
+    model.config.matryoshka_dims = [256]  # as a model trained with a 256-dim Matryoshka prefix
+    memories = {
+        label: CREMMemory.open(
+            os.path.join(work, f"{fmt}-{dim}-{full}"),
+            model,
+            processor,
+            create=True,
+            vector_format=fmt,
+            vector_dim=dim,
+            full_vectors=full,
+        )
+        for label, fmt, dim, full in LAYOUTS
+    }
+    rng = np.random.default_rng(SEED + 2)
+    first = chunk_vectors(0, CHUNK)
+    planted = rng.choice(CHUNK, size=args.queries, replace=False)
+    noisy = first[planted] + PLANT_NOISE * rng.standard_normal((args.queries, DIM), dtype=np.float32) / np.sqrt(DIM)
+    queries = noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+    # Oracles: the exact top 10 at the full dim, and at each truncated dim (queries and rows truncated alike).
+    dims = sorted({dim for _, _, dim, _ in LAYOUTS})
+    oracles = {dim: ExactTopK(truncate(queries, dim), 10) for dim in dims}
+    rows, written, log = [], 0, []
+    started = time.perf_counter()
+    for size in sorted(args.rows):
+        write_s = dict.fromkeys(memories, 0.0)
+        while written < size:
+            count = min(CHUNK, size - written)
+            vectors = first if written == 0 else chunk_vectors(written, count)
+            for label, memory in memories.items():
+                t = time.perf_counter()
+                memory.items.add(
+                    chunk_table(written, vectors, memory.items.schema, args.format_context_bytes, memory.search_layout)
+                )
+                write_s[label] += time.perf_counter() - t
+            for dim, oracle in oracles.items():
+                oracle.update(written, truncate(vectors, dim))
+            written += count
+        print(f"[{time.perf_counter() - started:.0f}s] wrote {written} rows to each memory", flush=True)
+        for label, memory in memories.items():
+            layout = memory.search_layout
+            start = time.perf_counter()
+            memory.build_ann_index()
+            build_s = time.perf_counter() - start
+            folder = os.path.join(memory.uri, "items.lance")
+            memory.search_vector(queries[0], k=10)  # warm-up
+            times, found = [], []
+            for query in queries:
+                t = time.perf_counter()
+                hits = memory.search_vector(query, k=10)
+                times.append(time.perf_counter() - t)
+                found.append([hit.id for hit in hits])
+            full, own = oracles[DIM].ids(), oracles[layout.dim].ids()
+            search_bytes = sum(f.type.list_size * f.type.value_type.bit_width // 8 for f in layout.fields())
+            row = {
+                "items": size,
+                "layout": label,
+                "search column": layout.column,
+                "vector bytes / item": search_bytes,
+                "disk, items table (GiB)": disk_bytes(folder) / 2**30,
+                "ANN index (MiB)": disk_bytes(os.path.join(folder, "_indices")) / 2**20,
+                "index build (s)": build_s,
+                "write (s)": write_s[label],
+                "ANN search p50 (ms)": percentiles(times)[0],
+                "ANN search p95 (ms)": percentiles(times)[1],
+                "recall@10 vs exact full-dim scan": statistics.mean(
+                    len(set(a) & set(e)) / 10 for a, e in zip(found, full, strict=True)
+                ),
+                "recall@10 vs exact scan at its dim": statistics.mean(
+                    len(set(a) & set(e)) / 10 for a, e in zip(found, own, strict=True)
+                ),
+                "planted item at rank 1": statistics.mean(
+                    a[0] == f"item-{p}" for a, p in zip(found, planted, strict=True)
+                ),
+            }
+            rows.append(row)
+            log.append({"items": size, "layout": label, "indices": [str(i) for i in memory.items.list_indices()]})
+            print(f"[{time.perf_counter() - started:.0f}s] {json.dumps(row)}", flush=True)
+            write_format_results(args, rows, log, time.perf_counter() - started)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"rows": rows}
+
+
+def write_format_results(args, rows: list[dict], log: list[dict], seconds: float) -> None:
+    """Rewrite the formats report after each layout and size (a run stopped early keeps what it measured)."""
+    load = os.getloadavg()
+    header = (
+        f"### memory_scale: search formats (truncated / int8 / binary, re-scored) at 10^4-10^5 items\n\n"
+        f"Machine: {machine()}; lancedb {lancedb.__version__}; load average now {load[0]:.2f}/{load[1]:.2f}/"
+        f"{load[2]:.2f}; run so far {seconds:.0f} s.\n\n"
+    )
+    note = (
+        f"One `CREMMemory` per search layout (`CREMMemory.open(..., vector_format=, vector_dim=)`, a tiny CREM model "
+        f"of hidden size {DIM} whose config lists the Matryoshka dim 256), each holding the same synthetic items, "
+        f"written in chunks of {CHUNK:,} rows through the layout's own `SearchLayout.columns` (the columns `add` "
+        f"writes): random unit vectors of {DIM} dims (seed {SEED}; the full float32 vector is kept, the re-scoring "
+        "source, in every layout but `no full vectors`, whose `vector` column holds the 256-dim prefix only) and "
+        f"{args.format_context_bytes:,} random context bytes per item (small here, so that the disk size shows the "
+        "vector columns). Vector bytes / item: the `vector` column plus the search "
+        "column where it is one of its own (`search_vector`: the 256-dim truncated float32 prefix, or the 1536 sign "
+        "bits packed in 192 bytes). ANN index: `build_ann_index()` with sqrt(rows) partitions: IVF-PQ (cosine) for "
+        "float32, IVF-SQ (cosine, 8-bit codes) for int8, IVF_FLAT (hamming, on the sign bits) for binary; "
+        "`search_vector(k=10)` with LanceDB's default probes and the default re-scoring of 10 x k candidates "
+        "(float32 / int8: LanceDB's refine on the float32 column; binary: the memory re-scores the 100 Hamming "
+        "candidates from the stored float32 vectors), so every returned score is an exact cosine at the layout's "
+        f"dim. Queries: {args.queries} planted near-duplicates of items of the first chunk (cosine ~0.9 to their "
+        "item, ~0.1 at most to any other). recall@10 vs exact full-dim scan: overlap with the exact top 10 of a "
+        "numpy oracle over the full 1536-dim vectors; vs exact scan at its dim: with the oracle over the vectors "
+        "and queries truncated to the layout's dim and renormalised (what the layout can reach at best). The other "
+        "9 exact neighbours of a random unit vector are nearly tied (cosine ~0.08), a worst case for every "
+        "quantised or truncated search; random vectors have no Matryoshka structure either (a trained model packs "
+        "the most information into the prefix), so the truncated layout's full-dim recall here is a floor. The "
+        "planted item at rank 1 is the meaningful part for a near-duplicate query. Disk: the apparent size of "
+        "every file of the items table's folder (data, indices, manifests)."
+    )
+    text = header + markdown_rows(rows) + "\n" + note + "\n"
+    os.makedirs(args.output_dir, exist_ok=True)
+    write_text_atomically(os.path.join(args.output_dir, "memory_scale_formats.md"), text)
+    payload = {"name": "memory_scale_formats", "machine": machine(), "args": vars(args), "rows": rows, "log": log}
+    write_json_atomically(os.path.join(args.output_dir, "memory_scale_formats.json"), json.loads(json.dumps(payload)))
+
+
 # ---------------------------------------------------------------------------------------------------- throughput
 
 
@@ -307,9 +458,12 @@ def throughput_part(args) -> dict:
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0])
     parser.set_defaults(dtype="bfloat16", repeats=2)
-    parser.add_argument("--part", choices=["search", "throughput"], required=True)
+    parser.add_argument("--part", choices=["search", "formats", "throughput"], required=True)
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--context-bytes", type=int, default=CONTEXT_BYTES)
+    parser.add_argument(
+        "--format-context-bytes", type=int, default=1024, help="part formats: context bytes of each synthetic item"
+    )
     parser.add_argument("--queries", type=int, default=100, help="planted queries per size (ANN)")
     parser.add_argument("--exact-queries", type=int, default=10, help="of which timed with the exact scan")
     parser.add_argument("--lookups", type=int, default=200, help="point lookups per size")
@@ -322,7 +476,7 @@ def main() -> None:
     args = parser.parse_args()
     if any(size % CHUNK for size in args.rows) or min(args.rows) < CHUNK:
         raise SystemExit(f"--rows must be multiples of {CHUNK}.")
-    search_part(args) if args.part == "search" else throughput_part(args)
+    {"search": search_part, "formats": formats_part, "throughput": throughput_part}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`crem-memory`: index items into a visual memory, search it, ask about the hits from their stored contexts.
 
 crem-memory index --model outputs/main/model --memory scans.lance scans/ [--context-format int8]
+    [--vector-format float32|int8|binary] [--vector-dim 256] [--no-full-vectors]
 crem-memory search --model outputs/main/model --memory scans.lance --text "the digit seven" --k 3
 crem-memory ask --model outputs/main/model --memory scans.lance --text "the digit seven" --question "Which digit?"
 crem-memory ask --model outputs/main/model --memory scans.lance --questions asks.jsonl --output answers.jsonl
@@ -27,6 +28,7 @@ from ..io import (
 )
 from ..loading import load_crem
 from .quantize import CONTEXT_FORMATS
+from .search_formats import VECTOR_FORMATS, SearchLayout, check_rescoring_source
 from .sources import read_source
 from .store import CREMMemory, MemoryHit
 
@@ -62,6 +64,27 @@ def build_parser() -> ArgumentParser:
                 choices=CONTEXT_FORMATS,
                 help="how contexts are stored: model (exact, the model's dtype), int8 or int4 (quantised); default: "
                 "model for a new memory, the memory's own for an existing one",
+            )
+            command.add_argument(
+                "--vector-format",
+                default=None,
+                choices=VECTOR_FORMATS,
+                help="how embeddings are searched: float32, int8 (8-bit index) or binary (sign bits, Hamming), the "
+                "quantised ones re-scored exactly; default: float32 for a new memory, the memory's own otherwise",
+            )
+            command.add_argument(
+                "--vector-dim",
+                type=positive_int,
+                default=None,
+                help="search dim: a Matryoshka dim the model was trained for, or its hidden size (the default)",
+            )
+            command.add_argument(
+                "--no-full-vectors",
+                dest="full_vectors",
+                action="store_const",
+                const=False,
+                default=None,
+                help="keep only the truncated search vectors, no full-precision copy (float32/int8 only)",
             )
             continue
         command.add_argument("--text", default=None, help="query text")
@@ -169,13 +192,23 @@ def run(args: argparse.Namespace) -> object:
     records = None
     if args.command == "index":
         read_source(args.source, args.image_root)
-        if args.context_format is not None:
+        if args.full_vectors is False and args.vector_format is not None:
+            check_rescoring_source(args.vector_format, args.full_vectors)
+        layout = {"format": args.vector_format, "dim": args.vector_dim, "full_vectors": args.full_vectors}
+        if args.context_format is not None or any(value is not None for value in layout.values()):
             try:
-                stored = CREMMemory.describe(args.memory, storage)["context_format"]
+                stored = CREMMemory.describe(args.memory, storage)
             except ValueError:
                 stored = None  # no memory there yet (or not one): `open` creates it or says why it cannot
             if stored is not None:
-                CREMMemory._check_format(args.memory, stored, args.context_format)
+                CREMMemory._check_format(args.memory, stored["context_format"], args.context_format)
+                stored_layout = SearchLayout(
+                    format=stored["vector_format"],
+                    dim=stored["vector_dim"],
+                    hidden_size=stored["model"]["hidden_size"],
+                    full_vectors=stored["full_vectors"],
+                )
+                CREMMemory._check_search_layout(args.memory, stored_layout, layout)
     else:
         if args.command == "ask":
             if (args.question is None) == (args.questions is None):
@@ -199,6 +232,11 @@ def run(args: argparse.Namespace) -> object:
             create=args.command == "index",
             storage_options=storage,
             context_format=args.context_format if args.command == "index" else None,
+            **(
+                {"vector_format": args.vector_format, "vector_dim": args.vector_dim, "full_vectors": args.full_vectors}
+                if args.command == "index"
+                else {}
+            ),
         )
         if args.command == "index":
             report = memory.index(

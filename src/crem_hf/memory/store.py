@@ -6,9 +6,11 @@ stored in one row, the prompt prefix every context shares (system prompt and tur
 Layout of a memory (a LanceDB database: a local folder or any LanceDB URI, e.g. on object storage):
 
 * table `crem_memory`, one row: the format version, the fingerprint of the model that wrote it, the storage format of
-  the contexts (`context_format`: `model`, `int8` or `int4`, see `quantize.py`) and the shared prefix (its exact
-  keys/values, token ids and positions);
-* table `items`, one row per item: `id`, `vector` (the embedding; cosine search), `context` (keys/values of the
+  the contexts (`context_format`: `model`, `int8` or `int4`, see `quantize.py`), the search layout of the embeddings
+  (`vector_format`: `float32`, `int8` or `binary`, `vector_dim` and `full_vectors`, see `search_formats.py`) and the
+  shared prefix (its exact keys/values, token ids and positions);
+* table `items`, one row per item: `id`, `vector` (the embedding; cosine search), `search_vector` (where the search
+  layout needs a column of its own: the truncated and/or binary search vectors), `context` (keys/values of the
   chorus slots, `(layers, 2, kv_heads, num_chorus_tokens, head_dim)` in the model's dtype or quantised with their
   scales, with its SHA-256),
   `context_ids` and `context_positions` (`(3, num_chorus_tokens)` MRoPE positions), and the user's `source`, `text`
@@ -34,6 +36,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import lancedb
+import numpy as np
 import pyarrow as pa
 import torch
 from lancedb.index import BTree
@@ -45,6 +48,7 @@ from .. import parallel
 from ..evaluation.retrieval import T2I_INSTRUCTION
 from ..modeling_crem import CREMCompressedContext
 from .quantize import CONTEXT_FORMATS, check_context_format, decode_context, encode_contexts
+from .search_formats import SEARCH_COLUMN, SearchLayout, check_vector_dim, check_vector_format, trained_dims
 from .sources import MemoryItem, read_source
 
 __all__ = ["CREMMemory", "IndexReport", "MemoryHit", "model_fingerprint"]
@@ -259,6 +263,8 @@ def _read_meta(uri: str, storage_options: dict[str, str] | None) -> tuple[Any, d
             f"{uri} stores its contexts in format {meta['context_format']!r}, which this crem-hf does not read (it "
             f"reads {', '.join(CONTEXT_FORMATS)}). Open it with the crem-hf that wrote it, or re-index it."
         )
+    hidden = json.loads(meta["fingerprint"])["hidden_size"]
+    meta["search_layout"] = SearchLayout.from_meta(meta, hidden, uri)
     if ITEMS_TABLE not in names:
         raise ValueError(f"{uri} is damaged: it has no '{ITEMS_TABLE}' table.")
     return db, meta
@@ -279,6 +285,7 @@ def _describe(uri: str, db, meta: dict) -> dict[str, Any]:
     indices = items.list_indices()
     fingerprint = json.loads(meta["fingerprint"])
     fingerprint.setdefault("backbone", LEGACY_BACKBONE)
+    layout = meta["search_layout"]
     return {
         "uri": uri,
         "backbone": f"{_backbone_title(fingerprint['backbone'])} ({fingerprint['backbone']})",
@@ -289,7 +296,11 @@ def _describe(uri: str, db, meta: dict) -> dict[str, Any]:
         "shared_prefix_slots": len(meta["prefix_ids"]),
         "context_slots_per_item": len(fingerprint["chorus_token_ids"]),
         "context_format": meta["context_format"],
-        "ann_index": any("vector" in index.columns for index in indices),
+        "vector_format": layout.format,
+        "vector_dim": layout.dim,
+        "full_vectors": layout.full_vectors,
+        "search_column": layout.column,
+        "ann_index": any(layout.column in index.columns for index in indices),
         "id_index": any(index.name == ID_INDEX for index in indices),
         "model": fingerprint,
     }
@@ -330,6 +341,19 @@ class CREMMemory:
         self._items_schema = items.schema  # read once: each `.schema` is a call into LanceDB
         self.fingerprint = json.loads(meta["fingerprint"])
         self.context_format = meta["context_format"]
+        self.search_layout: SearchLayout = meta["search_layout"]
+        for expected in self.search_layout.fields():
+            if (
+                expected.name not in self._items_schema.names
+                or self._items_schema.field(expected.name).type != expected.type
+            ):
+                found = (
+                    self._items_schema.field(expected.name).type if expected.name in self._items_schema.names else None
+                )
+                raise ValueError(
+                    f"{uri} is damaged: its search layout ({self.search_layout.describe()}) needs a column "
+                    f"{expected.name!r} of type {expected.type}, the items table has {found}."
+                )
         self.num_chorus_tokens = model.config.num_chorus_tokens
         self.dtype = model.dtype
         f = self.fingerprint
@@ -353,6 +377,9 @@ class CREMMemory:
         create: bool = False,
         storage_options: dict[str, str] | None = None,
         context_format: str | None = None,
+        vector_format: str | None = None,
+        vector_dim: int | None = None,
+        full_vectors: bool | None = None,
     ) -> CREMMemory:
         """
         Open the memory at `uri` (a folder, or any LanceDB URI such as `s3://bucket/memory`) for `model`.
@@ -366,22 +393,34 @@ class CREMMemory:
             context_format: how the contexts are stored: `model` (exact, in the model's dtype; the default of a new
                 memory), `int8` or `int4` (quantised, dequantised into the model's dtype when read; see
                 `quantize.py`). `None`: the memory's own format (`model` for a new one). A memory holds one format.
+            vector_format: how the embeddings are searched: `float32` (the default of a new memory), `int8` or
+                `binary` (quantised candidates re-scored exactly; see `search_formats.py`). `None`: the memory's own.
+            vector_dim: the search dim: a Matryoshka dim the model was trained for (`config.matryoshka_dims`) or the
+                hidden size (the default of a new memory); embeddings and queries are truncated to it and
+                renormalised. `None`: the memory's own.
+            full_vectors: whether the `vector` column keeps the whole embeddings (the default of a new memory; the
+                re-scoring source of `binary`, which is refused without it). `None`: the memory's own.
         Raises:
             ValueError: `uri` is not a memory (and `create` is False), was written by another model, another format
-                version or in another context format than `context_format`, or is damaged; `context_format` is
-                unknown (nothing is written).
+                version or in another context format or search layout than the requested ones, or is damaged; a
+                format is unknown, `vector_dim` is not a trained dim or exceeds the hidden size, or `binary` has no
+                re-scoring source (nothing is written).
         """
         uri = os.fspath(uri)
         if context_format is not None:
             check_context_format(context_format)
+        requested = cls._requested_layout(model, vector_format, vector_dim, full_vectors)
         _check_location(uri, create)
         if create and parallel.is_main_process():
             db = _connect(uri, storage_options)
             if _open_committed(db, META_TABLE) is None:
-                cls._create(db, uri, model, processor, context_format or "model")
+                cls._create(db, uri, model, processor, context_format or "model", requested)
         parallel.barrier()  # the main process has created the memory before the others read it
         db, meta = _read_meta(uri, storage_options)
         cls._check_format(uri, meta["context_format"], context_format)
+        cls._check_search_layout(
+            uri, meta["search_layout"], {"format": vector_format, "dim": vector_dim, "full_vectors": full_vectors}
+        )
         cls._check_model(uri, json.loads(meta["fingerprint"]), model_fingerprint(model))
         return cls(uri, db, meta, db.open_table(ITEMS_TABLE), model, processor)
 
@@ -403,6 +442,38 @@ class CREMMemory:
             )
 
     @staticmethod
+    def _requested_layout(
+        model, vector_format: str | None, vector_dim: int | None, full_vectors: bool | None
+    ) -> SearchLayout:
+        """The search layout a new memory gets (the defaults where None), checked against the model: before any
+        write, so that a bad format or dim creates nothing."""
+        hidden = model.config.text_config.hidden_size
+        if vector_format is not None:
+            check_vector_format(vector_format)
+        if vector_dim is not None:
+            check_vector_dim(vector_dim, hidden, trained_dims(model.config, hidden))
+        if full_vectors is not None and not isinstance(full_vectors, bool):
+            raise ValueError(f"full_vectors must be True or False, got {full_vectors!r}.")
+        layout = SearchLayout(
+            format=vector_format or "float32",
+            dim=vector_dim or hidden,
+            hidden_size=hidden,
+            full_vectors=True if full_vectors is None else full_vectors,
+        )
+        return layout.check()
+
+    @staticmethod
+    def _check_search_layout(uri: str, stored: SearchLayout, requested: dict[str, Any]) -> None:
+        """A memory holds one search layout: opening it for another (format, dim or full vectors) is refused."""
+        names = {"format": "vector format", "dim": "vector dim", "full_vectors": "full_vectors"}
+        for key, value in requested.items():
+            if value is not None and getattr(stored, key) != value:
+                raise ValueError(
+                    f"{uri} stores its search vectors as {stored.describe()}, not {names[key]} {value!r}: a memory "
+                    "holds one search layout. Open it without one (or with its own), or index into a new memory."
+                )
+
+    @staticmethod
     def _check_model(uri: str, stored: dict, current: dict) -> None:
         written, this = stored.get("backbone", LEGACY_BACKBONE), current["backbone"]
         if written != this:
@@ -421,7 +492,7 @@ class CREMMemory:
             )
 
     @classmethod
-    def _create(cls, db, uri: str, model, processor, context_format: str) -> None:
+    def _create(cls, db, uri: str, model, processor, context_format: str, layout: SearchLayout) -> None:
         """
         Write the items table (empty), then the meta row: a memory is complete once its meta table exists. Safe when
         several processes create the same memory at once: each table's first commit succeeds once (LanceDB commits a
@@ -435,11 +506,10 @@ class CREMMemory:
         n = model.config.num_chorus_tokens
         prefix_length = context.input_ids.shape[1] - n
         prefix = slots_bytes(context.cache, 0, prefix_length)[0]
-        hidden = fingerprint["hidden_size"]
         items_schema = pa.schema(
             [
                 pa.field("id", pa.string(), nullable=False, metadata=PRIMARY_KEY_METADATA),
-                pa.field("vector", pa.list_(pa.float32(), hidden)),
+                *layout.fields(),
                 pa.field("context", pa.large_binary()),
                 pa.field("context_sha256", pa.string()),
                 pa.field("context_ids", pa.list_(pa.int32())),
@@ -460,6 +530,7 @@ class CREMMemory:
             "format_version": FORMAT_VERSION,
             "fingerprint": json.dumps(fingerprint),
             "context_format": context_format,
+            **layout.to_meta(),
             "prefix_kv": prefix,
             "prefix_sha256": _sha256(prefix),
             "prefix_ids": context.input_ids[0, :prefix_length].tolist(),
@@ -471,6 +542,9 @@ class CREMMemory:
                 pa.field("format_version", pa.int32()),
                 pa.field("fingerprint", pa.string()),
                 pa.field("context_format", pa.string()),
+                pa.field("vector_format", pa.string()),
+                pa.field("vector_dim", pa.int32()),
+                pa.field("full_vectors", pa.bool_()),
                 pa.field("prefix_kv", pa.large_binary()),
                 pa.field("prefix_sha256", pa.string()),
                 pa.field("prefix_ids", pa.list_(pa.int32())),
@@ -683,10 +757,10 @@ class CREMMemory:
         if not torch.equal(input_ids[:, :p], self.prefix_ids.expand(len(items), -1)):
             raise ValueError("An item's prompt prefix differs from the memory's shared prefix (another processor?).")
         contexts = slots_bytes(context.cache, p, context_format=self.context_format)
-        vectors = context.embeddings.float().cpu()
+        vectors = context.embeddings.float().cpu().numpy()
         columns = {
             "id": [item.id for item in items],
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1).numpy()), vectors.shape[1]),
+            **self.search_layout.columns(vectors),
             "context": contexts,
             "context_sha256": [_sha256(kv) for kv in contexts],
             "context_ids": input_ids[:, p:].tolist(),
@@ -726,20 +800,22 @@ class CREMMemory:
 
     def build_ann_index(self, num_partitions: int | None = None) -> None:
         """
-        Build an approximate (IVF-PQ, cosine) index over the embeddings; searches then use it. Its recall against
-        the exact scan is measured in `benchmarks/memory.py`.
+        Build the approximate index of the memory's search column (see `search_formats.py`): IVF-PQ (cosine) for
+        `float32`, IVF-SQ (cosine, 8-bit codes) for `int8`, IVF_FLAT (hamming, on the packed sign bits) for
+        `binary`; searches then use it. Its recall against the exact scan is measured in `benchmarks/memory.py` and
+        `benchmarks/memory_scale.py`.
         """
         rows = len(self)
         if rows < 256:
             raise ValueError(f"An approximate index needs at least 256 rows; the memory holds {rows}.")
-        partitions = num_partitions or max(1, int(math.sqrt(rows)))
-        hidden = self.fingerprint["hidden_size"]
+        layout = self.search_layout
+        options: dict[str, Any] = {"num_partitions": num_partitions or max(1, int(math.sqrt(rows)))}
+        if layout.format == "float32":
+            d = layout.dim
+            options["num_sub_vectors"] = next(s for s in (d // 16, d // 8, d // 4, 1) if s and d % s == 0)
+        index_type = {"float32": "IVF_PQ", "int8": "IVF_SQ", "binary": "IVF_FLAT"}[layout.format]
         self.items.create_index(
-            metric="cosine",
-            vector_column_name="vector",
-            num_partitions=partitions,
-            num_sub_vectors=next(d for d in (hidden // 16, hidden // 8, hidden // 4, 1) if d and hidden % d == 0),
-            index_type="IVF_PQ",
+            metric=layout.metric, vector_column_name=layout.column, index_type=index_type, replace=True, **options
         )
         self.refresh_id_index()
 
@@ -754,6 +830,7 @@ class CREMMemory:
                 "fingerprint": json.dumps(self.fingerprint),
                 "prefix_ids": self.prefix_ids,
                 "context_format": self.context_format,
+                "search_layout": self.search_layout,
             },
         )
 
@@ -784,10 +861,18 @@ class CREMMemory:
         return self.model.get_embedding(**inputs.to(self.model.device)).float().cpu()
 
     def search(
-        self, text: str | None = None, image: Any = None, *, k: int = 5, instruction: str | None = None
+        self,
+        text: str | None = None,
+        image: Any = None,
+        *,
+        k: int = 5,
+        instruction: str | None = None,
+        rescore_factor: int = REFINE_FACTOR,
     ) -> list[MemoryHit]:
         """The `k` stored items closest (cosine) to a text and/or image query, best first."""
-        return self.search_many(texts=[text], images=[image], k=k, instruction=instruction)[0]
+        return self.search_many(
+            texts=[text], images=[image], k=k, instruction=instruction, rescore_factor=rescore_factor
+        )[0]
 
     def search_many(
         self,
@@ -797,18 +882,37 @@ class CREMMemory:
         k: int = 5,
         instruction: str | None = None,
         exact: bool = False,
+        rescore_factor: int = REFINE_FACTOR,
     ) -> list[list[MemoryHit]]:
         """
-        Search for several queries (see [`embed_queries`]); one list of `k` hits per query. The table is scanned
-        exactly unless it has an approximate index (`build_ann_index`) and `exact` is False.
+        Search for several queries (see [`embed_queries`]); one list of `k` hits per query (see [`search_vector`]).
         """
         vectors = self.embed_queries(texts, images, instruction)
-        return [self.search_vector(vector, k=k, exact=exact) for vector in vectors]
+        return [self.search_vector(vector, k=k, exact=exact, rescore_factor=rescore_factor) for vector in vectors]
 
     def search_vector(
-        self, vector: torch.Tensor | Sequence[float], *, k: int = 5, exact: bool = False
+        self,
+        vector: torch.Tensor | Sequence[float],
+        *,
+        k: int = 5,
+        exact: bool = False,
+        rescore_factor: int = REFINE_FACTOR,
     ) -> list[MemoryHit]:
-        """The `k` items closest (cosine) to an embedding `(hidden_size,)`."""
+        """
+        The `k` items closest (cosine, at the memory's search dim) to an embedding `(hidden_size,)`; each score is
+        the exact cosine of the query and the item, both truncated to the search dim and renormalised.
+
+        The candidates come from the search column (see `search_formats.py`): through its approximate index if it
+        has one (`build_ann_index`) and `exact` is False, else by a scan of it. `float32` / `int8`: the best
+        `rescore_factor * k` candidates of an indexed search are re-scored exactly on the float32 column (a scan is
+        exact already). `binary`: the best `rescore_factor * k` by Hamming distance are re-scored exactly from the
+        stored float32 vectors; with `exact`, every row is (a full scan of the vectors: the exact ranking).
+
+        Raises:
+            ValueError: the memory is empty, `k` or `rescore_factor` is not a positive integer, `k` exceeds the
+                memory, or a candidate's search vector is not what the memory's format makes of its stored vector
+                (a row written with another format or dim: it is named).
+        """
         rows = len(self)
         if rows == 0:
             raise ValueError(f"{self.uri} is empty: index items before searching.")
@@ -816,23 +920,53 @@ class CREMMemory:
             raise ValueError(f"k must be a positive integer, got {k!r}.")
         if k > rows:
             raise ValueError(f"k={k} is larger than the memory ({rows} items).")
-        query = self.items.search(list(map(float, vector)), vector_column_name="vector").distance_type("cosine")
-        if exact:
-            query = query.bypass_vector_index()
+        if not isinstance(rescore_factor, int) or isinstance(rescore_factor, bool) or rescore_factor <= 0:
+            raise ValueError(f"rescore_factor must be a positive integer, got {rescore_factor!r}.")
+        layout = self.search_layout
+        full = torch.as_tensor(vector, dtype=torch.float32).cpu().numpy()
+        query = self.items.search(layout.query(full), vector_column_name=layout.column).distance_type(layout.metric)
+        columns = ["id", "source", "text", "metadata"]
+        checked = layout.column == SEARCH_COLUMN  # rows whose search vector is derived from `vector`: checked
+        if layout.format == "binary":
+            # Hamming candidates (all rows for an exact search), re-scored below from the stored float32 vectors.
+            pool = rows if exact else min(rows, rescore_factor * k)
+            query = query.bypass_vector_index() if exact else query
+            found = query.select([*columns, "_distance", "vector", SEARCH_COLUMN]).limit(pool).to_arrow()
         else:
-            # With an approximate index: re-score REFINE_FACTOR x k candidates exactly, so scores are true cosines.
-            query = query.refine_factor(REFINE_FACTOR)
-        found = query.select(["id", "source", "text", "metadata", "_distance"]).limit(k).to_arrow().to_pylist()
+            if exact:
+                query = query.bypass_vector_index()
+            else:  # with an approximate index: re-score rescore_factor x k candidates exactly on the float32 column
+                query = query.refine_factor(rescore_factor)
+            found = query.select([*columns, "_distance", *(["vector", SEARCH_COLUMN] if checked else [])])
+            found = found.limit(k).to_arrow()
+        if checked:
+            stored = np.asarray(found.column("vector").combine_chunks().flatten(), dtype=np.float32)
+            stored = stored.reshape(found.num_rows, -1)
+            search = found.column(SEARCH_COLUMN).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            bad = layout.inconsistent(stored, search.reshape(found.num_rows, -1))
+            if bad.any():
+                item = found.column("id")[int(np.argmax(bad))].as_py()
+                raise ValueError(
+                    f"{self.uri}: the search vector of item {item!r} is not what this memory's search layout "
+                    f"({layout.describe()}) makes of its stored vector: it was written with another format or dim."
+                )
+        if layout.format == "binary":
+            scores = layout.rescore(full, stored)
+            order = np.argsort(-scores, kind="stable")[:k]
+        else:
+            scores = 1.0 - found.column("_distance").to_numpy().astype(np.float64)
+            order = np.arange(found.num_rows)
+        meta = found.select(columns).to_pylist()
         return [
             MemoryHit(
-                id=row["id"],
-                score=1.0 - float(row["_distance"]),
+                id=meta[i]["id"],
+                score=float(scores[i]),
                 rank=rank,
-                source=row["source"],
-                text=row["text"],
-                metadata=json.loads(row["metadata"] or "{}"),
+                source=meta[i]["source"],
+                text=meta[i]["text"],
+                metadata=json.loads(meta[i]["metadata"] or "{}"),
             )
-            for rank, row in enumerate(found)
+            for rank, i in enumerate(order)
         ]
 
     def contexts(self, hits: Sequence[MemoryHit | str]) -> CREMCompressedContext:
