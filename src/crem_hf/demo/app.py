@@ -249,8 +249,9 @@ class _GalleryLock:
 def share_weights(model):
     """
     A copy of `model`'s modules that shares its parameters (no weight memory): generation keeps per-call state on
-    the modules (Qwen2-VL's `rope_deltas`, set by one prompt's prefill and read by its decoding steps), so two calls
-    on one module tree at once would mix their positions. Buffers (rotary frequencies) are copied; they are small.
+    the modules (every Qwen-VL backbone's `rope_deltas`, set by one prompt's prefill and read by its decoding
+    steps), so two calls on one module tree at once would mix their positions. Buffers (rotary frequencies) are
+    copied; they are small.
     """
     return copy.deepcopy(model, {id(parameter): parameter for parameter in model.parameters()})
 
@@ -824,7 +825,8 @@ def load_demo_model(path: str, device: str = "cpu"):
     `device`.
 
     Raises:
-        ValueError: a missing folder, a folder that holds no model, a plain Qwen2-VL checkpoint or another model type.
+        ValueError: a missing folder, a folder that holds no model, a plain backbone checkpoint (Qwen2-VL, Qwen2.5-VL,
+            Qwen3-VL) or another model type.
     """
     from ..loading import BACKBONE_CREM_CLASSES, checkpoint_kind, load_crem
 

@@ -1,17 +1,19 @@
 """The main job on the embedded default: train and evaluate a tiny CREM end to end, offline, on a CPU.
 
-    python -m crem_hf.demo.main [--output-dir outputs/main] [--seed 0]
+    python -m crem_hf.demo.main [--output-dir outputs/main] [--seed 0] [--backbone qwen2_vl|qwen2_5_vl|qwen3_vl]
 
 1. Build the digit data (real scans from scikit-learn) in the MMEB / LLaVA forms.
-2. Stage 1: train a tiny Qwen2-VL from scratch to answer questions about the images natively (plain chat prompt):
-   the stand-in for a pretrained VLM.
-3. Stage 2: convert it to CREM (16 chorus tokens) and train LoRA + chorus rows with 1 x InfoNCE + 0.5 x LM, each
-   generation sample compressed with p = 0.5.
+2. Stage 1: train a tiny model of the backbone (Qwen2-VL by default; Qwen2.5-VL or Qwen3-VL with `--backbone`, each
+   shaped as its real config at the same tiny width) from scratch to answer questions about the images natively
+   (plain chat prompt, the backbone's own template and patch size): the stand-in for a pretrained VLM.
+3. Stage 2: convert it to CREM (16 chorus tokens; the backbone's CREM class) and train LoRA + chorus rows with
+   1 x InfoNCE + 0.5 x LM, each generation sample compressed with p = 0.5.
 4. Evaluate stage 1, the converted model before stage 2, and after stage 2.
 5. Visual memory: index the held-out scans (`memory/`, LanceDB), search them with text queries, answer from the
    stored contexts and measure bytes per item and the time to the first token (`memory_stage`).
 Print the tables and write `results.json`, `results.md`, `training.png` and the trained model (`model/`, LoRA
-merged, Hub remote code).
+merged, Hub remote code). Each records the backbone (`results.json`: `"backbone"`; the model: its CREM config's
+`model_type`).
 """
 
 from __future__ import annotations
@@ -42,9 +44,8 @@ from ..io import (
     write_text_atomically,
 )
 from ..loading import merge_adapter
-from ..modeling_crem import CREMForEmbeddingAndGeneration
 from ..processing_crem import CREMProcessor
-from ..testing import make_tiny_qwen2vl, make_tiny_qwen2vl_processor, make_tiny_tokenizer
+from ..testing import BACKBONES, make_tiny_qwen2vl, make_tiny_qwen2vl_processor, make_tiny_tokenizer
 from ..training import (
     CREMTrainingArguments,
     apply_lora,
@@ -81,10 +82,16 @@ class MainJobConfig:
     vocab_size: int = 512
     eval_batch_size: int = 120
     lora: bool = True
+    #: The backbone of the tiny model, a key of `crem_hf.testing.BACKBONES`.
+    backbone: str = "qwen2_vl"
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {self.backbone!r}.")
 
 
 class PlainChatCollator:
-    """Stage 1: plain Qwen2-VL chat prompts (no chorus block) with labels on every answer."""
+    """Stage 1: plain chat prompts of the backbone (no chorus block) with labels on every answer."""
 
     def __init__(self, processor: CREMProcessor):
         self.processor = processor
@@ -207,19 +214,28 @@ def plot(path: str, histories: dict[str, list[tuple[int, float]]], results: dict
 
 @dataclass
 class Workspace:
-    """What both stages share: the written data, the read training rows and the tokenizer."""
+    """What both stages share: the written data, the read training rows, the tokenizer and the backbone."""
 
     data: DigitsData
     tokenizer: Any
     pairs: Any
     conversations: Any
     reports: list[dict]
+    backbone: str = "qwen2_vl"
 
     def processor(self, num_chorus_tokens: int) -> CREMProcessor:
-        """A CREM processor with N chorus tokens on the shared tokenizer (the base vocabulary stays the same)."""
+        """
+        A CREM processor with N chorus tokens on the shared tokenizer (the base vocabulary stays the same), with the
+        backbone's patch size and template. A scan is 4 merged image tokens and a pair 8 on every backbone: Qwen2-VL
+        and Qwen2.5-VL take the 56 x 56 px scan as it is (2 x 2 tokens of 28 px), Qwen3-VL resizes it to 64 x 64 px
+        (2 x 2 tokens of 32 px; `make_tiny_qwen2vl_processor` scales the pixel bounds by (32/28)^2).
+        """
         pixels = {"min_pixels": SCAN_SIDE * SCAN_SIDE, "max_pixels": 2 * SCAN_SIDE * SCAN_SIDE}  # a scan or a pair
-        base = make_tiny_qwen2vl_processor(self.tokenizer, **pixels)  # from_qwen2vl_processor copies it
-        return CREMProcessor.from_qwen2vl_processor(base, num_chorus_tokens=num_chorus_tokens)
+        # from_qwen2vl_processor copies it
+        base = make_tiny_qwen2vl_processor(self.tokenizer, backbone=self.backbone, **pixels)
+        # Qwen3-VL's template has no default system turn; the others' prompts keep the default system prompt.
+        options = {"system_prompt": None} if self.backbone == "qwen3_vl" else {}
+        return CREMProcessor.from_qwen2vl_processor(base, num_chorus_tokens=num_chorus_tokens, **options)
 
 
 def prepare(config: MainJobConfig) -> Workspace:
@@ -227,14 +243,19 @@ def prepare(config: MainJobConfig) -> Workspace:
     conversations, conversation_report = load_conversations(data.train_conversations, image_root=data.folder)
     pairs, pair_report = load_retrieval_pairs(data.train_retrieval, image_root=data.folder)
     tokenizer = make_tiny_tokenizer(config.vocab_size, corpus=PROMPT_CORPUS)
-    return Workspace(data, tokenizer, pairs, conversations, [pair_report.as_dict(), conversation_report.as_dict()])
+    reports = [pair_report.as_dict(), conversation_report.as_dict()]
+    return Workspace(data, tokenizer, pairs, conversations, reports, backbone=config.backbone)
 
 
 def train_stage1(workspace: Workspace, config: MainJobConfig):
-    """A tiny Qwen2-VL trained from scratch to answer natively. Returns the model and its loss history."""
+    """
+    A tiny plain model of the backbone (`config.backbone`: its tiny config at the main job's width) trained from
+    scratch to answer natively. Returns the model and its loss history.
+    """
     base = make_tiny_qwen2vl(
         workspace.tokenizer,
         seed=config.seed,
+        backbone=config.backbone,
         hidden_size=config.hidden_size,
         num_layers=config.num_layers,
         num_heads=config.num_heads,
@@ -255,14 +276,15 @@ def train_stage1(workspace: Workspace, config: MainJobConfig):
 
 def train_stage2(workspace: Workspace, base, config: MainJobConfig, folder: str, evaluate_before: bool = True):
     """
-    CREM from a copy of `base` (the base itself stays untouched): evaluated before training, trained (LoRA + chorus
+    CREM from a copy of `base` (the base itself stays untouched; converted by its backbone's CREM class, e.g.
+    `CREMForEmbeddingAndGeneration.from_qwen2vl` for Qwen2-VL): evaluated before training, trained (LoRA + chorus
     rows unless `config.lora` is off), merged and evaluated again.
 
     Returns:
         `(model, processor, results before (empty unless `evaluate_before`), results after, histories)`.
     """
     processor = workspace.processor(config.num_chorus_tokens)
-    crem = CREMForEmbeddingAndGeneration.from_qwen2vl(copy.deepcopy(base), processor)
+    crem = BACKBONES[config.backbone][2].from_backbone(copy.deepcopy(base), processor)
     crem.config.pooling = config.pooling
     before = (
         evaluate_crem(crem, processor, workspace.data, config, os.path.join(folder, "eval_before"))
@@ -308,6 +330,7 @@ def run(config: MainJobConfig) -> dict[str, Any]:
     plot(os.path.join(out, "training.png"), histories, results)
     memory = memory_stage(trained, processor, workspace.data, out, config.eval_batch_size)
     summary = {
+        "backbone": config.backbone,
         "config": asdict(config),
         "results": results,
         "memory": memory,
@@ -322,11 +345,14 @@ def run(config: MainJobConfig) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
         },
     }
-    table = markdown_report(results) + "\n" + memory_report(memory)
+    table = f"Backbone: {config.backbone}\n\n" + markdown_report(results) + "\n" + memory_report(memory)
     write_text_atomically(os.path.join(out, "results.md"), table)
     write_json_atomically(os.path.join(out, "results.json"), summary)
     print("\n" + table)
-    print(f"Done in {summary['seconds']} s. Results: {out}/results.json, plot: {out}/training.png, model: {out}/model")
+    print(
+        f"Backbone: {config.backbone}. Done in {summary['seconds']} s. Results: {out}/results.json, "
+        f"plot: {out}/training.png, model: {out}/model"
+    )
     return summary
 
 
@@ -337,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     defaults = MainJobConfig()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
+        if name == "backbone":
+            parser.add_argument(flag, choices=list(BACKBONES), default=value, help="the tiny model's backbone")
+        elif isinstance(value, bool):
             parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value)
         else:
             parser.add_argument(flag, type=type(value), default=value)
