@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -201,3 +203,16 @@ def plain_twin(model):
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
     return plain
+
+
+def memory_cli(*args, env=None, launcher=()) -> subprocess.CompletedProcess:
+    """`crem-memory ARGS...` run as a command (`python -m crem_hf.memory.cli`, or under `launcher`, e.g. torchrun)."""
+    command = [*(launcher or [sys.executable]), "-m", "crem_hf.memory.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def save_crem(model, processor, folder) -> str:
+    """`model` and `processor` saved into `folder` (a CREM folder the command-line tools take); its path."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)

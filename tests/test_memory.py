@@ -15,7 +15,7 @@ import time
 import lancedb
 import pytest
 import torch
-from helpers import free_port, random_image
+from helpers import free_port, memory_cli, random_image, save_crem
 
 from crem_hf.memory import CREMMemory, read_source
 from crem_hf.memory.cli import main as memory_main
@@ -50,10 +50,7 @@ def memory(model, processor, items, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def saved_model(model, processor, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("memory-cli") / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return str(folder)
+    return save_crem(model, processor, tmp_path_factory.mktemp("memory-cli") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +175,7 @@ def test_a_memory_records_its_backbone_and_refuses_another_backbone_by_name(memo
     folder = tmp_path / "texts"
     folder.mkdir()
     (folder / "items.jsonl").write_text(json.dumps({"id": "c", "text": "three"}) + "\n")
-    done = _cli("index", "--model", saved_model, "--memory", uri, folder / "items.jsonl")
+    done = memory_cli("index", "--model", saved_model, "--memory", uri, folder / "items.jsonl")
     reason = done.stderr.splitlines()[-1]  # after the weights' loading bar
     assert done.returncode == 1 and reason.startswith("crem-memory: error: ") and expected in reason
     assert len(CREMMemory.open(uri, qwen3, qwen3_processor)) == 2  # nothing written by the refused run
@@ -274,19 +271,12 @@ def _table_rows(uri) -> list[dict]:
     return sorted(rows, key=lambda row: row["id"])
 
 
-def _cli(*args, env=None, launcher=()):
-    command = [*launcher, "-m", "crem_hf.memory.cli", *map(str, args)] if launcher else None
-    if command is None:
-        command = [sys.executable, "-m", "crem_hf.memory.cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_cli_index_search_ask_info_as_commands(saved_model, image_folder, tmp_path, capsys):
     uri = tmp_path / "scans"
-    done = _cli("index", "--model", saved_model, "--memory", uri, image_folder, "--batch-size", "3")
+    done = memory_cli("index", "--model", saved_model, "--memory", uri, image_folder, "--batch-size", "3")
     assert done.returncode == 0, done.stderr
     assert "added 10, already stored 0, failed to load 0; 10 items stored" in done.stdout
-    again = _cli("index", "--model", saved_model, "--memory", uri, image_folder)
+    again = memory_cli("index", "--model", saved_model, "--memory", uri, image_folder)
     assert again.returncode == 0 and "added 0, already stored 10" in again.stdout
     assert memory_main(["search", "--model", saved_model, "--memory", str(uri), "--text", "seven", "--k", "3"]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -298,7 +288,7 @@ def test_cli_index_search_ask_info_as_commands(saved_model, image_folder, tmp_pa
     assert memory_main(["info", "--memory", str(uri)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rows"] == 10 and info["context_slots_per_item"] == 16 and info["model"]["dtype"] == "float32"
-    bad = _cli("search", "--model", saved_model, "--memory", tmp_path / "nothing", "--text", "x")
+    bad = memory_cli("search", "--model", saved_model, "--memory", tmp_path / "nothing", "--text", "x")
     assert bad.returncode == 1 and bad.stderr.startswith("crem-memory: error: ") and bad.stderr.count("\n") == 1
     assert "nothing is not a CREM memory: no such folder" in bad.stderr
     assert not (tmp_path / "nothing").exists()
@@ -336,7 +326,7 @@ def test_kill_9_mid_index_leaves_whole_rows_and_the_resumed_run_stores_each_item
 
 def test_indexing_with_two_processes_stores_what_one_process_stores(saved_model, image_folder, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = _cli(
+    one = memory_cli(
         "index", "--model", saved_model, "--memory", tmp_path / "one", image_folder, "--batch-size", "2", env=env
     )
     assert one.returncode == 0, one.stderr
@@ -349,7 +339,7 @@ def test_indexing_with_two_processes_stores_what_one_process_stores(saved_model,
         "--master_port",
         str(free_port()),
     ]
-    two = _cli(
+    two = memory_cli(
         "index", "--model", saved_model, "--memory", tmp_path / "two", image_folder, "--batch-size", "2",
         env=env, launcher=launcher,
     )  # fmt: skip

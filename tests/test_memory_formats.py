@@ -5,14 +5,12 @@ model, the format is recorded and a reader refuses what it does not know; bad in
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import lancedb
 import pyarrow as pa
 import pytest
 import torch
-from helpers import random_image
+from helpers import memory_cli, random_image, save_crem
 
 from crem_hf.memory import CREMMemory
 from crem_hf.memory.quantize import context_nbytes, hadamard, quantize
@@ -189,14 +187,7 @@ def test_a_row_of_another_format_mixed_into_the_table_is_refused_naming_the_item
 @pytest.fixture(scope="module")
 def saved_model(model, processor, tmp_path_factory):
     folder = tmp_path_factory.mktemp("formats-cli") / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return str(folder)
-
-
-def _cli(*args):
-    command = [sys.executable, "-m", "crem_hf.memory.cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return save_crem(model, processor, folder)
 
 
 def test_cli_index_takes_a_context_format(saved_model, tmp_path):
@@ -205,13 +196,14 @@ def test_cli_index_takes_a_context_format(saved_model, tmp_path):
     for i in range(3):
         random_image(56, 56 + 28 * i, seed=40 + i).save(folder / f"{i}.png")
     uri = tmp_path / "m"
-    done = _cli("index", "--model", saved_model, "--memory", uri, folder, "--context-format", "int4")
+    done = memory_cli("index", "--model", saved_model, "--memory", uri, folder, "--context-format", "int4")
     assert done.returncode == 0, done.stderr
-    info = _cli("info", "--memory", uri)
+    info = memory_cli("info", "--memory", uri)
     assert info.returncode == 0 and json.loads(info.stdout)["context_format"] == "int4"
-    again = _cli("index", "--model", saved_model, "--memory", uri, folder, "--context-format", "int8")
+    again = memory_cli("index", "--model", saved_model, "--memory", uri, folder, "--context-format", "int8")
     assert again.returncode == 1 and again.stderr.count("\n") == 1
     assert again.stderr.startswith("crem-memory: error: ") and "format 'int4', not 'int8'" in again.stderr
-    bad = _cli("index", "--model", saved_model, "--memory", tmp_path / "other", folder, "--context-format", "int2")
+    other = tmp_path / "other"
+    bad = memory_cli("index", "--model", saved_model, "--memory", other, folder, "--context-format", "int2")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "invalid choice: 'int2'" in bad.stderr
-    assert not (tmp_path / "other").exists()
+    assert not other.exists()

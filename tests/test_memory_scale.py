@@ -4,13 +4,11 @@ answer each pair as a single ask does, at any batch budget, and `crem-memory ask
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import lancedb
 import pytest
 import torch
-from helpers import random_image
+from helpers import memory_cli, random_image, save_crem
 
 from crem_hf.memory import CREMMemory
 from crem_hf.memory.cli import main as memory_main
@@ -155,14 +153,7 @@ def test_ask_many_refuses_bad_input_by_name(memory):
 @pytest.fixture(scope="module")
 def saved_model(model, processor, tmp_path_factory):
     folder = tmp_path_factory.mktemp("scale-cli") / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return str(folder)
-
-
-def _cli(*args):
-    command = [sys.executable, "-m", "crem_hf.memory.cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return save_crem(model, processor, folder)
 
 
 def test_cli_ask_questions_file_as_a_command(saved_model, tmp_path, capsys):
@@ -180,7 +171,7 @@ def test_cli_ask_questions_file_as_a_command(saved_model, tmp_path, capsys):
     questions.write_text("".join(json.dumps({"question": q, "id": i}) + "\n" for i, q in asks) + "\n")
     out = tmp_path / "answers.jsonl"
     common = ["--model", saved_model, "--memory", uri, "--max-new-tokens", "5"]
-    done = _cli("ask", *common, "--questions", questions, "--output", out, "--batch-size", "2")
+    done = memory_cli("ask", *common, "--questions", questions, "--output", out, "--batch-size", "2")
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(a["line"], a["id"], a["question"]) for a in answers] == [(n + 1, i, q) for n, (i, q) in enumerate(asks)]
@@ -189,7 +180,7 @@ def test_cli_ask_questions_file_as_a_command(saved_model, tmp_path, capsys):
         argv = ["ask", *map(str, common), "--ids", item_id, "--question", question, "--json"]
         assert memory_main(argv) == 0
         assert json.loads(capsys.readouterr().out)["answer"] == answer["answer"]
-    to_stdout = _cli("ask", *common, "--questions", questions)
+    to_stdout = memory_cli("ask", *common, "--questions", questions)
     assert to_stdout.returncode == 0 and [json.loads(line) for line in to_stdout.stdout.splitlines()] == answers
     # Bad lines are named by number; nothing is written.
     for content, reason in (
@@ -200,10 +191,10 @@ def test_cli_ask_questions_file_as_a_command(saved_model, tmp_path, capsys):
         ('{"question": "q", "id": "missing.png"}\n', "no item with id 'missing.png'"),
     ):
         questions.write_text(content)
-        bad = _cli("ask", *common, "--questions", questions, "--output", tmp_path / "bad.jsonl")
+        bad = memory_cli("ask", *common, "--questions", questions, "--output", tmp_path / "bad.jsonl")
         last = bad.stderr.strip().splitlines()[-1]  # a missing id is found after the model loaded (its progress bar)
         assert bad.returncode == 1 and last.startswith("crem-memory: error: ") and reason in last, bad.stderr
         assert "missing" in content or bad.stderr.count("\n") == 1, bad.stderr
         assert not (tmp_path / "bad.jsonl").exists()
-    both = _cli("ask", *common, "--questions", questions, "--question", "Which?")
+    both = memory_cli("ask", *common, "--questions", questions, "--question", "Which?")
     assert both.returncode == 1 and "one of --question" in both.stderr

@@ -6,13 +6,12 @@ does not know; bad input writes nothing."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
+from helpers import memory_cli, save_crem
 
 from crem_hf.memory import CREMMemory
 from crem_hf.memory.search_formats import SEARCH_COLUMN, SearchLayout
@@ -288,14 +287,7 @@ def test_a_row_of_another_layout_mixed_into_the_table_is_refused_naming_the_item
 @pytest.fixture(scope="module")
 def saved_model(matryoshka_model, processor, tmp_path_factory):
     folder = tmp_path_factory.mktemp("search-formats-cli") / "model"
-    matryoshka_model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return str(folder)
-
-
-def _cli(*args):
-    command = [sys.executable, "-m", "crem_hf.memory.cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return save_crem(matryoshka_model, processor, folder)
 
 
 def _one_line_error(done, code, text, after_load=False):
@@ -313,22 +305,23 @@ def test_cli_index_takes_a_search_layout(saved_model, tmp_path):
     source = tmp_path / "items.jsonl"
     source.write_text("".join(json.dumps({"id": f"n{i}", "text": f"note {i} {WORDS[i]}"}) + "\n" for i in range(6)))
     uri = tmp_path / "m"
-    done = _cli("index", "--model", saved_model, "--memory", uri, source, "--vector-format", "binary",
+    done = memory_cli("index", "--model", saved_model, "--memory", uri, source, "--vector-format", "binary",
                 "--vector-dim", 16)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    info = json.loads(_cli("info", "--memory", uri).stdout)
+    info = json.loads(memory_cli("info", "--memory", uri).stdout)
     assert (info["vector_format"], info["vector_dim"], info["full_vectors"], info["rows"]) == ("binary", 16, True, 6)
-    found = _cli("search", "--model", saved_model, "--memory", uri, "--text", "note 3", "--k", 2, "--json")
+    found = memory_cli("search", "--model", saved_model, "--memory", uri, "--text", "note 3", "--k", 2, "--json")
     assert found.returncode == 0 and len(found.stdout.splitlines()) == 2, found.stderr
     # Another layout for this memory: refused before the model is loaded.
-    _one_line_error(_cli("index", "--model", saved_model, "--memory", uri, source, "--vector-format", "int8"), 1,
+    _one_line_error(memory_cli("index", "--model", saved_model, "--memory", uri, source, "--vector-format", "int8"), 1,
                     "not vector format 'int8'")  # fmt: skip
     # Bad input for a new memory: a one-line reason, and no folder.
     other = tmp_path / "other"
-    _one_line_error(_cli("index", "--model", saved_model, "--memory", other, source, "--vector-dim", 24), 1,
+    _one_line_error(memory_cli("index", "--model", saved_model, "--memory", other, source, "--vector-dim", 24), 1,
                     "vector_dim=24 is not a dim this model was trained for", after_load=True)  # fmt: skip
-    _one_line_error(_cli("index", "--model", saved_model, "--memory", other, source, "--vector-format", "binary",
-                         "--no-full-vectors"), 1, "needs a full-precision re-scoring source")  # fmt: skip
-    _one_line_error(_cli("index", "--model", saved_model, "--memory", other, source, "--vector-format", "int4"), 2,
-                    "invalid choice: 'int4'")  # fmt: skip
+    _one_line_error(memory_cli("index", "--model", saved_model, "--memory", other, source, "--vector-format",
+                               "binary", "--no-full-vectors"), 1,
+                    "needs a full-precision re-scoring source")  # fmt: skip
+    _one_line_error(memory_cli("index", "--model", saved_model, "--memory", other, source, "--vector-format",
+                               "int4"), 2, "invalid choice: 'int4'")  # fmt: skip
     assert not other.exists()
