@@ -29,11 +29,11 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import lancedb
 import numpy as np
@@ -84,10 +84,12 @@ RERANK_QUESTION = "Does this match: {query}? Answer yes or no."
 #: Field metadata declaring `id` the primary key: Lance then detects two commits that insert the same id (a conflict,
 #: retried on the newer version) instead of committing both (a duplicated row).
 PRIMARY_KEY_METADATA = {"lance-schema:unenforced-primary-key": "true"}
-#: Our own attempts at one batch's merge-insert when its conflicts outlast Lance's own retries (many writers at once).
+#: Our own attempts at a commit (a batch's merge-insert, the id index's refresh) whose conflicts outlast Lance's own
+#: retries (many writers at once).
 COMMIT_ATTEMPTS = 8
 #: Words of the LanceDB errors that a retried commit can overcome (the write lost a race; nothing was committed).
 _RETRYABLE_COMMIT_ERRORS = ("conflict", "contention", "timed out", "timeout")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -306,25 +308,40 @@ def _describe(uri: str, db, meta: dict) -> dict[str, Any]:
     }
 
 
+def _retry_commit(commit: Callable[[], T], before_retry: Callable[[], None] | None = None) -> T:
+    """
+    `commit()`, tried again (up to `COMMIT_ATTEMPTS` times in all) while it fails with a commit conflict of a
+    concurrent writer that outlasted LanceDB's own retries; `before_retry` runs before each new try. Any other error,
+    or a conflict on the last try, is raised.
+    """
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            return commit()
+        except Exception as error:
+            if attempt == COMMIT_ATTEMPTS or not any(word in str(error).lower() for word in _RETRYABLE_COMMIT_ERRORS):
+                raise
+            if before_retry is not None:
+                before_retry()
+    raise AssertionError("unreachable")
+
+
 def _refresh_id_index(items) -> bool:
     """
     Make the B-tree index on `id` cover every row (rebuilding it from the id column alone: no data file is
     rewritten); returns whether it was (re)built. Rows appended after it stay readable (LanceDB scans the unindexed
     fragments), only slower, until the next refresh.
     """
-    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+
+    def refresh() -> bool:
         if any(index.name == ID_INDEX for index in items.list_indices()):
             stats = items.index_stats(ID_INDEX)
             if stats is not None and stats.num_unindexed_rows == 0:
                 return False
-        try:
-            items.create_index("id", config=BTree(), replace=True, name=ID_INDEX)
-            return True
-        except Exception as error:  # another writer committed meanwhile (rows or its own refresh): look again
-            if attempt == COMMIT_ATTEMPTS or not any(word in str(error).lower() for word in _RETRYABLE_COMMIT_ERRORS):
-                raise
-            items.checkout_latest()
-    raise AssertionError("unreachable")
+        items.create_index("id", config=BTree(), replace=True, name=ID_INDEX)
+        return True
+
+    # Another writer committed meanwhile (rows, or its own refresh): look again at the latest version.
+    return _retry_commit(refresh, before_retry=items.checkout_latest)
 
 
 class CREMMemory:
@@ -789,14 +806,9 @@ class CREMMemory:
         commit that conflicts with a concurrent one (same ids inserted) on the new version, where those ids now
         match and are skipped; conflicts that outlast its retries are tried again here, as a whole.
         """
-        for attempt in range(1, COMMIT_ATTEMPTS + 1):
-            try:
-                return self.items.merge_insert("id").when_not_matched_insert_all().execute(rows).num_inserted_rows
-            except Exception as error:
-                message = str(error).lower()
-                if attempt == COMMIT_ATTEMPTS or not any(word in message for word in _RETRYABLE_COMMIT_ERRORS):
-                    raise
-        raise AssertionError("unreachable")
+        return _retry_commit(
+            lambda: self.items.merge_insert("id").when_not_matched_insert_all().execute(rows).num_inserted_rows
+        )
 
     def build_ann_index(self, num_partitions: int | None = None) -> None:
         """
