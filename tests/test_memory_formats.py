@@ -44,18 +44,22 @@ def memories(model, processor, items, tmp_path_factory):
     return opened
 
 
-def _stored_kv(memory: CREMMemory) -> torch.Tensor:
+def stored_kv(memory: CREMMemory, ids: list[str] = IDS) -> torch.Tensor:
     """The items' chorus keys/values as read back: `(items, layers, 2, kv_heads, slots, head_dim)`."""
-    context = memory.contexts(IDS)
+    context = memory.contexts(ids)
     p = len(memory.prefix_ids)
     return torch.stack(
         [torch.stack([layer.keys[:, :, p:], layer.values[:, :, p:]], dim=1) for layer in context.cache.layers], dim=1
     )
 
 
-@pytest.mark.parametrize("fmt,bits", [("int8", 8), ("int4", 4)])
-def test_quantised_contexts_come_back_within_half_a_scale_of_the_exact_ones(memories, fmt, bits):
-    exact, quantised = _stored_kv(memories["model"]), _stored_kv(memories[fmt])
+def check_within_half_a_scale(exact_memory: CREMMemory, memory: CREMMemory, ids: list[str] = IDS) -> None:
+    """
+    `memory`'s quantised contexts of `ids` against `exact_memory`'s (the same items in the exact format): each
+    element within half its group's scale, the shared prefix exact, the ids and positions those of the exact memory.
+    """
+    fmt, bits = memory.context_format, {"int8": 8, "int4": 4}[memory.context_format]
+    exact, quantised = stored_kv(exact_memory, ids), stored_kv(memory, ids)
     assert quantised.dtype == exact.dtype == torch.float32 and quantised.shape == exact.shape
     # The oracle's scales: each exact context quantised per value slot, and per key channel (int8) or, in the
     # Hadamard-rotated frame, per key slot (int4); each element within half its group's scale.
@@ -70,21 +74,31 @@ def test_quantised_contexts_come_back_within_half_a_scale_of_the_exact_ones(memo
     assert bool(((quantised[:, :, 1] - exact[:, :, 1]).abs() <= value_scale.float() / 2 + slack).all())
     assert not torch.equal(quantised, exact)  # it is quantised
     # The shared prefix stays exact, positions and ids are those of the exact memory.
-    a, b = memories["model"].contexts(IDS), memories[fmt].contexts(IDS)
+    a, b = exact_memory.contexts(ids), memory.contexts(ids)
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.position_ids, b.position_ids)
-    p = len(memories[fmt].prefix_ids)
+    p = len(memory.prefix_ids)
     assert torch.equal(a.cache.layers[0].keys[:, :, :p], b.cache.layers[0].keys[:, :, :p])
 
 
-def test_stored_rows_have_the_size_of_their_format(memories, model):
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantised_contexts_come_back_within_half_a_scale_of_the_exact_ones(memories, fmt):
+    check_within_half_a_scale(memories["model"], memories[fmt])
+
+
+def check_row_sizes(memories: dict[str, CREMMemory], num_chorus_tokens: int) -> None:
+    """Each memory's context rows (one memory per format, the same items) have the size of their format."""
     f = memories["model"].fingerprint
-    shape = (f["num_layers"], 2, f["num_kv_heads"], model.config.num_chorus_tokens, f["head_dim"])
+    shape = (f["num_layers"], 2, f["num_kv_heads"], num_chorus_tokens, f["head_dim"])
     for fmt, memory in memories.items():
         rows = memory.items.to_arrow().column("context").to_pylist()
         assert {len(row) for row in rows} == {context_nbytes(fmt, torch.float32, shape)}
         assert memory.info()["context_format"] == fmt == CREMMemory.describe(memory.uri)["context_format"]
     sizes = {fmt: memory.info()["items_bytes"] for fmt, memory in memories.items()}
     assert sizes["int4"] < sizes["int8"] < sizes["model"]
+
+
+def test_stored_rows_have_the_size_of_their_format(memories, model):
+    check_row_sizes(memories, model.config.num_chorus_tokens)
 
 
 def _first_logits(memory: CREMMemory, processor) -> torch.Tensor:
