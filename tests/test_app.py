@@ -21,10 +21,8 @@ from crem_hf.demo.app import (
     digits_gallery,
     guarded,
     launch,
-    load_demo_model,
     main,
     read_upload,
-    space_files,
 )
 from crem_hf.evaluation.retrieval import T2I_INSTRUCTION
 
@@ -317,29 +315,6 @@ def test_an_unexpected_error_is_one_line_in_the_page_and_a_traceback_in_the_log(
     assert "Traceback" in caplog.text and "boom" in caplog.text
     user = guarded(lambda: (_ for _ in ()).throw(ValueError("<b>bad</b> input")), ("",))()
     assert user == ("", '<div class="crem-status crem-error" role="alert">&lt;b&gt;bad&lt;/b&gt; input</div>')
-
-
-def test_space_export_writes_an_app_on_the_model_folder(model, processor, tmp_path):
-    from crem_hf.hub import main as export
-
-    target = tmp_path / "hub"
-    saved = tmp_path / "saved"
-    model.save_pretrained(saved)
-    processor.save_pretrained(saved)
-    assert export(["--model", str(saved), "--output-dir", str(target), "--repo-id", "me/tiny", "--space"]) == 0
-    assert (target / "requirements.txt").read_text() == "crem-hf[demo]==0.1.0\n"
-    source = (target / "app.py").read_text()
-    assert source == space_files("me/tiny", "crem-hf[demo]==0.1.0")["app.py"]
-    namespace = {"__file__": str(target / "app.py"), "__name__": "space"}
-    exec(compile(source, "app.py", "exec"), namespace)  # defines MODEL without serving
-    assert namespace["MODEL"] == str(target)
-    elsewhere = {"__file__": str(tmp_path / "space" / "app.py"), "__name__": "space"}
-    exec(compile(source, "app.py", "exec"), elsewhere)  # a Space holds no model: the Hub id
-    assert elsewhere["MODEL"] == "me/tiny"
-    loaded, _ = load_demo_model(namespace["MODEL"])
-    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
-    with pytest.raises(ValueError, match="one install line"):
-        space_files("me/tiny", "a\nb")
 
 
 def test_a_folder_gallery_or_none(model, processor, images, tmp_path):

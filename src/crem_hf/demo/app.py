@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..evaluation.retrieval import T2I_INSTRUCTION
-from ..io import USER_ERRORS, ArgumentParser, check_model_source, positive_int, run_command, write_text_atomically
+from ..io import USER_ERRORS, ArgumentParser, check_model_source, positive_int, run_command
 from ..processing_crem import CREMProcessor, rgb_on_white
 
 __all__ = [
@@ -58,8 +58,6 @@ __all__ = [
     "load_demo_model",
     "main",
     "read_upload",
-    "space_files",
-    "write_space_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -898,49 +896,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)  # the gallery's size and time; not every HTTP request of the libraries
     return run_command("crem-demo", lambda: serve(args))
-
-
-# ---------------------------------------------------------------------------------------------------- Space export
-
-_SPACE_APP = '''"""The crem-demo Gradio app for a CREM model, written by `crem-export --space`.
-
-Serves CREM_MODEL (a folder or a Hub id) when set, else the model in this file's folder when there is one (`python
-app.py` in the exported folder), else the Hub model {repo_id!r}: copy this file and requirements.txt into a Gradio
-Space and it serves that model.
-"""
-
-import os
-
-from crem_hf.demo.app import build_app, launch, load_demo_model
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-LOCAL = any(os.path.isfile(os.path.join(HERE, name)) for name in ("config.json", "adapter_config.json"))
-MODEL = os.environ.get("CREM_MODEL") or (HERE if LOCAL else {repo_id!r})
-
-if __name__ == "__main__":
-    model, processor = load_demo_model(MODEL)
-    launch(build_app(model, processor), host=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"), port=7860)
-'''
-
-
-def space_files(repo_id: str, requirement: str) -> dict[str, str]:
-    """
-    The files of a Space for the model: `app.py` (this app on the model folder it sits in, or `repo_id`) and
-    `requirements.txt` (`requirement`, the crem-hf install line with its demo extra, e.g. `crem-hf[demo]==0.1.0`
-    or `crem-hf[demo] @ git+https://...`).
-    """
-    if not requirement.strip() or "\n" in requirement:
-        raise ValueError(f"The Space requirement must be one install line, got {requirement!r}.")
-    return {"app.py": _SPACE_APP.format(repo_id=repo_id), "requirements.txt": requirement.strip() + "\n"}
-
-
-def write_space_files(folder: str | os.PathLike, repo_id: str, requirement: str) -> list[str]:
-    """Write `space_files` into `folder` (atomically, each); returns their paths."""
-    paths = []
-    for name, text in space_files(repo_id, requirement).items():
-        paths.append(os.path.join(os.fspath(folder), name))
-        write_text_atomically(paths[-1], text)
-    return paths
 
 
 if __name__ == "__main__":
