@@ -216,3 +216,52 @@ def save_crem(model, processor, folder) -> str:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return str(folder)
+
+
+def write_upload_images(folder) -> dict[str, str]:
+    """The demo's uploads in `folder`: a PNG per colour (`colour_image(name, i)`), and `notes.png`, a text file."""
+    import os
+
+    paths = {}
+    for i, name in enumerate(COLOURS):
+        paths[name] = os.path.join(folder, f"{name}.png")
+        colour_image(name, i).save(paths[name])
+    paths["text"] = os.path.join(folder, "notes.png")
+    with open(paths["text"], "w") as handle:
+        handle.write("not an image\n")
+    return paths
+
+
+def answers_both_ways(model, processor, question: str, image, max_new_tokens: int) -> dict:
+    """
+    The oracle of the demo's Ask tab, from the model called directly: the prompt's tokens, the slots of its
+    compressed context (`model.compress`), the bytes of one KV slot (from the config) and the greedy
+    `[native, compressed]` answers.
+    """
+    inputs = processor.process_generation_inputs(questions=[question], images=[image])
+    prompt = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        kept = model.compress(**inputs).cache.get_seq_length()
+        answers = [
+            processor.tokenizer.decode(
+                model.generate(**inputs, compress=mode, max_new_tokens=max_new_tokens, do_sample=False)[0, prompt:],
+                skip_special_tokens=True,
+            ).strip()
+            for mode in (False, True)
+        ]
+    text = model.config.text_config
+    slot_bytes = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    slot_bytes *= torch.finfo(model.dtype).bits // 8
+    return {"prompt": prompt, "kept": kept, "slot_bytes": slot_bytes, "answers": answers}
+
+
+def cosines_one_by_one(model, processor, images, texts, instruction: str) -> torch.Tensor:
+    """The oracle of the demo's Embed tab: the images', then the texts' cosine matrix `(n, n)`, each embedded alone."""
+    with torch.no_grad():
+        vectors = [model.get_embedding(**processor.process_embedding_inputs(images=[image]))[0] for image in images]
+        vectors += [
+            model.get_embedding(**processor.process_embedding_inputs(texts=[text], instruction=instruction))[0]
+            for text in texts
+        ]
+    stacked = torch.nn.functional.normalize(torch.stack(vectors), dim=-1)
+    return stacked @ stacked.T

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import COLOURS, colour_image, free_port
+from helpers import answers_both_ways, colour_image, cosines_one_by_one, free_port, write_upload_images
 from PIL import Image
 from playwright import sync_api
 
@@ -21,10 +21,8 @@ from crem_hf.demo.app import (
     digits_gallery,
     guarded,
     launch,
-    load_demo_model,
     main,
     read_upload,
-    space_files,
 )
 from crem_hf.evaluation.retrieval import T2I_INSTRUCTION
 
@@ -38,13 +36,7 @@ WAIT_MS = 30_000
 def images(tmp_path_factory):
     """A PNG per colour, a text file, a file over the byte limit and an image over the pixel limit."""
     folder = tmp_path_factory.mktemp("uploads")
-    paths = {}
-    for i, name in enumerate(COLOURS):
-        paths[name] = str(folder / f"{name}.png")
-        colour_image(name, i).save(paths[name])
-    paths["text"] = str(folder / "notes.png")  # an image's name, a text's content
-    with open(paths["text"], "w") as handle:
-        handle.write("not an image\n")
+    paths = write_upload_images(folder)
     noise = np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8)
     paths["heavy"] = str(folder / "heavy.png")  # 150 x 150 px of noise: ~68 kB, over the 60 kB limit
     Image.fromarray(noise).save(paths["heavy"])
@@ -131,20 +123,8 @@ def test_ask_tab_shows_native_and_compressed_answers_with_their_cache(page, mode
     page.locator("#ask-button").click()
     native, compressed = table(page, "native-stats"), table(page, "compressed-stats")
 
-    inputs = processor.process_generation_inputs(questions=["What is in the image?"], images=[images["red"]])
-    prompt = inputs["input_ids"].shape[1]
-    with torch.no_grad():
-        kept = model.compress(**inputs).cache.get_seq_length()  # the compressed context: the oracle of the slots
-        answers = [
-            processor.tokenizer.decode(
-                model.generate(**inputs, compress=mode, max_new_tokens=4, do_sample=False)[0, prompt:],
-                skip_special_tokens=True,
-            ).strip()
-            for mode in (False, True)
-        ]
-    text = model.config.text_config
-    slot_bytes = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
-    slot_bytes *= torch.finfo(model.dtype).bits // 8
+    oracle = answers_both_ways(model, processor, "What is in the image?", images["red"], 4)
+    prompt, kept, slot_bytes, answers = oracle["prompt"], oracle["kept"], oracle["slot_bytes"], oracle["answers"]
     assert [int(native[0][0]), int(compressed[0][0])] == [prompt, kept] and kept < prompt
     assert [native[0][1], compressed[0][1]] == [f"{prompt * slot_bytes:,}", f"{kept * slot_bytes:,}"]
     assert float(native[0][2]) > 0 and float(compressed[0][2]) > 0
@@ -192,17 +172,9 @@ def test_embed_tab_draws_the_similarity_matrix(page, model, processor, images):
     page.locator("#embed-texts textarea").fill("red\n\n  a green square  ")
     page.locator("#embed-button").click()
     rows = table(page, "embed-table")
-    # The oracle: each item embedded alone (batch independence), cosine by hand.
-    with torch.no_grad():
-        vectors = [
-            model.get_embedding(**processor.process_embedding_inputs(images=[images[c]]))[0] for c in ("red", "green")
-        ]
-        vectors += [
-            model.get_embedding(**processor.process_embedding_inputs(texts=[t], instruction=T2I_INSTRUCTION))[0]
-            for t in ("red", "a green square")
-        ]
-    stacked = torch.nn.functional.normalize(torch.stack(vectors), dim=-1)
-    expected = stacked @ stacked.T
+    expected = cosines_one_by_one(  # the oracle: each item embedded alone (batch independence), cosine by hand
+        model, processor, [images["red"], images["green"]], ["red", "a green square"], T2I_INSTRUCTION
+    )
     assert [row[0] for row in rows] == ["red.png", "green.png", "red", "a green square"]
     shown = torch.tensor([[float(v) for v in row[1:]] for row in rows])
     assert torch.allclose(shown, expected, atol=2e-3) and torch.equal(shown, shown.T)
@@ -317,29 +289,6 @@ def test_an_unexpected_error_is_one_line_in_the_page_and_a_traceback_in_the_log(
     assert "Traceback" in caplog.text and "boom" in caplog.text
     user = guarded(lambda: (_ for _ in ()).throw(ValueError("<b>bad</b> input")), ("",))()
     assert user == ("", '<div class="crem-status crem-error" role="alert">&lt;b&gt;bad&lt;/b&gt; input</div>')
-
-
-def test_space_export_writes_an_app_on_the_model_folder(model, processor, tmp_path):
-    from crem_hf.hub import main as export
-
-    target = tmp_path / "hub"
-    saved = tmp_path / "saved"
-    model.save_pretrained(saved)
-    processor.save_pretrained(saved)
-    assert export(["--model", str(saved), "--output-dir", str(target), "--repo-id", "me/tiny", "--space"]) == 0
-    assert (target / "requirements.txt").read_text() == "crem-hf[demo]==0.1.0\n"
-    source = (target / "app.py").read_text()
-    assert source == space_files("me/tiny", "crem-hf[demo]==0.1.0")["app.py"]
-    namespace = {"__file__": str(target / "app.py"), "__name__": "space"}
-    exec(compile(source, "app.py", "exec"), namespace)  # defines MODEL without serving
-    assert namespace["MODEL"] == str(target)
-    elsewhere = {"__file__": str(tmp_path / "space" / "app.py"), "__name__": "space"}
-    exec(compile(source, "app.py", "exec"), elsewhere)  # a Space holds no model: the Hub id
-    assert elsewhere["MODEL"] == "me/tiny"
-    loaded, _ = load_demo_model(namespace["MODEL"])
-    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
-    with pytest.raises(ValueError, match="one install line"):
-        space_files("me/tiny", "a\nb")
 
 
 def test_a_folder_gallery_or_none(model, processor, images, tmp_path):

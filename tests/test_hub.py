@@ -14,7 +14,7 @@ import torch
 from helpers import outputs_of, random_image
 
 from crem_hf.configuration_crem import BACKBONE_AUTO_CLASSES
-from crem_hf.hub import CardInfo, export_hub_folder, load_for_export, main, render_model_card
+from crem_hf.hub import CardInfo, export_hub_folder, load_for_export, main, render_model_card, space_files
 from crem_hf.testing import BACKBONES, make_tiny_crem, make_tiny_processor
 from crem_hf.training import apply_lora
 
@@ -307,6 +307,29 @@ def test_cli_exports_a_trained_folder(model, processor, tmp_path):
     card = render_model_card(model.config, CardInfo(repo_id="me/x"))
     assert "No evaluation results" in card.text and 'from_pretrained("me/x"' in card.text
     assert random_image(28, 28, 0).size == (28, 28)
+
+
+def test_space_export_writes_an_app_on_the_model_folder(model, processor, tmp_path):
+    from crem_hf.demo.app import load_demo_model
+
+    target = tmp_path / "hub"
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    assert main(["--model", str(saved), "--output-dir", str(target), "--repo-id", "me/tiny", "--space"]) == 0
+    assert (target / "requirements.txt").read_text() == "crem-hf[demo]==0.1.0\n"
+    source = (target / "app.py").read_text()
+    assert source == space_files("me/tiny", "crem-hf[demo]==0.1.0")["app.py"]
+    namespace = {"__file__": str(target / "app.py"), "__name__": "space"}
+    exec(compile(source, "app.py", "exec"), namespace)  # defines MODEL without serving
+    assert namespace["MODEL"] == str(target)
+    elsewhere = {"__file__": str(tmp_path / "space" / "app.py"), "__name__": "space"}
+    exec(compile(source, "app.py", "exec"), elsewhere)  # a Space holds no model: the Hub id
+    assert elsewhere["MODEL"] == "me/tiny"
+    loaded, _ = load_demo_model(namespace["MODEL"])
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    with pytest.raises(ValueError, match="one install line"):
+        space_files("me/tiny", "a\nb")
 
 
 def test_push_uploads_the_exported_folder(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
 The folder holds safetensors weights (LoRA merged by default, or the adapter alone), `config.json` with `auto_map`
 (AutoConfig, AutoModel, AutoModelForImageTextToText), the processor, tokenizer and chat template with `auto_map`
 for AutoProcessor, the three remote-code files, `generation_config.json`, a sentence-transformers module and a
-`README.md` model card whose code runs against the folder.
+`README.md` model card whose code runs against the folder; with `--space`, also a Gradio Space's `app.py` (the
+`crem-demo` app on the folder) and `requirements.txt`.
 
     crem-export --model outputs/main/model --output-dir hub/crem-tiny --repo-id org/crem-tiny \\
         --eval-results outputs/main/eval_after/mmeb_results.json [--push]
@@ -47,6 +48,8 @@ __all__ = [
     "push_folder",
     "remove_stale_exports",
     "render_model_card",
+    "space_files",
+    "write_space_files",
 ]
 
 try:  # POSIX: staging folders are marked live by a lock the kernel drops when their process dies
@@ -343,7 +346,7 @@ def export_hub_folder(
             Hub: the card loads it with peft).
         overwrite: replace a non-empty `output_dir`.
         space_requirement: also write a Space-ready `app.py` (the `crem-demo` app on this folder) and a
-            `requirements.txt` holding this install line of crem-hf (see `crem_hf.demo.app.space_files`).
+            `requirements.txt` holding this install line of crem-hf (see `space_files`).
     Returns:
         The folder's path.
     """
@@ -364,8 +367,6 @@ def export_hub_folder(
             _write_sentence_transformers_files(staging)
         render_model_card(config, info).save(os.path.join(staging, "README.md"))
         if space_requirement is not None:
-            from .demo.app import write_space_files
-
             write_space_files(staging, info.repo_id, space_requirement)
         pickles = [name for name in os.listdir(staging) if name.endswith(PICKLE_SUFFIXES)]
         if pickles:
@@ -402,6 +403,47 @@ def _write_sentence_transformers_files(folder: str) -> None:
     write_text_atomically(
         os.path.join(folder, "config_sentence_transformers.json"), json.dumps(settings, indent=2) + "\n"
     )
+
+
+_SPACE_APP = '''"""The crem-demo Gradio app for a CREM model, written by `crem-export --space`.
+
+Serves CREM_MODEL (a folder or a Hub id) when set, else the model in this file's folder when there is one (`python
+app.py` in the exported folder), else the Hub model {repo_id!r}: copy this file and requirements.txt into a Gradio
+Space and it serves that model.
+"""
+
+import os
+
+from crem_hf.demo.app import build_app, launch, load_demo_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LOCAL = any(os.path.isfile(os.path.join(HERE, name)) for name in ("config.json", "adapter_config.json"))
+MODEL = os.environ.get("CREM_MODEL") or (HERE if LOCAL else {repo_id!r})
+
+if __name__ == "__main__":
+    model, processor = load_demo_model(MODEL)
+    launch(build_app(model, processor), host=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"), port=7860)
+'''
+
+
+def space_files(repo_id: str, requirement: str) -> dict[str, str]:
+    """
+    The files of a Space for the model: `app.py` (the `crem-demo` app, `crem_hf.demo.app`, on the model folder it
+    sits in, or on `repo_id`) and `requirements.txt` (`requirement`, the crem-hf install line with its demo extra,
+    e.g. `crem-hf[demo]==0.1.0` or `crem-hf[demo] @ git+https://...`).
+    """
+    if not requirement.strip() or "\n" in requirement:
+        raise ValueError(f"The Space requirement must be one install line, got {requirement!r}.")
+    return {"app.py": _SPACE_APP.format(repo_id=repo_id), "requirements.txt": requirement.strip() + "\n"}
+
+
+def write_space_files(folder: str | os.PathLike, repo_id: str, requirement: str) -> list[str]:
+    """Write `space_files` into `folder` (atomically, each); returns their paths."""
+    paths = []
+    for name, text in space_files(repo_id, requirement).items():
+        paths.append(os.path.join(os.fspath(folder), name))
+        write_text_atomically(paths[-1], text)
+    return paths
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:

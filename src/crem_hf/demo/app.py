@@ -18,12 +18,17 @@ gallery is one for everyone on the page: adding or clearing waits for the search
 Every bad input (an upload that is not an image or is too large, an empty gallery, an empty query) is a message in
 the page; the server keeps serving. Unexpected errors are logged with their traceback on the server and named in
 one line in the page, never as a stack trace.
+
+Read top to bottom: uploads and the gallery; `CREMDemo`, the work (thread safe, no page); `DemoPage`, what each
+event of the page shows (its view tuple, errors included); one function per tab that lays out the components and
+wires them to `DemoPage`; `build_app`, the page; the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import html
 import json
@@ -37,20 +42,26 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..evaluation.retrieval import T2I_INSTRUCTION
-from ..io import USER_ERRORS, ArgumentParser, check_model_source, positive_int, run_command, write_text_atomically
+from ..io import USER_ERRORS, ArgumentParser, check_model_source, positive_int, run_command
 from ..processing_crem import CREMProcessor, rgb_on_white
 
 __all__ = [
     "DEFAULT_MODEL",
     "AskResult",
+    "AskView",
     "CREMDemo",
+    "DemoPage",
+    "EmbedView",
+    "GalleryAddView",
+    "SearchView",
+    "StoredAnswerView",
     "UploadLimits",
     "build_app",
     "build_parser",
@@ -58,8 +69,6 @@ __all__ = [
     "load_demo_model",
     "main",
     "read_upload",
-    "space_files",
-    "write_space_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -343,6 +352,31 @@ class CREMDemo:
             if clear and old is not None:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def start_gallery(
+        self, gallery: str | os.PathLike | Sequence[tuple[str, Any, dict]] | None, size: int | None = None
+    ) -> None:
+        """
+        Open the gallery memory and fill it with the page's starting gallery: `"digits"` (the first `size` bundled
+        held-out digit scans, default all), a folder of images (`CREMMemory.index`), `(id, image, metadata)` items,
+        or `None` / `"none"` (empty).
+
+        Raises:
+            ValueError: a string that is neither 'digits', 'none' nor a folder.
+        """
+        self.new_gallery()
+        started = time.perf_counter()
+        if gallery == "digits":
+            self.add_items(digits_gallery(limit=size))
+        elif isinstance(gallery, (str, os.PathLike)) and gallery != "none":
+            if not os.path.isdir(gallery):
+                raise ValueError(f"--gallery {gallery}: expected 'digits', 'none' or a folder of images.")
+            report = self.memory.index(os.fspath(gallery))
+            if report.failed:
+                logger.warning("%d gallery images could not be indexed: %s", report.failed, report.failures[:3])
+        elif gallery is not None and gallery != "none":
+            self.add_items(list(gallery))
+        logger.info("Gallery: %d items indexed in %.1f s", self.gallery_size(), time.perf_counter() - started)
+
     def gallery_size(self) -> int:
         with self._gallery.read():
             return 0 if self.memory is None else len(self.memory)
@@ -563,6 +597,177 @@ def _thumbnail(source: str | None) -> Image.Image:
     return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.NEAREST)
 
 
+def _update(**properties) -> dict[str, Any]:
+    """gradio's update of an output component's properties (`gr.update`); with none, the output is left as it is."""
+    import gradio as gr
+
+    return gr.update(**properties)
+
+
+def _cost_table(result: AskResult) -> str:
+    """What one answer's prompt holds in the cache, and the answer's time."""
+    return _table(
+        ["KV slots", "KV bytes", "seconds"], [[result.kv_slots, f"{result.kv_bytes:,}", f"{result.seconds:.3f}"]]
+    )
+
+
+# A view is what one page event shows: the new values of its output components, in the order the tab wires them,
+# the status line last. Each view's `empty` is what it shows when nothing is to be shown (after an error, a clear).
+
+
+class SearchView(NamedTuple):
+    """The Search tab after a search or a gallery change."""
+
+    thumbnails: list[tuple[Image.Image, str]]  # (thumbnail, "#rank id · score") per hit, best first
+    hits: str  # HTML table: rank, id, score, label
+    picker: dict[str, Any]  # the "Ask about hit" dropdown's update: the hits' ids as choices, the first picked
+    hit_ids: list[str]  # the hits' ids, best first (the page's state: a picked thumbnail's index -> its id)
+    status: str
+
+    @classmethod
+    def empty(cls, status: str = "") -> SearchView:
+        return cls([], "", _update(choices=[], value=None), [], status)
+
+
+class StoredAnswerView(NamedTuple):
+    """The Search tab's answer about a picked hit, from its stored compressed context."""
+
+    answer: str
+    status: str
+
+    @classmethod
+    def empty(cls, status: str = "") -> StoredAnswerView:
+        return cls("", status)
+
+
+class GalleryAddView(NamedTuple):
+    """The Search tab after adding uploads to the gallery."""
+
+    uploads: Any  # None: the added files leave the upload box; on an error they stay (an empty update)
+    status: str
+
+    @classmethod
+    def empty(cls, status: str = "") -> GalleryAddView:
+        return cls(_update(), status)
+
+
+class AskView(NamedTuple):
+    """The Ask tab: the image and its two answers, each with its cost table."""
+
+    preview: Image.Image | None
+    native_answer: str
+    native_cost: str  # HTML table: KV slots, KV bytes, seconds
+    compressed_answer: str
+    compressed_cost: str
+    status: str
+
+    @classmethod
+    def empty(cls, status: str = "") -> AskView:
+        return cls(None, "", "", "", "", status)
+
+
+class EmbedView(NamedTuple):
+    """The Embed tab: the similarity matrix as a heat map (a matplotlib figure) and as a table."""
+
+    heat_map: Any
+    table: str  # HTML table: a row and a column per item
+    status: str
+
+    @classmethod
+    def empty(cls, status: str = "") -> EmbedView:
+        return cls(None, "", status)
+
+
+def _event(view: type) -> Callable[[Callable], Callable]:
+    """A `DemoPage` method as a page event (see `guarded`): it returns a `view`; on an error, the view's `empty`
+    one with the error as its status line."""
+
+    def decorate(method: Callable[..., tuple]) -> Callable[..., tuple]:
+        @functools.wraps(method)
+        def event(*args):
+            return view._make(guarded(method, view.empty()[:-1])(*args))
+
+        return event
+
+    return decorate
+
+
+class DemoPage:
+    """
+    What each event of the page shows, without the page: one method per event takes the values of the event's
+    input components (uploads as `gr.File` values: a path, a list of paths, or None) and returns its view, the new
+    values of its outputs. A bad input (or a bug) is the view's status line, the other outputs emptied; nothing
+    raises. Holds no state of its own: one object serves every user (`demo` makes the calls safe at once).
+    """
+
+    HIT_HEADERS = ("rank", "id", "score", "label")
+
+    def __init__(self, demo: CREMDemo):
+        self.demo = demo
+
+    def gallery_line(self) -> str:
+        return _status(f"The gallery holds {self.demo.gallery_size()} item(s).")
+
+    @_event(SearchView)
+    def search(self, text: str | None, image_file: Any, k: int) -> SearchView:
+        """The top `k` gallery items for a text or an image query: thumbnails, a table, the picker on the best."""
+        hits = self.demo.search(text, (_upload_paths(image_file) or [None])[0], k)
+        ids = [hit.id for hit in hits]
+        line = f"{len(hits)} hit(s) out of {self.demo.gallery_size()} gallery item(s)."
+        return SearchView(
+            [(_thumbnail(hit.source), f"#{hit.rank + 1} {hit.id} · {hit.score:.3f}") for hit in hits],
+            _table(
+                self.HIT_HEADERS,
+                [[hit.rank + 1, hit.id, f"{hit.score:.4f}", hit.metadata.get("label", hit.text or "")] for hit in hits],
+            ),
+            _update(choices=ids, value=ids[0]),
+            ids,
+            _status(line),
+        )
+
+    def pick(self, hit_ids: list[str], index: int | None) -> str | dict[str, Any]:
+        """The id of the thumbnail picked at `index` (the picker follows the gallery); else the picker as it is."""
+        return hit_ids[index] if hit_ids and index is not None and index < len(hit_ids) else _update()
+
+    @_event(StoredAnswerView)
+    def ask_stored(self, item_id: str | None, question: str, max_new_tokens: int) -> StoredAnswerView:
+        answer = self.demo.ask_stored(question, item_id, max_new_tokens)
+        return StoredAnswerView(answer, _status(f"Answered from the stored compressed context of {item_id}."))
+
+    @_event(GalleryAddView)
+    def add(self, files: Any) -> GalleryAddView:
+        return GalleryAddView(None, _status(self.demo.add_uploads(_upload_paths(files))))
+
+    @_event(SearchView)
+    def clear(self) -> SearchView:
+        """An empty gallery, and no hits shown."""
+        self.demo.new_gallery(clear=True)
+        return SearchView.empty(_status("The gallery is empty now."))
+
+    @_event(AskView)
+    def ask(self, image_file: Any, question: str, max_new_tokens: int) -> AskView:
+        """The question answered natively and compressed, each with its cache's size and time."""
+        path = (_upload_paths(image_file) or [None])[0]
+        native, compressed = self.demo.answer(path, question, max_new_tokens)
+        preview = read_upload(path, self.demo.processor, self.demo.limits)
+        saved = 1 - compressed.kv_slots / native.kv_slots
+        line = f"Prompt of {native.prompt_tokens} tokens; the compressed cache holds {saved:.0%} fewer slots."
+        return AskView(
+            preview, native.answer, _cost_table(native), compressed.answer, _cost_table(compressed), _status(line)
+        )
+
+    @_event(EmbedView)
+    def embed(self, files: Any, texts: str | None, instruction: str | None) -> EmbedView:
+        """The images' and texts' cosine similarity matrix."""
+        labels, matrix = self.demo.similarity(_upload_paths(files), texts or "", instruction)
+        rows = [[label, *(f"{v:.3f}" for v in row)] for label, row in zip(labels, matrix.tolist(), strict=True)]
+        return EmbedView(
+            _heat_map(labels, matrix), _table(["", *labels], rows), _status(f"{len(labels)} items compared.")
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- the layout
+
 _CSS = """
 .crem-status { padding: 6px 10px; border-radius: 6px; margin: 4px 0; }
 .crem-ok { background: #eef6ee; color: #1d4d1d; }
@@ -570,6 +775,98 @@ _CSS = """
 .crem-table { border-collapse: collapse; font-size: 0.9em; }
 .crem-table th, .crem-table td { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
 """
+
+
+def search_tab(page: DemoPage, model_event: dict, question: str, top_k: int, max_new_tokens: int) -> None:
+    """The Search tab: the query and the gallery's changes on the left; the hits and a question about one on the
+    right. `model_event`: the keyword arguments of every event that uses the model."""
+    import gradio as gr
+
+    with gr.Tab("Search", id="search"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                query = gr.Textbox(label="Text query", placeholder="the digit seven", elem_id="search-text")
+                query_image = gr.File(label="…or a query image", file_count="single", elem_id="search-image")
+                k = gr.Slider(1, MAX_TOP_K, value=top_k, step=1, label="Top-k", elem_id="search-k")
+                search_button = gr.Button("Search", variant="primary", elem_id="search-button")
+                with gr.Accordion("Add images to the gallery", open=False):
+                    uploads = gr.File(label="Images", file_count="multiple", elem_id="gallery-upload")
+                    with gr.Row():
+                        add_button = gr.Button("Add to gallery", elem_id="gallery-add")
+                        clear_button = gr.Button("Clear gallery", elem_id="gallery-clear")
+            with gr.Column(scale=2):
+                status = gr.HTML(page.gallery_line(), elem_id="search-status")
+                results = gr.Gallery(
+                    label="Top hits", columns=5, height=280, object_fit="contain", elem_id="search-results"
+                )
+                hits_table = gr.HTML(elem_id="search-hits")
+                hit_ids = gr.State([])
+                with gr.Row():
+                    picked = gr.Dropdown(choices=[], label="Ask about hit", elem_id="search-pick")
+                    stored_question = gr.Textbox(value=question, label="Question", elem_id="search-question")
+                stored_tokens = gr.Slider(
+                    1, 64, value=max_new_tokens, step=1, label="Max new tokens", elem_id="search-tokens"
+                )
+                stored_button = gr.Button("Ask the stored context", elem_id="search-ask")
+                stored_answer = gr.Textbox(label="Answer", interactive=False, elem_id="search-answer")
+
+    def pick(ids: list[str], event: gr.SelectData):
+        return page.pick(ids, event.index)
+
+    pick.__annotations__ = {"event": gr.SelectData}  # gradio passes the selection by this (resolved) annotation
+    search_view = [results, hits_table, picked, hit_ids, status]  # SearchView's fields
+    search_button.click(page.search, [query, query_image, k], search_view, api_name="search", **model_event)
+    results.select(pick, [hit_ids], [picked], queue=False)  # no model: never waits behind the model events
+    stored_inputs = [picked, stored_question, stored_tokens]
+    stored_button.click(page.ask_stored, stored_inputs, [stored_answer, status], api_name="ask_stored", **model_event)
+    add_button.click(page.add, [uploads], [uploads, status], api_name="add", **model_event)  # GalleryAddView
+    clear_button.click(page.clear, None, search_view, api_name="clear", **model_event)
+
+
+def ask_tab(page: DemoPage, model_event: dict, question: str, max_new_tokens: int) -> None:
+    """The Ask tab: an image and a question on the left; the native and the compressed answer side by side."""
+    import gradio as gr
+
+    with gr.Tab("Ask", id="ask"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.File(label="Image", file_count="single", elem_id="ask-image")
+                question_box = gr.Textbox(value=question, label="Question", elem_id="ask-question")
+                tokens = gr.Slider(1, 64, value=max_new_tokens, step=1, label="Max new tokens", elem_id="ask-tokens")
+                button = gr.Button("Answer both ways", variant="primary", elem_id="ask-button")
+                preview = gr.Image(label="The image", interactive=False, height=220, elem_id="ask-preview")
+            with gr.Column(scale=1):
+                gr.Markdown("### Native\nThe whole prompt (image included) stays in the KV cache.")
+                native_answer = gr.Textbox(label="Answer", interactive=False, elem_id="native-answer")
+                native_cost = gr.HTML(elem_id="native-stats")
+            with gr.Column(scale=1):
+                gr.Markdown("### Compressed\nThe image and text are dropped; the chorus tokens carry them.")
+                compressed_answer = gr.Textbox(label="Answer", interactive=False, elem_id="compressed-answer")
+                compressed_cost = gr.HTML(elem_id="compressed-stats")
+        status = gr.HTML(elem_id="ask-status")
+    ask_view = [preview, native_answer, native_cost, compressed_answer, compressed_cost, status]  # AskView's fields
+    button.click(page.ask, [image, question_box, tokens], ask_view, api_name="ask", **model_event)
+
+
+def embed_tab(page: DemoPage, model_event: dict) -> None:
+    """The Embed tab: images and lines of text on the left; their similarity matrix on the right."""
+    import gradio as gr
+
+    with gr.Tab("Embed", id="embed"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(label="Images", file_count="multiple", elem_id="embed-images")
+                texts = gr.Textbox(label="Texts, one per line", lines=4, elem_id="embed-texts")
+                instruction = gr.Textbox(
+                    value=TEXT_INSTRUCTION, label="Instruction for the texts", elem_id="embed-instruction"
+                )
+                button = gr.Button("Compare", variant="primary", elem_id="embed-button")
+            with gr.Column(scale=2):
+                status = gr.HTML(elem_id="embed-status")
+                heat_map = gr.Plot(label="Cosine similarity", format="png", elem_id="embed-plot")
+                table = gr.HTML(elem_id="embed-table")
+    embed_view = [heat_map, table, status]  # EmbedView's fields
+    button.click(page.embed, [files, texts, instruction], embed_view, api_name="embed", **model_event)
 
 
 def build_app(
@@ -606,80 +903,17 @@ def build_app(
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    if workdir is None:
-        temporary = tempfile.TemporaryDirectory(prefix="crem-demo-")
-        workdir = temporary.name
-    else:
-        temporary = None
     if queue_size < 1:
         raise ValueError(f"queue_size must be at least 1, got {queue_size}.")
-    demo = CREMDemo(model, processor, os.fspath(workdir), limits or UploadLimits(), concurrency=concurrency)
-    demo.new_gallery()
-    started = time.perf_counter()
-    gallery = None if gallery == "none" else gallery
-    digits = gallery == "digits"
-    if digits:
-        demo.add_items(digits_gallery(limit=gallery_size))
-    elif isinstance(gallery, (str, os.PathLike)):
-        if not os.path.isdir(gallery):
-            raise ValueError(f"--gallery {gallery}: expected 'digits', 'none' or a folder of images.")
-        report = demo.memory.index(os.fspath(gallery))
-        if report.failed:
-            logger.warning("%d gallery images could not be indexed: %s", report.failed, report.failures[:3])
-    elif gallery is not None:
-        demo.add_items(list(gallery))
-    logger.info("Gallery: %d items indexed in %.1f s", demo.gallery_size(), time.perf_counter() - started)
-    question = "Which digit is shown?" if digits else "What is in the image?"
-    hit_headers = ["rank", "id", "score", "label"]
-
-    def gallery_line() -> str:
-        return _status(f"The gallery holds {demo.gallery_size()} item(s).")
-
-    def search(text, image_file, k):
-        hits = demo.search(text, (_upload_paths(image_file) or [None])[0], k)
-        shown = [(_thumbnail(hit.source), f"#{hit.rank + 1} {hit.id} · {hit.score:.3f}") for hit in hits]
-        rows = [[hit.rank + 1, hit.id, f"{hit.score:.4f}", hit.metadata.get("label", hit.text or "")] for hit in hits]
-        ids = [hit.id for hit in hits]
-        line = f"{len(hits)} hit(s) out of {demo.gallery_size()} gallery item(s)."
-        return shown, _table(hit_headers, rows), gr.update(choices=ids, value=ids[0]), ids, _status(line)
-
-    def pick(ids, event):
-        return ids[event.index] if ids and event.index is not None and event.index < len(ids) else gr.update()
-
-    pick.__annotations__ = {"event": gr.SelectData}  # gradio passes the selection by this (resolved) annotation
-
-    def ask_stored(item_id, text, tokens):
-        answer = demo.ask_stored(text, item_id, tokens)
-        return answer, _status(f"Answered from the stored compressed context of {item_id}.")
-
-    def add(files):
-        return None, _status(demo.add_uploads(_upload_paths(files)))
-
-    def clear():
-        demo.new_gallery(clear=True)
-        return [], "", gr.update(choices=[], value=None), [], _status("The gallery is empty now.")
-
-    def ask(image_file, text, tokens):
-        path = (_upload_paths(image_file) or [None])[0]
-        native, compressed = demo.answer(path, text, tokens)
-        preview = read_upload(path, demo.processor, demo.limits)
-
-        def stats(result: AskResult) -> str:
-            return _table(
-                ["KV slots", "KV bytes", "seconds"],
-                [[result.kv_slots, f"{result.kv_bytes:,}", f"{result.seconds:.3f}"]],
-            )
-
-        saved = 1 - compressed.kv_slots / native.kv_slots
-        line = f"Prompt of {native.prompt_tokens} tokens; the compressed cache holds {saved:.0%} fewer slots."
-        return preview, native.answer, stats(native), compressed.answer, stats(compressed), _status(line)
-
-    def embed(files, texts, instruction):
-        labels, matrix = demo.similarity(_upload_paths(files), texts or "", instruction)
-        rows = [[label, *(f"{v:.3f}" for v in row)] for label, row in zip(labels, matrix.tolist(), strict=True)]
-        table = _table(["", *labels], rows)
-        return _heat_map(labels, matrix), table, _status(f"{len(labels)} items compared.")
-
+    temporary = tempfile.TemporaryDirectory(prefix="crem-demo-") if workdir is None else None
+    workdir = os.fspath(workdir) if temporary is None else temporary.name
+    demo = CREMDemo(model, processor, workdir, limits or UploadLimits(), concurrency=concurrency)
+    demo.start_gallery(gallery, gallery_size)
+    page = DemoPage(demo)
+    question = "Which digit is shown?" if gallery == "digits" else "What is in the image?"
+    # Every event that uses the model is one concurrency group: at most `concurrency` of them run at once over all
+    # users (one per worker), the rest wait in the queue.
+    model_event = {"concurrency_id": "model", "concurrency_limit": concurrency}
     with gr.Blocks(title=title) as app:
         gr.Markdown(
             f"# {html.escape(title)}\nOne model for search (embeddings) and answers (native or from the chorus "
@@ -687,111 +921,12 @@ def build_app(
             f"{model.config.num_chorus_tokens} chorus tokens."
         )
         with gr.Tabs():
-            with gr.Tab("Search", id="search"):
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        query = gr.Textbox(label="Text query", placeholder="the digit seven", elem_id="search-text")
-                        query_image = gr.File(label="…or a query image", file_count="single", elem_id="search-image")
-                        k = gr.Slider(1, MAX_TOP_K, value=top_k, step=1, label="Top-k", elem_id="search-k")
-                        search_button = gr.Button("Search", variant="primary", elem_id="search-button")
-                        with gr.Accordion("Add images to the gallery", open=False):
-                            uploads = gr.File(label="Images", file_count="multiple", elem_id="gallery-upload")
-                            with gr.Row():
-                                add_button = gr.Button("Add to gallery", elem_id="gallery-add")
-                                clear_button = gr.Button("Clear gallery", elem_id="gallery-clear")
-                    with gr.Column(scale=2):
-                        search_status = gr.HTML(gallery_line(), elem_id="search-status")
-                        results = gr.Gallery(
-                            label="Top hits", columns=5, height=280, object_fit="contain", elem_id="search-results"
-                        )
-                        hits_table = gr.HTML(elem_id="search-hits")
-                        hit_ids = gr.State([])
-                        with gr.Row():
-                            picked = gr.Dropdown(choices=[], label="Ask about hit", elem_id="search-pick")
-                            stored_question = gr.Textbox(value=question, label="Question", elem_id="search-question")
-                        stored_tokens = gr.Slider(
-                            1, 64, value=max_new_tokens, step=1, label="Max new tokens", elem_id="search-tokens"
-                        )
-                        stored_button = gr.Button("Ask the stored context", elem_id="search-ask")
-                        stored_answer = gr.Textbox(label="Answer", interactive=False, elem_id="search-answer")
-            with gr.Tab("Ask", id="ask"):
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        ask_image = gr.File(label="Image", file_count="single", elem_id="ask-image")
-                        ask_question = gr.Textbox(value=question, label="Question", elem_id="ask-question")
-                        ask_tokens = gr.Slider(
-                            1, 64, value=max_new_tokens, step=1, label="Max new tokens", elem_id="ask-tokens"
-                        )
-                        ask_button = gr.Button("Answer both ways", variant="primary", elem_id="ask-button")
-                        ask_preview = gr.Image(label="The image", interactive=False, height=220, elem_id="ask-preview")
-                    with gr.Column(scale=1):
-                        gr.Markdown("### Native\nThe whole prompt (image included) stays in the KV cache.")
-                        native_answer = gr.Textbox(label="Answer", interactive=False, elem_id="native-answer")
-                        native_stats = gr.HTML(elem_id="native-stats")
-                    with gr.Column(scale=1):
-                        gr.Markdown("### Compressed\nThe image and text are dropped; the chorus tokens carry them.")
-                        compressed_answer = gr.Textbox(label="Answer", interactive=False, elem_id="compressed-answer")
-                        compressed_stats = gr.HTML(elem_id="compressed-stats")
-                ask_status = gr.HTML(elem_id="ask-status")
-            with gr.Tab("Embed", id="embed"):
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        embed_files = gr.File(label="Images", file_count="multiple", elem_id="embed-images")
-                        embed_texts = gr.Textbox(label="Texts, one per line", lines=4, elem_id="embed-texts")
-                        embed_instruction = gr.Textbox(
-                            value=TEXT_INSTRUCTION, label="Instruction for the texts", elem_id="embed-instruction"
-                        )
-                        embed_button = gr.Button("Compare", variant="primary", elem_id="embed-button")
-                    with gr.Column(scale=2):
-                        embed_status = gr.HTML(elem_id="embed-status")
-                        heat_map = gr.Plot(label="Cosine similarity", format="png", elem_id="embed-plot")
-                        similarity_table = gr.HTML(elem_id="embed-table")
-
-        reset = gr.update(choices=[], value=None)
-        # Every event that uses the model is one concurrency group: at most `concurrency` of them run at once
-        # over all users (one per worker), the rest wait in the queue.
-        model_event = {"concurrency_id": "model", "concurrency_limit": concurrency}
-        search_button.click(
-            guarded(search, ([], "", reset, [])),
-            [query, query_image, k],
-            [results, hits_table, picked, hit_ids, search_status],
-            api_name="search",
-            **model_event,
-        )
-        results.select(pick, [hit_ids], [picked], queue=False)  # no model: never waits behind the model events
-        stored_button.click(
-            guarded(ask_stored, ("",)),
-            [picked, stored_question, stored_tokens],
-            [stored_answer, search_status],
-            api_name="ask_stored",
-            **model_event,
-        )
-        add_button.click(
-            guarded(add, (gr.update(),)), [uploads], [uploads, search_status], api_name="add", **model_event
-        )
-        clear_button.click(
-            guarded(clear, ([], "", reset, [])),
-            None,
-            [results, hits_table, picked, hit_ids, search_status],
-            api_name="clear",
-            **model_event,
-        )
-        ask_button.click(
-            guarded(ask, (None, "", "", "", "")),
-            [ask_image, ask_question, ask_tokens],
-            [ask_preview, native_answer, native_stats, compressed_answer, compressed_stats, ask_status],
-            api_name="ask",
-            **model_event,
-        )
-        embed_button.click(
-            guarded(embed, (None, "")),
-            [embed_files, embed_texts, embed_instruction],
-            [heat_map, similarity_table, embed_status],
-            api_name="embed",
-            **model_event,
-        )
+            search_tab(page, model_event, question, top_k, max_new_tokens)
+            ask_tab(page, model_event, question, max_new_tokens)
+            embed_tab(page, model_event)
     app.queue(max_size=queue_size, default_concurrency_limit=concurrency)
     app.crem_demo = demo  # the logic behind the page (tests, scripts)
+    app.crem_page = page  # what each event shows
     app.crem_workdir = temporary  # kept alive with the app; removed at exit
     app.crem_css = _CSS
     return app
@@ -898,49 +1033,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)  # the gallery's size and time; not every HTTP request of the libraries
     return run_command("crem-demo", lambda: serve(args))
-
-
-# ---------------------------------------------------------------------------------------------------- Space export
-
-_SPACE_APP = '''"""The crem-demo Gradio app for a CREM model, written by `crem-export --space`.
-
-Serves CREM_MODEL (a folder or a Hub id) when set, else the model in this file's folder when there is one (`python
-app.py` in the exported folder), else the Hub model {repo_id!r}: copy this file and requirements.txt into a Gradio
-Space and it serves that model.
-"""
-
-import os
-
-from crem_hf.demo.app import build_app, launch, load_demo_model
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-LOCAL = any(os.path.isfile(os.path.join(HERE, name)) for name in ("config.json", "adapter_config.json"))
-MODEL = os.environ.get("CREM_MODEL") or (HERE if LOCAL else {repo_id!r})
-
-if __name__ == "__main__":
-    model, processor = load_demo_model(MODEL)
-    launch(build_app(model, processor), host=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"), port=7860)
-'''
-
-
-def space_files(repo_id: str, requirement: str) -> dict[str, str]:
-    """
-    The files of a Space for the model: `app.py` (this app on the model folder it sits in, or `repo_id`) and
-    `requirements.txt` (`requirement`, the crem-hf install line with its demo extra, e.g. `crem-hf[demo]==0.1.0`
-    or `crem-hf[demo] @ git+https://...`).
-    """
-    if not requirement.strip() or "\n" in requirement:
-        raise ValueError(f"The Space requirement must be one install line, got {requirement!r}.")
-    return {"app.py": _SPACE_APP.format(repo_id=repo_id), "requirements.txt": requirement.strip() + "\n"}
-
-
-def write_space_files(folder: str | os.PathLike, repo_id: str, requirement: str) -> list[str]:
-    """Write `space_files` into `folder` (atomically, each); returns their paths."""
-    paths = []
-    for name, text in space_files(repo_id, requirement).items():
-        paths.append(os.path.join(os.fspath(folder), name))
-        write_text_atomically(paths[-1], text)
-    return paths
 
 
 if __name__ == "__main__":
