@@ -5,6 +5,7 @@ the page's wiring (each event's outputs are its view's fields, in order)."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import numpy as np
@@ -148,6 +149,9 @@ def test_the_gallery_grows_by_uploads_and_clears(model, processor, images, tmp_p
     again = page.add(images["purple"])  # the same file again: the same item
     assert again.status == f"{ok}Added 0 image(s), 1 already in the gallery; the gallery holds 6 item(s).</div>"
     assert page.gallery_line() == '<div class="crem-status crem-ok">The gallery holds 6 item(s).</div>'
+    twice = page.add([images["green"], images["green"]])  # the same file twice in one drop: one item
+    assert twice.status == f"{ok}Added 1 image(s), 1 already in the gallery; the gallery holds 7 item(s).</div>"
+    assert not [name for name in os.listdir(page.demo.workdir + "/uploads") if name.endswith(".tmp")]
     failed = page.add([images["text"]])
     assert failed.uploads == {"__type__": "update"} and is_error(failed.status, "notes.png", "not an image")
     assert_empty(page.add(None), "No images to add")

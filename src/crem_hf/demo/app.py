@@ -398,19 +398,25 @@ class CREMDemo:
         """
         if not paths:
             raise ValueError("No images to add: drop one or more image files first.")
-        items = []
+        items: dict[str, tuple[str, str, dict]] = {}
         for path in paths:
             image = read_upload(path, self.processor, self.limits)
             stem = os.path.splitext(os.path.basename(path))[0]
             digest = hashlib.sha256(image.tobytes()).hexdigest()[:10]
             item_id = f"{stem}-{digest}"
+            if item_id in items:  # the same file twice in one drop: one item
+                continue
             copy = os.path.join(self.workdir, "uploads", f"{item_id}.png")
             if not os.path.exists(copy):
-                image.save(copy)
-            items.append((item_id, copy, {"label": os.path.basename(path)}))
-        report = self.add_items(items, show_progress=False)
+                # Another user may drop the same file at once: each writes its own file, the rename is atomic.
+                partial = f"{copy}.{os.getpid()}.{threading.get_ident()}.tmp"
+                image.save(partial, format="PNG")
+                os.replace(partial, copy)
+            items[item_id] = (item_id, copy, {"label": os.path.basename(path)})
+        report = self.add_items(list(items.values()), show_progress=False)
+        repeated = len(paths) - len(items)
         return (
-            f"Added {report.added} image(s), {report.skipped_existing} already in the gallery"
+            f"Added {report.added} image(s), {report.skipped_existing + repeated} already in the gallery"
             + (f", {report.failed} failed" if report.failed else "")
             + f"; the gallery holds {self.gallery_size()} item(s)."
         )
