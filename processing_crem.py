@@ -646,13 +646,39 @@ class CREMProcessor(Qwen2VLProcessor):
             TypeError: a bare string or image where a per-sample list is expected.
         """
         options = self._options(kwargs)
-        images, texts = self._aligned(images, texts)
-        instructions = self._per_sample(instruction, len(texts), "instruction")
+        samples = self.embedding_samples(images=images, texts=texts, instruction=instruction)
         specs = [
             self._input_spec(image, text, inst, i, options["max_pixels"])
-            for i, (image, text, inst) in enumerate(zip(images, texts, instructions, strict=True))
+            for i, (image, text, inst) in enumerate(samples)
         ]
         return self._encode(specs, add_generation_prompt=False, with_labels=False, options=options)
+
+    def embedding_samples(
+        self,
+        *,
+        images: Sequence[ImageLike | None] | None = None,
+        texts: Sequence[str | None] | None = None,
+        instruction: str | Sequence[str | None] | None = None,
+    ) -> list[tuple[ImageLike | None, str | None, str | None]]:
+        """
+        The `(image, text, instruction)` of each sample of [`process_embedding_inputs`], checked as it checks them
+        but without loading any image. `crem_hf.encode` checks a whole corpus with it before cutting it into
+        batches, so that an error names the input's place in the corpus.
+
+        Raises:
+            TypeError: a bare string or image where a per-sample list is expected, or a text that is not a string.
+            ValueError: lists of different lengths, an empty text, or a sample with nothing to embed.
+        """
+        images, texts = self._aligned(images, texts)
+        instructions = self._per_sample(instruction, len(texts), "instruction")
+        samples = []
+        for i, (image, text, inst) in enumerate(zip(images, texts, instructions, strict=True)):
+            text = self._text(text, f"texts[{i}]", optional=True)
+            inst = self._text(inst, f"instruction[{i}]", optional=True)
+            if image is None and text is None and inst is None:
+                raise ValueError(f"Sample {i} has neither an image nor text to embed.")
+            samples.append((image, text, inst))
+        return samples
 
     def process_generation_inputs(
         self,
@@ -686,7 +712,7 @@ class CREMProcessor(Qwen2VLProcessor):
                 raise ValueError(f"Got {len(answers)} answers for {len(questions)} questions.")
         specs = []
         for i, (image, text, inst, question) in enumerate(zip(images, texts, instructions, questions, strict=True)):
-            spec = self._input_spec(image, text, inst, i, options["max_pixels"], allow_empty=True)
+            spec = self._input_spec(image, text, inst, i, options["max_pixels"])
             spec.question = question
             if answers is not None:
                 spec.answer = self._text(answers[i], f"answers[{i}]")
@@ -813,16 +839,14 @@ class CREMProcessor(Qwen2VLProcessor):
         instruction: str | None,
         index: int,
         max_pixels: int | None = None,
-        allow_empty: bool = False,
     ) -> PromptSpec:
+        """The compressed input of one sample (an embedding input, or a generation input before its question)."""
         text = self._text(text, f"texts[{index}]", optional=True)
         instruction = self._text(instruction, f"instruction[{index}]", optional=True)
         loaded = [self.load_image(image, f"images[{index}]", max_pixels)] if image is not None else []
         if loaded and instruction is None and text is None:
             instruction = self.image_instruction
         input_text = " ".join(part for part in (instruction, text) if part)
-        if not loaded and not input_text and not allow_empty:
-            raise ValueError(f"Sample {index} has neither an image nor text to embed.")
         return PromptSpec(images=loaded, input_text=input_text)
 
     @staticmethod
