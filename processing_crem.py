@@ -41,7 +41,14 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from transformers import BatchFeature, Qwen2VLProcessor
 from transformers.processing_utils import ProcessingKwargs
 
-from .configuration_crem import IGNORE_INDEX, merged_image_tokens, register_for_auto_class
+from .configuration_crem import (
+    IGNORE_INDEX,
+    TURN_END,
+    TURN_START,
+    merged_image_tokens,
+    register_for_auto_class,
+    turn_header,
+)
 
 __all__ = [
     "CREMProcessor",
@@ -401,8 +408,8 @@ class CREMProcessor(Qwen2VLProcessor):
         return {
             "num_chorus_tokens": self.num_chorus_tokens,
             "chorus_token_ids": self.chorus_token_ids,
-            "turn_start_token_id": tok.convert_tokens_to_ids("<|im_start|>"),
-            "turn_header_length": len(tok("user\n", add_special_tokens=False)["input_ids"]),
+            "turn_start_token_id": tok.convert_tokens_to_ids(TURN_START),
+            "turn_header_length": len(self._turn_header()) - 1,  # the tokens after the turn start
             "image_token_id": self.image_token_id,
             "video_token_id": self.video_token_id,
             "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
@@ -495,7 +502,7 @@ class CREMProcessor(Qwen2VLProcessor):
             what = ", ".join(wrong) or "a mangled placeholder"
             raise ValueError(
                 f"The chat template does not render each message's content exactly once ({what}): CREM needs a "
-                "role-based chat template with <|im_start|> turns, such as Qwen2-VL-Instruct's. The base Qwen2-VL "
+                f"role-based chat template with {TURN_START} turns, such as Qwen2-VL-Instruct's. The base Qwen2-VL "
                 "template has no turn structure; pass chat_template=... (e.g. the -Instruct template) when building "
                 "the processor."
             )
@@ -521,9 +528,9 @@ class CREMProcessor(Qwen2VLProcessor):
         return "".join(chorus if s.kind == "chorus" else s.text for s in self._render(spec, add_generation_prompt))
 
     def _turn_header(self) -> list[int]:
-        """`<|im_start|>user\\n` as ids: what the model keeps visible of the turn that holds the chorus block."""
-        tok = self.tokenizer
-        return [tok.convert_tokens_to_ids("<|im_start|>")] + tok("user\n", add_special_tokens=False)["input_ids"]
+        """`<|im_start|>user\\n` as ids, as the template's text is tokenised: what the model keeps visible of the turn
+        that holds the chorus block."""
+        return self.tokenizer(turn_header("user"), add_special_tokens=False)["input_ids"]
 
     def _token_rows(
         self, rendered: list[list[_Segment]], image_tokens: list[list[int]], max_length: int | None
@@ -609,7 +616,7 @@ class CREMProcessor(Qwen2VLProcessor):
         Raises:
             ValueError: an answer the template does not close with `<|im_end|>`.
         """
-        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        end = self.tokenizer.convert_tokens_to_ids(TURN_END)
         labels: list[int] = []
         close = False
         for segment, ids in pieces:
@@ -617,15 +624,15 @@ class CREMProcessor(Qwen2VLProcessor):
             if close:
                 if segment.kind != "structure" or not ids or ids[0] != end:
                     raise ValueError(
-                        f"Sample {index}: the chat template does not close an assistant answer with <|im_end|>; "
-                        "CREM labels each answer and the <|im_end|> after it."
+                        f"Sample {index}: the chat template does not close an assistant answer with {TURN_END}; "
+                        f"CREM labels each answer and the {TURN_END} after it."
                     )
                 labels += [ids[0]] + [IGNORE_INDEX] * (len(ids) - 1)
             else:
                 labels += ids if supervised else [IGNORE_INDEX] * len(ids)
             close = supervised
         if close:
-            raise ValueError(f"Sample {index}: the prompt ends inside an assistant answer (no <|im_end|>).")
+            raise ValueError(f"Sample {index}: the prompt ends inside an assistant answer (no {TURN_END}).")
         return labels
 
     def _truncated(
@@ -665,8 +672,8 @@ class CREMProcessor(Qwen2VLProcessor):
         if not found or not all(from_template[starts[-1] : starts[-1] + len(header)]):
             raise ValueError(
                 f"Sample {index}: the chat template does not open the turn that holds the chorus block with "
-                "<|im_start|>user\\n, so the model cannot locate the kept prefix: CREM needs a role-based chat "
-                "template with <|im_start|> turns, such as Qwen2-VL-Instruct's."
+                f"{turn_header('user')!r}, so the model cannot locate the kept prefix: CREM needs a role-based chat "
+                f"template with {TURN_START} turns, such as Qwen2-VL-Instruct's."
             )
 
     def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -20,11 +20,11 @@ from mteb.types import PromptType
 from crem_hf import encode
 from crem_hf.demo.digits import build_digits_data
 from crem_hf.evaluation import cli as crem_eval
-from crem_hf.evaluation.retrieval import I2T_INSTRUCTION, T2I_INSTRUCTION, load_caption_rows
+from crem_hf.evaluation.retrieval import load_caption_rows
 from crem_hf.hub import CardInfo, render_model_card
 from crem_hf.hub import main as crem_export
+from crem_hf.instructions import CLASSIFY_INSTRUCTION, I2T_INSTRUCTION, T2I_INSTRUCTION
 from crem_hf.integrations.mteb import (
-    CLASSIFY_INSTRUCTION,
     TRAINING_DATASETS,
     CREMEncoder,
     caption_retrieval_task,

@@ -43,7 +43,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..encoding import encode, similarity
-from ..evaluation.retrieval import T2I_INSTRUCTION
+from ..instructions import T2I_INSTRUCTION
 from ..io import USER_ERRORS, ArgumentParser, check_model_source, positive_int, run_command, write_text_atomically
 from ..processing_crem import CREMProcessor, rgb_on_white
 

@@ -10,19 +10,15 @@ import torch
 
 from ..encoding import encode
 from ..formats import OUTSIDE_ROOT, OUTSIDE_ROOT_HINT, image_problem, outside_root, read_rows, resolve_path
+from ..instructions import I2T_INSTRUCTION, T2I_INSTRUCTION
 
 __all__ = [
-    "I2T_INSTRUCTION",
-    "T2I_INSTRUCTION",
     "evaluate_compositional",
     "evaluate_image_text_retrieval",
     "load_caption_rows",
     "recall_at_k",
 ]
 
-# MMEB's wordings for everyday images and captions (MSCOCO_t2i / MSCOCO_i2t).
-T2I_INSTRUCTION = "Find me an everyday image that matches the given caption:"
-I2T_INSTRUCTION = "Find an image caption describing the given everyday image."
 RECALL_KS = (1, 5, 10)
 
 

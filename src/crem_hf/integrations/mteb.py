@@ -39,7 +39,8 @@ from transformers import PreTrainedConfig
 
 from ..configuration_crem import CREMConfigMixin
 from ..encoding import encode
-from ..evaluation.retrieval import I2T_INSTRUCTION, T2I_INSTRUCTION, load_caption_rows
+from ..evaluation.retrieval import load_caption_rows
+from ..instructions import CLASSIFY_INSTRUCTION, I2T_INSTRUCTION, T2I_INSTRUCTION, VQA_INSTRUCTION
 from ..loading import CREM_CLASSES, load_crem
 
 if TYPE_CHECKING:
@@ -61,10 +62,8 @@ __all__ = [
     "register_crem_model",
 ]
 
-# MMEB's instruction wordings (the training data's), by mteb task category (query modality 2 document modality).
-CLASSIFY_INSTRUCTION = "Represent the given image for classification."
-VQA_INSTRUCTION = "Represent the given image with the following question:"
-#: The query-side instruction of a retrieval task without a prompt of its own, by category.
+#: The query-side instruction (MMEB's wording, the training data's) of a retrieval task without a prompt of its own,
+#: by mteb task category (query modality 2 document modality).
 CATEGORY_INSTRUCTIONS = {
     "t2i": T2I_INSTRUCTION,  # MSCOCO_t2i
     "i2t": I2T_INSTRUCTION,  # MSCOCO_i2t
