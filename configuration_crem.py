@@ -1,8 +1,8 @@
 """Configuration of CREM (Compression-driven Representation Enhanced Model) on Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
 
 Part of the Hub remote-code set: imports only ``torch`` and ``transformers``. It also owns what the set's three files
-share: the Auto-class lists (one per backbone), the label value that carries no loss and the count of merged image
-tokens.
+share: the Auto-class lists (one per backbone), the label value that carries no loss, the count of merged image
+tokens and the turn header of the chat templates CREM takes.
 
 Each backbone has its own CREM config class (a subclass of that backbone's config, with a `model_type` of its own),
 and all of them carry the same CREM fields and checks, from one dataclass mixin ([`CREMConfigMixin`]).
@@ -26,9 +26,12 @@ __all__ = [
     "IGNORE_INDEX",
     "POOLING_MODES",
     "REMOTE_CODE_AUTO_MAP",
+    "TURN_END",
+    "TURN_START",
     "check_matryoshka_dims",
     "merged_image_tokens",
     "register_for_auto_class",
+    "turn_header",
 ]
 
 
@@ -62,6 +65,19 @@ def remote_code_auto_map(model_type: str) -> dict[str, str]:
 REMOTE_CODE_AUTO_MAP = remote_code_auto_map("crem")
 #: Label value that carries no LM loss (the convention of `torch.nn.CrossEntropyLoss` and the HF Trainer).
 IGNORE_INDEX = -100
+#: What opens and closes every turn of the chat templates CREM takes (Qwen's: `<|im_start|>{role}\n ... <|im_end|>\n`).
+TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
+
+
+def turn_header(role: str) -> str:
+    """
+    The header that opens a `role` turn: `<|im_start|>{role}\\n`. Under compression the model keeps the header of the
+    user turn that holds the chorus block visible: the processor writes its ids into the config (`turn_start_token_id`,
+    `turn_header_length`, which the model reads) and checks every prompt against it, and `load_crem` refuses a chat
+    template that does not open its turns with it.
+    """
+    return f"{TURN_START}{role}\n"
+
 
 #: How the chorus block's last hidden states become one embedding.
 POOLING_MODES = ("mean", "last")

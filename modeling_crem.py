@@ -39,6 +39,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_crem import (
     IGNORE_INDEX,
+    TURN_START,
     CREMConfig,
     CREMConfigMixin,
     CREMQwen2_5_VLConfig,
@@ -506,10 +507,10 @@ class ChorusCompression:
             raise ValueError(
                 f"Rows {no_turn or broken} "
                 + (
-                    f"have no turn start (id {config.turn_start_token_id}, <|im_start|>) before the chorus block"
+                    f"have no turn start (id {config.turn_start_token_id}, {TURN_START}) before the chorus block"
                     if no_turn
                     else f"have a turn header of {config.turn_header_length} tokens after their last "
-                    "<|im_start|> that runs into the chorus block or holds image, vision or chorus tokens"
+                    f"{TURN_START} that runs into the chorus block or holds image, vision or chorus tokens"
                 )
                 + ", so the kept prefix cannot be located. Build inputs with CREMProcessor and a role-based chat "
                 "template (Qwen2-VL-Instruct's), or set config.compression_keep_prefix=False to compress everything "

@@ -4,6 +4,11 @@ Part of the Hub remote-code set: imports only ``torch`` and ``transformers`` (an
 image processor needs anyway) besides the standard library, and of ``crem_hf`` only its sibling
 ``configuration_crem`` (relatively).
 
+Two parts, top to bottom: images (module-level functions: [`load_rgb_image`] reads a PIL image, a path, a URL or an
+array into an upright RGB image, as every reader of user images does) and the prompt ([`CREMProcessor`]: its
+builders are thin, over one path that renders each sample, turns its segments into ids and its answers into labels,
+and pads the batch).
+
 The prompt (one place lays it out: the chat template, rendered by [`CREMProcessor`])::
 
     <|im_start|>system\\n{system}<|im_end|>\\n
@@ -36,7 +41,14 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from transformers import BatchFeature, Qwen2VLProcessor
 from transformers.processing_utils import ProcessingKwargs
 
-from .configuration_crem import IGNORE_INDEX, merged_image_tokens, register_for_auto_class
+from .configuration_crem import (
+    IGNORE_INDEX,
+    TURN_END,
+    TURN_START,
+    merged_image_tokens,
+    register_for_auto_class,
+    turn_header,
+)
 
 __all__ = [
     "CREMProcessor",
@@ -45,6 +57,7 @@ __all__ = [
     "chorus_token_strings",
     "DEFAULT_SYSTEM_PROMPT",
     "DEFAULT_IMAGE_INSTRUCTION",
+    "load_rgb_image",
     "rgb_on_white",
 ]
 
@@ -54,13 +67,24 @@ DEFAULT_IMAGE_INSTRUCTION = "Represent the given image."
 #: Template of the chorus token strings; `{}` is the slot index.
 CHORUS_TOKEN_TEMPLATE = "<|chorus_{}|>"
 ImageLike = Image.Image | str | os.PathLike  # or an (H, W[, C]) uint8 array
-#: Seconds a URL image may take to download (the default of `CREMProcessor(image_timeout=...)`).
-DEFAULT_IMAGE_TIMEOUT = 10.0
 
 # Stand-ins for user content while the chat template renders: private-use characters around an index. The
 # template never sees user text, so no user text can fake one; the rendered string is split at them.
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
 _MARKER = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
+# Per-call options of the builders.
+_CALL_OPTIONS = ("min_pixels", "max_pixels", "max_length", "return_tensors")
+
+
+def chorus_token_strings(num_chorus_tokens: int) -> list[str]:
+    """The N chorus token strings, in prompt order."""
+    return [CHORUS_TOKEN_TEMPLATE.format(i) for i in range(num_chorus_tokens)]
+
+
+# ---------------------------------------------------------------------------------------------------- images
+
+#: Seconds a URL image may take to download (the default of `CREMProcessor(image_timeout=...)`).
+DEFAULT_IMAGE_TIMEOUT = 10.0
 # EXIF orientation -> the transpose that shows the image upright (the EXIF 2.3 table, as ImageOps uses it).
 _UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -75,13 +99,156 @@ _UPRIGHT = {
 _REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK", "YCbCr")
 #: What transparent pixels show once an image is RGB (the model sees no alpha): white, as a page or a viewer shows them.
 TRANSPARENT_BACKGROUND = (255, 255, 255)
-# Per-call options of the builders.
-_CALL_OPTIONS = ("min_pixels", "max_pixels", "max_length", "return_tensors")
 
 
-def chorus_token_strings(num_chorus_tokens: int) -> list[str]:
-    """The N chorus token strings, in prompt order."""
-    return [CHORUS_TOKEN_TEMPLATE.format(i) for i in range(num_chorus_tokens)]
+def load_rgb_image(
+    image: ImageLike,
+    where: str = "image",
+    *,
+    max_pixels: int | None = None,
+    min_side: int = 1,
+    upscale_small: bool = False,
+    timeout: float | None = DEFAULT_IMAGE_TIMEOUT,
+) -> Image.Image:
+    """
+    An upright RGB PIL image from a PIL image, a file path, a URL or an `(H, W[, C])` uint8 array.
+
+    EXIF orientation is applied; 16-bit grayscale is scaled to 8 bits (65535 -> 255); transparency (an alpha
+    channel or a PNG tRNS chunk) is composited onto white ([`rgb_on_white`]). An image much larger than the image
+    processor will keep (at least 4x `max_pixels` per side) is decoded at reduced size (JPEG `draft`) and
+    box-reduced to about twice the kept resolution per side, so a huge file never costs its full size in float
+    pixels; the image processor then resizes it as usual.
+
+    Args:
+        image: the image or where to find it.
+        where: how error messages name it (e.g. `images[3]`).
+        max_pixels: the pixel budget the image processor will resize it to (`None`: no reduction here).
+        min_side: the smallest side in pixels to accept (the processor's: one merged image token, 28 px for
+            Qwen2-VL and Qwen2.5-VL, 32 px for Qwen3-VL).
+        upscale_small: upscale an image under `min_side`, keeping its aspect ratio, instead of raising.
+        timeout: seconds a URL may take (`None`: no limit).
+    Raises:
+        ValueError: missing, unreadable or unreachable image, a file too large to decode safely (Pillow's
+            decompression-bomb limit), or an image under `min_side` per side (unless `upscale_small`).
+        TypeError: anything else.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if path.startswith(("http://", "https://")):
+            data = _download(path, where, timeout)
+            image = _decode(io.BytesIO(data), where, f"image {path}", max_pixels)
+        elif not os.path.isfile(path):
+            raise ValueError(f"{where}: image file not found: {path}")
+        else:
+            image = _decode(path, where, f"image file {path}", max_pixels)
+    elif hasattr(image, "__array_interface__") and not isinstance(image, Image.Image):
+        if image.ndim not in (2, 3) or str(image.dtype) != "uint8":
+            raise ValueError(f"{where}: an array image must be uint8 of shape (H, W) or (H, W, C).")
+        image = _upright_rgb(Image.fromarray(image), max_pixels)
+    elif isinstance(image, Image.Image):
+        image = _upright_rgb(image, max_pixels)
+    else:
+        raise TypeError(f"{where}: expected a PIL image, a path, a URL or a uint8 array, got {type(image).__name__}.")
+    width, height = image.size
+    if min(width, height) < min_side:
+        if not upscale_small:
+            raise ValueError(
+                f"{where} is {width}x{height} px; the image processor needs at least {min_side} px per side (one "
+                "merged image token). Resize it, or build the processor with upscale_small_images=True."
+            )
+        scale = min_side / min(width, height)
+        image = image.resize((max(min_side, round(width * scale)), max(min_side, round(height * scale))))
+    return image
+
+
+def _download(url: str, where: str, timeout: float | None) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "crem-hf"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except (urllib.error.URLError, OSError, ValueError) as error:  # timeouts are OSErrors too
+        raise ValueError(
+            f"{where}: cannot download image {url} (image_timeout={timeout} s): {error}. Check the address, or "
+            "build the processor with another image_timeout."
+        ) from error
+
+
+def _decode(source: str | io.BytesIO, where: str, label: str, max_pixels: int | None) -> Image.Image:
+    """Open, decode (at reduced size when much larger than `max_pixels`) and make upright RGB."""
+    try:
+        with Image.open(source) as opened:
+            factor = _reduction_factor(opened.size, max_pixels)
+            if factor > 1 and opened.format == "JPEG":
+                # Decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, never below the requested size.
+                opened.draft(None, (opened.width // factor, opened.height // factor))
+            opened.load()
+            return _upright_rgb(opened, max_pixels, file_format=opened.format)
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"{where}: {label} is too large to decode safely ({error}); resize it, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
+        ) from error
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"{where}: cannot read {label}: {error}") from error
+
+
+def _upright_rgb(image: Image.Image, max_pixels: int | None, file_format: str | None = None) -> Image.Image:
+    """A new RGB image: 16-bit grayscale scaled to 8 bits, reduced when much larger than `max_pixels`, upright."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    file_format = file_format or image.format
+    if image.mode.startswith("I;16") or (image.mode == "I" and file_format == "PNG"):
+        # PIL's RGB conversion clips 16-bit values at 255 (a white image); scale 0..65535 to 0..255 instead.
+        wide = image.convert("I")  # 32-bit signed, native byte order
+        values = torch.frombuffer(bytearray(wide.tobytes()), dtype=torch.int32).long().clamp(0, 65535)
+        image = Image.frombytes("L", wide.size, ((values * 255 + 32767) // 65535).to(torch.uint8).numpy().tobytes())
+    if image.has_transparency_data:
+        # Before reducing: box averages blind to alpha would mix the hidden colour of transparent pixels in.
+        image = rgb_on_white(image)
+    factor = _reduction_factor(image.size, max_pixels)
+    if factor > 1:
+        image = (image if image.mode in _REDUCIBLE_MODES else image.convert("RGB")).reduce(factor)
+    if orientation not in _UPRIGHT:
+        return image.convert("RGB")
+    image = image.transpose(_UPRIGHT[orientation]).convert("RGB")
+    # Upright now: drop the metadata that says otherwise, so loading the result again keeps it as it is.
+    for key in ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"):
+        image.info.pop(key, None)
+    return image
+
+
+def rgb_on_white(image: Image.Image) -> Image.Image:
+    """
+    `image` as RGB, its transparency composited onto white (`TRANSPARENT_BACKGROUND`): an alpha channel (RGBA, LA,
+    PA and their premultiplied modes) or a PNG tRNS chunk (a palette image's one transparent index or per-entry
+    alpha, a grayscale or RGB image's transparent colour). Each channel becomes
+    `round(colour * a + 255 * (1 - a))` with `a = alpha / 255`; `convert("RGB")` would keep the colour that the
+    transparent pixels happen to hold (often black). An image without transparency converts exactly as
+    `image.convert("RGB")` does.
+
+    Every path that turns a user image into RGB goes through here (the processor, the memory, the demo).
+    """
+    if not image.has_transparency_data:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")  # applies tRNS / a palette's alpha; undoes premultiplication
+    composed = Image.new("RGB", rgba.size, TRANSPARENT_BACKGROUND)
+    composed.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))  # Pillow blends with exact rounding
+    return composed
+
+
+def _reduction_factor(size: tuple[int, int], target: int | None) -> int:
+    """
+    The integer factor by which an image of `size` may be shrunk before the image processor resizes it to at most
+    `target` pixels: it keeps at least twice the final resolution per side (and 56 px on the short side), and is 1
+    unless the image is at least 4x larger per side than it will be.
+    """
+    width, height = size
+    if not target or width * height <= target:
+        return 1
+    factor = min(int(math.sqrt(width * height / target) / 2), min(width, height) // 56)
+    return factor if factor >= 2 else 1
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
 
 
 @dataclass
@@ -241,8 +408,8 @@ class CREMProcessor(Qwen2VLProcessor):
         return {
             "num_chorus_tokens": self.num_chorus_tokens,
             "chorus_token_ids": self.chorus_token_ids,
-            "turn_start_token_id": tok.convert_tokens_to_ids("<|im_start|>"),
-            "turn_header_length": len(tok("user\n", add_special_tokens=False)["input_ids"]),
+            "turn_start_token_id": tok.convert_tokens_to_ids(TURN_START),
+            "turn_header_length": len(self._turn_header()) - 1,  # the tokens after the turn start
             "image_token_id": self.image_token_id,
             "video_token_id": self.video_token_id,
             "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
@@ -263,115 +430,22 @@ class CREMProcessor(Qwen2VLProcessor):
         timeout: float | None = None,
     ) -> Image.Image:
         """
-        An upright RGB PIL image from a PIL image, a file path, a URL or an `(H, W[, C])` uint8 array.
-
-        EXIF orientation is applied; 16-bit grayscale is scaled to 8 bits (65535 -> 255); transparency (an alpha
-        channel or a PNG tRNS chunk) is composited onto white ([`rgb_on_white`]). An image much larger than
-        the image processor will keep (at least 4x `max_pixels` per side) is decoded at reduced size (JPEG
-        `draft`) and box-reduced to about twice the kept resolution per side, so a huge file never costs its full
-        size in float pixels; the image processor then resizes it as usual.
-
-        Args:
-            image: the image or where to find it.
-            where: how error messages name it (e.g. `images[3]`).
-            max_pixels: the image processor's pixel budget for this call (default: its configured one).
-            timeout: seconds a URL may take (default: `image_timeout`).
-        Raises:
-            ValueError: missing, unreadable or unreachable image, a file too large to decode safely (Pillow's
-                decompression-bomb limit), or an image under 28 px per side (unless `upscale_small_images`, which
-                upscales it keeping its aspect ratio).
-            TypeError: anything else.
+        [`load_rgb_image`] with this processor's settings: its image processor's pixel budget (or `max_pixels`), one
+        merged image token's side as the smallest side, `upscale_small_images`, and `image_timeout` (or `timeout`).
         """
-        target = max_pixels if max_pixels is not None else self._max_pixels()
-        if isinstance(image, (str, os.PathLike)):
-            path = os.fspath(image)
-            if path.startswith(("http://", "https://")):
-                data = self._download(path, where, self.image_timeout if timeout is None else timeout)
-                image = self._decode(io.BytesIO(data), where, f"image {path}", target)
-            elif not os.path.isfile(path):
-                raise ValueError(f"{where}: image file not found: {path}")
-            else:
-                image = self._decode(path, where, f"image file {path}", target)
-        elif hasattr(image, "__array_interface__") and not isinstance(image, Image.Image):
-            if image.ndim not in (2, 3) or str(image.dtype) != "uint8":
-                raise ValueError(f"{where}: an array image must be uint8 of shape (H, W) or (H, W, C).")
-            image = self._upright_rgb(Image.fromarray(image), target)
-        elif isinstance(image, Image.Image):
-            image = self._upright_rgb(image, target)
-        else:
-            raise TypeError(
-                f"{where}: expected a PIL image, a path, a URL or a uint8 array, got {type(image).__name__}."
-            )
-        factor = self.image_token_side
-        width, height = image.size
-        if min(width, height) < factor:
-            if not self.upscale_small_images:
-                raise ValueError(
-                    f"{where} is {width}x{height} px; the image processor needs at least {factor} px per side (one "
-                    "merged image token). Resize it, or build the processor with upscale_small_images=True."
-                )
-            scale = factor / min(width, height)
-            image = image.resize((max(factor, round(width * scale)), max(factor, round(height * scale))))
-        return image
+        return load_rgb_image(
+            image,
+            where,
+            max_pixels=max_pixels if max_pixels is not None else self._max_pixels(),
+            min_side=self.image_token_side,
+            upscale_small=self.upscale_small_images,
+            timeout=self.image_timeout if timeout is None else timeout,
+        )
 
     def _max_pixels(self) -> int | None:
         size = self.image_processor.size
         value = size.get("longest_edge") if hasattr(size, "get") else getattr(size, "longest_edge", None)
         return value if value is not None else getattr(self.image_processor, "max_pixels", None)
-
-    @staticmethod
-    def _download(url: str, where: str, timeout: float | None) -> bytes:
-        request = urllib.request.Request(url, headers={"User-Agent": "crem-hf"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.read()
-        except (urllib.error.URLError, OSError, ValueError) as error:  # timeouts are OSErrors too
-            raise ValueError(
-                f"{where}: cannot download image {url} (image_timeout={timeout} s): {error}. Check the address, or "
-                "build the processor with another image_timeout."
-            ) from error
-
-    def _decode(self, source: str | io.BytesIO, where: str, label: str, target: int | None) -> Image.Image:
-        """Open, decode (at reduced size when much larger than `target` pixels) and make upright RGB."""
-        try:
-            with Image.open(source) as opened:
-                factor = _reduction_factor(opened.size, target)
-                if factor > 1 and opened.format == "JPEG":
-                    # Decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, never below the requested size.
-                    opened.draft(None, (opened.width // factor, opened.height // factor))
-                opened.load()
-                return self._upright_rgb(opened, target, file_format=opened.format)
-        except Image.DecompressionBombError as error:
-            raise ValueError(
-                f"{where}: {label} is too large to decode safely ({error}); resize it, or raise "
-                "PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
-            ) from error
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"{where}: cannot read {label}: {error}") from error
-
-    @staticmethod
-    def _upright_rgb(image: Image.Image, target: int | None, file_format: str | None = None) -> Image.Image:
-        """A new RGB image: 16-bit grayscale scaled to 8 bits, reduced when much larger than `target`, upright."""
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-        file_format = file_format or image.format
-        if image.mode.startswith("I;16") or (image.mode == "I" and file_format == "PNG"):
-            # PIL's RGB conversion clips 16-bit values at 255 (a white image); scale 0..65535 to 0..255 instead.
-            wide = image.convert("I")  # 32-bit signed, native byte order
-            values = torch.frombuffer(bytearray(wide.tobytes()), dtype=torch.int32).long().clamp(0, 65535)
-            image = Image.frombytes("L", wide.size, ((values * 255 + 32767) // 65535).to(torch.uint8).numpy().tobytes())
-        if image.has_transparency_data:
-            # Before reducing: box averages blind to alpha would mix the hidden colour of transparent pixels in.
-            image = rgb_on_white(image)
-        factor = _reduction_factor(image.size, target)
-        if factor > 1:
-            image = (image if image.mode in _REDUCIBLE_MODES else image.convert("RGB")).reduce(factor)
-        if orientation not in _UPRIGHT:
-            return image.convert("RGB")
-        image = image.transpose(_UPRIGHT[orientation]).convert("RGB")
-        # Upright now: drop the metadata that says otherwise, so loading the result again keeps it as it is.
-        for key in ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"):
-            image.info.pop(key, None)
-        return image
 
     # ------------------------------------------------------------------ the prompt (the one place)
 
@@ -428,7 +502,7 @@ class CREMProcessor(Qwen2VLProcessor):
             what = ", ".join(wrong) or "a mangled placeholder"
             raise ValueError(
                 f"The chat template does not render each message's content exactly once ({what}): CREM needs a "
-                "role-based chat template with <|im_start|> turns, such as Qwen2-VL-Instruct's. The base Qwen2-VL "
+                f"role-based chat template with {TURN_START} turns, such as Qwen2-VL-Instruct's. The base Qwen2-VL "
                 "template has no turn structure; pass chat_template=... (e.g. the -Instruct template) when building "
                 "the processor."
             )
@@ -454,72 +528,112 @@ class CREMProcessor(Qwen2VLProcessor):
         return "".join(chorus if s.kind == "chorus" else s.text for s in self._render(spec, add_generation_prompt))
 
     def _turn_header(self) -> list[int]:
-        """`<|im_start|>user\\n` as ids: what the model keeps visible of the turn that holds the chorus block."""
-        tok = self.tokenizer
-        return [tok.convert_tokens_to_ids("<|im_start|>")] + tok("user\n", add_special_tokens=False)["input_ids"]
+        """`<|im_start|>user\\n` as ids, as the template's text is tokenised: what the model keeps visible of the turn
+        that holds the chorus block."""
+        return self.tokenizer(turn_header("user"), add_special_tokens=False)["input_ids"]
 
     def _token_rows(
         self, rendered: list[list[_Segment]], image_tokens: list[list[int]], max_length: int | None
     ) -> tuple[list[list[int]], list[list[int]]]:
         """
-        Token ids and labels of rendered rows: template text with its special tokens (each image placeholder
-        expanded to the image's merged-token count), user content as text (special-token strings split into
-        ordinary tokens), the chorus ids. Labels hold every answer and the `<|im_end|>` that closes it.
-        Truncation to `max_length` cuts the input text only.
+        Token ids and labels of rendered rows, one path for every builder: each row's segments with their ids
+        ([`_segment_ids`]), cut to `max_length` ([`_truncated`]: the input text only), their labels
+        ([`_label_row`]) and, with a chorus block, the turn header checked ([`_check_turn_header`]).
+
+        Args:
+            rendered: the segments of each row ([`_render`]).
+            image_tokens: per row, the merged-token count of each of its images, in order.
+            max_length: longest row in tokens, or `None`.
+        Returns:
+            `(rows, labels)`: per row, its token ids and one label per token.
         """
-        tok = self.tokenizer
-        structure = sorted({s.text for row in rendered for s in row if s.kind == "structure"})
-        content = sorted({s.text for row in rendered for s in row if s.kind == "content"})
-        structure_ids = dict(zip(structure, tok(structure, add_special_tokens=False)["input_ids"], strict=True))
-        content_ids = dict(
-            zip(content, tok(content, add_special_tokens=False, split_special_tokens=True)["input_ids"], strict=True)
-        )
-        end = tok.convert_tokens_to_ids("<|im_end|>")
+        vocabulary = self._segment_vocabulary(rendered)
         rows, labels = [], []
         for index, segments in enumerate(rendered):
-            counts = iter(image_tokens[index])
-            pieces: list[tuple[_Segment, list[int]]] = []
-            for segment in segments:
-                if segment.kind == "chorus":
-                    ids = list(self.chorus_token_ids)
-                elif segment.kind == "content":
-                    ids = list(content_ids[segment.text])
-                else:
-                    ids = []
-                    for token in structure_ids[segment.text]:
-                        if token != self.image_token_id:
-                            ids.append(token)
-                            continue
-                        count = next(counts, None)
-                        if count is None:
-                            raise ValueError(f"Sample {index}: the chat template renders more images than it got.")
-                        ids += [token] * count
-                pieces.append((segment, ids))
-            if next(counts, None) is not None:
-                raise ValueError(f"Sample {index}: the chat template renders fewer images than it got.")
+            pieces = self._segment_ids(segments, vocabulary, image_tokens[index], index)
             pieces = self._truncated(pieces, index, max_length, sum(image_tokens[index]))
-            row, row_labels, close = [], [], False
-            for segment, ids in pieces:
-                supervised = segment.kind == "content" and segment.role == "answer"
-                if close:
-                    if segment.kind != "structure" or not ids or ids[0] != end:
-                        raise ValueError(
-                            f"Sample {index}: the chat template does not close an assistant answer with <|im_end|>; "
-                            "CREM labels each answer and the <|im_end|> after it."
-                        )
-                    row_labels.append(ids[0])
-                    row_labels += [IGNORE_INDEX] * (len(ids) - 1)
-                else:
-                    row_labels += ids if supervised else [IGNORE_INDEX] * len(ids)
-                row += ids
-                close = supervised
-            if close:
-                raise ValueError(f"Sample {index}: the prompt ends inside an assistant answer (no <|im_end|>).")
+            labels.append(self._label_row(pieces, index))
             if any(segment.kind == "chorus" for segment, _ in pieces):
                 self._check_turn_header(pieces, index)
-            rows.append(row)
-            labels.append(row_labels)
+            rows.append([token for _, ids in pieces for token in ids])
         return rows, labels
+
+    def _segment_vocabulary(self, rendered: list[list[_Segment]]) -> dict[tuple[str, str], list[int]]:
+        """
+        The ids of every distinct template text and user string of a batch, keyed `(kind, text)`, each tokenised
+        once: template text with its special tokens, user content as text (special-token strings split into
+        ordinary tokens).
+        """
+        vocabulary: dict[tuple[str, str], list[int]] = {}
+        for kind, as_text in (("structure", False), ("content", True)):
+            texts = sorted({s.text for row in rendered for s in row if s.kind == kind})
+            if texts:
+                ids = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
+                vocabulary.update(zip([(kind, text) for text in texts], ids, strict=True))
+        return vocabulary
+
+    def _segment_ids(
+        self,
+        segments: list[_Segment],
+        vocabulary: dict[tuple[str, str], list[int]],
+        image_tokens: list[int],
+        index: int,
+    ) -> list[tuple[_Segment, list[int]]]:
+        """
+        Each segment of row `index` with its ids: template text with each image placeholder expanded to its image's
+        merged-token count (`image_tokens`, in order), user content as text, the chorus block's ids.
+
+        Raises:
+            ValueError: the template renders more or fewer image placeholders than the row has images.
+        """
+        counts = iter(image_tokens)
+        pieces: list[tuple[_Segment, list[int]]] = []
+        for segment in segments:
+            if segment.kind == "chorus":
+                ids = list(self.chorus_token_ids)
+            elif segment.kind == "content":
+                ids = list(vocabulary["content", segment.text])
+            else:
+                ids = []
+                for token in vocabulary["structure", segment.text]:
+                    if token != self.image_token_id:
+                        ids.append(token)
+                        continue
+                    count = next(counts, None)
+                    if count is None:
+                        raise ValueError(f"Sample {index}: the chat template renders more images than it got.")
+                    ids += [token] * count
+            pieces.append((segment, ids))
+        if next(counts, None) is not None:
+            raise ValueError(f"Sample {index}: the chat template renders fewer images than it got.")
+        return pieces
+
+    def _label_row(self, pieces: list[tuple[_Segment, list[int]]], index: int) -> list[int]:
+        """
+        The labels of row `index`, one per token: every answer's ids and the `<|im_end|>` that closes it, and
+        `IGNORE_INDEX` elsewhere.
+
+        Raises:
+            ValueError: an answer the template does not close with `<|im_end|>`.
+        """
+        end = self.tokenizer.convert_tokens_to_ids(TURN_END)
+        labels: list[int] = []
+        close = False
+        for segment, ids in pieces:
+            supervised = segment.kind == "content" and segment.role == "answer"
+            if close:
+                if segment.kind != "structure" or not ids or ids[0] != end:
+                    raise ValueError(
+                        f"Sample {index}: the chat template does not close an assistant answer with {TURN_END}; "
+                        f"CREM labels each answer and the {TURN_END} after it."
+                    )
+                labels += [ids[0]] + [IGNORE_INDEX] * (len(ids) - 1)
+            else:
+                labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+            close = supervised
+        if close:
+            raise ValueError(f"Sample {index}: the prompt ends inside an assistant answer (no {TURN_END}).")
+        return labels
 
     def _truncated(
         self, pieces: list[tuple[_Segment, list[int]]], index: int, max_length: int | None, image_tokens: int
@@ -558,8 +672,8 @@ class CREMProcessor(Qwen2VLProcessor):
         if not found or not all(from_template[starts[-1] : starts[-1] + len(header)]):
             raise ValueError(
                 f"Sample {index}: the chat template does not open the turn that holds the chorus block with "
-                "<|im_start|>user\\n, so the model cannot locate the kept prefix: CREM needs a role-based chat "
-                "template with <|im_start|> turns, such as Qwen2-VL-Instruct's."
+                f"{turn_header('user')!r}, so the model cannot locate the kept prefix: CREM needs a role-based chat "
+                f"template with {TURN_START} turns, such as Qwen2-VL-Instruct's."
             )
 
     def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -646,13 +760,39 @@ class CREMProcessor(Qwen2VLProcessor):
             TypeError: a bare string or image where a per-sample list is expected.
         """
         options = self._options(kwargs)
-        images, texts = self._aligned(images, texts)
-        instructions = self._per_sample(instruction, len(texts), "instruction")
+        samples = self.embedding_samples(images=images, texts=texts, instruction=instruction)
         specs = [
             self._input_spec(image, text, inst, i, options["max_pixels"])
-            for i, (image, text, inst) in enumerate(zip(images, texts, instructions, strict=True))
+            for i, (image, text, inst) in enumerate(samples)
         ]
         return self._encode(specs, add_generation_prompt=False, with_labels=False, options=options)
+
+    def embedding_samples(
+        self,
+        *,
+        images: Sequence[ImageLike | None] | None = None,
+        texts: Sequence[str | None] | None = None,
+        instruction: str | Sequence[str | None] | None = None,
+    ) -> list[tuple[ImageLike | None, str | None, str | None]]:
+        """
+        The `(image, text, instruction)` of each sample of [`process_embedding_inputs`], checked as it checks them
+        but without loading any image. `crem_hf.encode` checks a whole corpus with it before cutting it into
+        batches, so that an error names the input's place in the corpus.
+
+        Raises:
+            TypeError: a bare string or image where a per-sample list is expected, or a text that is not a string.
+            ValueError: lists of different lengths, an empty text, or a sample with nothing to embed.
+        """
+        images, texts = self._aligned(images, texts)
+        instructions = self._per_sample(instruction, len(texts), "instruction")
+        samples = []
+        for i, (image, text, inst) in enumerate(zip(images, texts, instructions, strict=True)):
+            text = self._text(text, f"texts[{i}]", optional=True)
+            inst = self._text(inst, f"instruction[{i}]", optional=True)
+            if image is None and text is None and inst is None:
+                raise ValueError(f"Sample {i} has neither an image nor text to embed.")
+            samples.append((image, text, inst))
+        return samples
 
     def process_generation_inputs(
         self,
@@ -686,7 +826,7 @@ class CREMProcessor(Qwen2VLProcessor):
                 raise ValueError(f"Got {len(answers)} answers for {len(questions)} questions.")
         specs = []
         for i, (image, text, inst, question) in enumerate(zip(images, texts, instructions, questions, strict=True)):
-            spec = self._input_spec(image, text, inst, i, options["max_pixels"], allow_empty=True)
+            spec = self._input_spec(image, text, inst, i, options["max_pixels"])
             spec.question = question
             if answers is not None:
                 spec.answer = self._text(answers[i], f"answers[{i}]")
@@ -813,16 +953,14 @@ class CREMProcessor(Qwen2VLProcessor):
         instruction: str | None,
         index: int,
         max_pixels: int | None = None,
-        allow_empty: bool = False,
     ) -> PromptSpec:
+        """The compressed input of one sample (an embedding input, or a generation input before its question)."""
         text = self._text(text, f"texts[{index}]", optional=True)
         instruction = self._text(instruction, f"instruction[{index}]", optional=True)
         loaded = [self.load_image(image, f"images[{index}]", max_pixels)] if image is not None else []
         if loaded and instruction is None and text is None:
             instruction = self.image_instruction
         input_text = " ".join(part for part in (instruction, text) if part)
-        if not loaded and not input_text and not allow_empty:
-            raise ValueError(f"Sample {index} has neither an image nor text to embed.")
         return PromptSpec(images=loaded, input_text=input_text)
 
     @staticmethod
@@ -861,38 +999,6 @@ class CREMProcessor(Qwen2VLProcessor):
         if len(value) != size:
             raise ValueError(f"{name} has {len(value)} entries for {size} samples.")
         return value
-
-
-def rgb_on_white(image: Image.Image) -> Image.Image:
-    """
-    `image` as RGB, its transparency composited onto white (`TRANSPARENT_BACKGROUND`): an alpha channel (RGBA, LA,
-    PA and their premultiplied modes) or a PNG tRNS chunk (a palette image's one transparent index or per-entry
-    alpha, a grayscale or RGB image's transparent colour). Each channel becomes
-    `round(colour * a + 255 * (1 - a))` with `a = alpha / 255`; `convert("RGB")` would keep the colour that the
-    transparent pixels happen to hold (often black). An image without transparency converts exactly as
-    `image.convert("RGB")` does.
-
-    Every path that turns a user image into RGB goes through here (the processor, the memory, the demo).
-    """
-    if not image.has_transparency_data:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")  # applies tRNS / a palette's alpha; undoes premultiplication
-    composed = Image.new("RGB", rgba.size, TRANSPARENT_BACKGROUND)
-    composed.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))  # Pillow blends with exact rounding
-    return composed
-
-
-def _reduction_factor(size: tuple[int, int], target: int | None) -> int:
-    """
-    The integer factor by which an image of `size` may be shrunk before the image processor resizes it to at most
-    `target` pixels: it keeps at least twice the final resolution per side (and 56 px on the short side), and is 1
-    unless the image is at least 4x larger per side than it will be.
-    """
-    width, height = size
-    if not target or width * height <= target:
-        return 1
-    factor = min(int(math.sqrt(width * height / target) / 2), min(width, height) // 56)
-    return factor if factor >= 2 else 1
 
 
 register_for_auto_class(CREMProcessor)

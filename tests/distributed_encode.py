@@ -15,8 +15,8 @@ import os
 
 import torch
 
+from crem_hf import encode
 from crem_hf.evaluation import evaluate_generation
-from crem_hf.evaluation.encoding import encode_items
 from crem_hf.loading import load_crem
 from crem_hf.parallel import gather_objects, gather_rows, initialize_from_environment, rank, shutdown, world_size
 
@@ -57,10 +57,10 @@ def run(model_folder: str, digits: str, device: str = "cpu") -> dict:
 
     model.get_embedding = counted
     texts, images = items(digits)
-    embeddings = encode_items(model, processor, texts, images, batch_size=BATCH_SIZE, show_progress=False)
+    embeddings = encode(model, processor, images=images, texts=texts, batch_size=BATCH_SIZE, show_progress=False)
     answers = evaluate_generation(model, processor, qa_rows(digits), compress=True, batch_size=2, max_new_tokens=4)
     # Fewer batches than processes: rank 1 has no share and gives no rows.
-    one_batch = encode_items(model, processor, texts[:2], images[:2], batch_size=BATCH_SIZE, show_progress=False)
+    one_batch = encode(model, processor, images=images[:2], texts=texts[:2], batch_size=BATCH_SIZE, show_progress=False)
     # Every process gives row 0: each must raise the same error, and the group stay usable after it.
     try:
         gather_rows(torch.tensor([0]), torch.zeros(1, 2), world_size())

@@ -24,7 +24,7 @@ from crem_hf.demo.app import (
     main,
     read_upload,
 )
-from crem_hf.evaluation.retrieval import T2I_INSTRUCTION
+from crem_hf.instructions import T2I_INSTRUCTION
 
 CHROMIUM = "/usr/bin/chromium"
 #: Small limits, so that a "huge" upload is small on disk: 60 kB and 200 x 200 px.

@@ -27,7 +27,7 @@ from crem_hf.demo.app import (
     build_app,
     read_upload,
 )
-from crem_hf.evaluation.retrieval import T2I_INSTRUCTION
+from crem_hf.instructions import T2I_INSTRUCTION
 
 LIMITS = UploadLimits(max_bytes=60_000, max_pixels=200 * 200)
 GALLERY = ("red", "green", "blue", "yellow")

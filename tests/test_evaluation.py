@@ -121,15 +121,18 @@ def test_evaluate_mmeb_writes_results_and_never_overwrites_them_on_failure(model
 def test_encoding_is_order_independent(model, processor):
     from helpers import colour_image
 
-    from crem_hf.evaluation.encoding import encode_items
+    from crem_hf import encode
 
     texts, images = (
         ["a", None, "long text here", None],
         [None, colour_image("red", 0), None, colour_image("blue", 1, 112)],
     )
-    together = encode_items(model, processor, texts, images, batch_size=3, show_progress=False)
+    together = encode(model, processor, images=images, texts=texts, batch_size=3, show_progress=False)
     one_by_one = torch.cat(
-        [encode_items(model, processor, [t], [i], show_progress=False) for t, i in zip(texts, images, strict=True)]
+        [
+            encode(model, processor, images=[i], texts=[t], show_progress=False)
+            for t, i in zip(texts, images, strict=True)
+        ]
     )
     assert torch.allclose(together, one_by_one, atol=1e-5)
 

@@ -221,6 +221,8 @@ def exported(tmp_path_factory):
 def test_sentence_transformers_truncate_dim_and_dim_give_get_embedding_at_the_dim(exported):
     from sentence_transformers import SentenceTransformer
 
+    from crem_hf import encode
+
     folder, model, processor = exported
     image = random_image(56, 84, 3)
     inputs = ["a cat", image, {"text": "a dog", "image": image}]
@@ -232,6 +234,9 @@ def test_sentence_transformers_truncate_dim_and_dim_give_get_embedding_at_the_di
                 model.get_embedding(**processor.process_embedding_inputs(images=[image], texts=["a dog"]), dim=16),
             ]
         )
+    # The package's own encoder takes the same inputs as lists (a pair is an image and a text of one sample).
+    ours = encode(model, processor, images=[None, image, image], texts=["a cat", None, "a dog"], dim=16)
+    assert (ours - reference).abs().max() <= 1e-5
     st = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
     # encode(dim=): the model's own truncation, unit vectors.
     by_dim = st.encode(inputs, convert_to_tensor=True, dim=16)
@@ -249,29 +254,29 @@ def test_sentence_transformers_truncate_dim_and_dim_give_get_embedding_at_the_di
         st.encode(inputs, dim=24)
 
 
-def test_encode_items_and_the_mteb_encoder_take_a_dim(exported):
+def test_encode_and_the_mteb_encoder_take_a_dim(exported):
     import mteb
     from mteb.types import PromptType
 
-    from crem_hf.evaluation.encoding import encode_items
+    from crem_hf import encode
     from crem_hf.integrations.mteb import CREMEncoder
 
     _, model, processor = exported
     images = [random_image(28 * (1 + i % 3), 56, seed=i) for i in range(5)]
     texts = ["zero", None, "two", "three", None]
-    full = encode_items(model, processor, texts, images, "Find it.", batch_size=2)
-    at_32 = encode_items(model, processor, texts, images, "Find it.", batch_size=2, dim=32)
+    full = encode(model, processor, images=images, texts=texts, instruction="Find it.", batch_size=2)
+    at_32 = encode(model, processor, images=images, texts=texts, instruction="Find it.", batch_size=2, dim=32)
     assert at_32.shape == (5, 32)
     assert torch.allclose(at_32, F.normalize(full[:, :32], dim=-1), atol=1e-6)
     with pytest.raises(ValueError, match="dim 8 is not an embedding size"):
-        encode_items(model, processor, [], [], dim=8)  # checked before any batch, even with nothing to encode
+        encode(model, processor, texts=[], dim=8)  # checked before any batch, even with nothing to encode
 
     encoder = CREMEncoder(model, processor, batch_size=2, dim=32)
     assert encoder.mteb_model_meta.embed_dim == 32
     flickr = mteb.get_task("Flickr30kI2TRetrieval").metadata
     where = {"task_metadata": flickr, "hf_split": "test", "hf_subset": "default", "prompt_type": PromptType.query}
     got = encoder.encode([{"image": images}], **where)
-    want = encode_items(model, processor, [None] * 5, images, flickr.prompt["query"], batch_size=2, dim=32)
+    want = encode(model, processor, images=images, instruction=flickr.prompt["query"], batch_size=2, dim=32)
     torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-5, rtol=0)
     assert encoder.encode([], **where).shape == (0, 32)
     with pytest.raises(ValueError, match="dim 128 is larger than the hidden size 64"):

@@ -19,7 +19,7 @@ import torch
 from helpers import memory_cli, random_image, save_crem
 from test_memory_formats import check_row_sizes, check_within_half_a_scale
 
-from crem_hf.evaluation.retrieval import T2I_INSTRUCTION
+from crem_hf.instructions import T2I_INSTRUCTION
 from crem_hf.memory import CREMMemory
 from crem_hf.memory.cli import main as memory_main
 from crem_hf.testing import BACKBONES, make_tiny_crem, make_tiny_processor

@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import colour_image
 
+from crem_hf import encode
 from crem_hf.evaluation import evaluate_mmeb, load_mmeb_subset
-from crem_hf.evaluation.encoding import encode_items
 from crem_hf.training import load_retrieval_pairs
 
 CLASSIFY = "<|image_1|>\nRepresent the given image for classification."
@@ -65,8 +65,8 @@ def test_eval_reads_the_hub_layout_and_scores_ground_truth_first(model, processo
     # Independent oracle: each row scored on its own, ground truth at index 0, ties going to it.
     correct = []
     for row in rows:
-        query = encode_items(model, processor, [row.query_text], [row.query_image], show_progress=False)[0]
-        candidates = encode_items(model, processor, row.candidate_texts, [None] * 3, show_progress=False)
+        query = encode(model, processor, images=[row.query_image], texts=[row.query_text], show_progress=False)[0]
+        candidates = encode(model, processor, texts=row.candidate_texts, show_progress=False)
         scores = candidates @ query
         correct.append(bool(scores[0] >= scores.max() - 1e-6))
     assert correct[2], "an all-tie row counts for the ground truth"

@@ -17,14 +17,14 @@ from mteb.models.model_implementations import MODEL_REGISTRY
 from mteb.results import TaskResult
 from mteb.types import PromptType
 
+from crem_hf import encode
 from crem_hf.demo.digits import build_digits_data
 from crem_hf.evaluation import cli as crem_eval
-from crem_hf.evaluation.encoding import encode_items
-from crem_hf.evaluation.retrieval import I2T_INSTRUCTION, T2I_INSTRUCTION, load_caption_rows
+from crem_hf.evaluation.retrieval import load_caption_rows
 from crem_hf.hub import CardInfo, render_model_card
 from crem_hf.hub import main as crem_export
+from crem_hf.instructions import CLASSIFY_INSTRUCTION, I2T_INSTRUCTION, T2I_INSTRUCTION
 from crem_hf.integrations.mteb import (
-    CLASSIFY_INSTRUCTION,
     TRAINING_DATASETS,
     CREMEncoder,
     caption_retrieval_task,
@@ -198,8 +198,9 @@ def test_prompt_types_and_task_types_map_to_crem_instructions(model, processor, 
 # ---------------------------------------------------------------------------------------------------- encoding
 
 
-def test_encode_text_image_and_both_as_encode_items(model, processor):
-    """Batches of mteb's form, windowed and re-sorted inside, give encode_items' embeddings in the loader's order."""
+def test_encode_text_image_and_both_as_crem_hf_encode(model, processor):
+    """Batches of mteb's form, windowed and re-sorted inside, give `crem_hf.encode`'s embeddings in the loader's
+    order."""
     images = [random_image(28 * (1 + i % 3), 56, seed=i) for i in range(10)]
     texts = [f"the digit {w}" for w in "zero one two three four five six seven eight nine".split()]
     encoder = CREMEncoder(model, processor, batch_size=1)  # windows of 8 items: 10 items take two
@@ -212,17 +213,17 @@ def test_encode_text_image_and_both_as_encode_items(model, processor):
     for name, (batch, item_texts, item_images) in cases.items():
         loader = [{key: value[:4] for key, value in batch.items()}, {key: value[4:] for key, value in batch.items()}]
         got = encoder.encode(loader, task_metadata=flickr, hf_split="test", hf_subset="default", prompt_type=query)
-        want = encode_items(model, processor, item_texts, item_images, flickr.prompt["query"], batch_size=4)
+        want = encode(
+            model, processor, images=item_images, texts=item_texts, instruction=flickr.prompt["query"], batch_size=4
+        )
         assert got.shape == (10, 64) and got.dtype == np.float32, name
         torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-5, rtol=0, msg=name)
     # Zero-shot classification: its label texts are targets (no instruction), its images get the class wording.
     zero_shot = mteb.get_task("SUN397ZeroShot").metadata
     labels = encoder.encode([{"text": texts}], task_metadata=zero_shot, hf_split="test", hf_subset="default")
-    torch.testing.assert_close(
-        torch.from_numpy(labels), encode_items(model, processor, texts, [None] * 10), atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(torch.from_numpy(labels), encode(model, processor, texts=texts), atol=1e-5, rtol=0)
     scans = encoder.encode([{"image": images}], task_metadata=zero_shot, hf_split="test", hf_subset="default")
-    want = encode_items(model, processor, [None] * 10, images, CLASSIFY_INSTRUCTION)
+    want = encode(model, processor, images=images, instruction=CLASSIFY_INSTRUCTION)
     torch.testing.assert_close(torch.from_numpy(scans), want, atol=1e-5, rtol=0)
 
 
@@ -277,16 +278,16 @@ def test_mteb_recall_at_1_agrees_with_crem_eval(direction, model, processor, cre
     owner = [i for i, row in enumerate(rows) for _ in row["captions"]]
     images = [row["image"] for row in rows]
     if direction == "i2t":
-        queries = encode_items(model, processor, [None] * len(images), images, I2T_INSTRUCTION)
-        targets = encode_items(model, processor, captions, [None] * len(captions))
+        queries = encode(model, processor, images=images, instruction=I2T_INSTRUCTION)
+        targets = encode(model, processor, texts=captions)
         relevant = [{j for j, o in enumerate(owner) if o == i} for i in range(len(rows))]
         query_ids, doc_ids = (
             [f"image-{i:05d}" for i in range(len(rows))],
             [f"caption-{j:05d}" for j in range(len(owner))],
         )
     else:
-        queries = encode_items(model, processor, captions, [None] * len(captions), T2I_INSTRUCTION)
-        targets = encode_items(model, processor, [None] * len(images), images)
+        queries = encode(model, processor, texts=captions, instruction=T2I_INSTRUCTION)
+        targets = encode(model, processor, images=images)
         relevant = [{o} for o in owner]
         query_ids, doc_ids = (
             [f"caption-{j:05d}" for j in range(len(owner))],

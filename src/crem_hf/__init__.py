@@ -4,11 +4,17 @@ Face Transformers.
 Importing the package registers the CREM classes of every backbone with the Auto classes of
 `configuration_crem.BACKBONE_AUTO_CLASSES` (`AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`,
 `AutoProcessor`), so saved CREM folders load without `trust_remote_code`.
+
+    model, processor = crem_hf.load_crem("path/to/crem")
+    scores = crem_hf.similarity(
+        crem_hf.encode(model, processor, texts=["a cat"]), crem_hf.encode(model, processor, images=["cat.jpg"])
+    )
 """
 
 import transformers
 
 from .configuration_crem import AUTO_CLASSES, BACKBONE_AUTO_CLASSES, CREMConfig, CREMQwen2_5_VLConfig, CREMQwen3VLConfig
+from .encoding import encode, similarity
 from .loading import load_crem
 from .modeling_crem import (
     ChorusLayout,
@@ -37,7 +43,9 @@ __all__ = [
     "CREMQwen3VLConfig",
     "CREMQwen3VLForEmbeddingAndGeneration",
     "chorus_token_strings",
+    "encode",
     "load_crem",
+    "similarity",
 ]
 
 

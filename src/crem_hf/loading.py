@@ -13,7 +13,7 @@ from transformers import AutoProcessor, PreTrainedConfig, Qwen2_5_VLProcessor, Q
 from transformers.utils import cached_file
 from transformers.utils.peft_utils import find_adapter_config_file
 
-from .configuration_crem import check_matryoshka_dims
+from .configuration_crem import TURN_END, TURN_START, check_matryoshka_dims, turn_header
 from .modeling_crem import (
     CREMForEmbeddingAndGeneration,
     CREMMixin,
@@ -103,12 +103,12 @@ def _check_chat_template(processor: Qwen2VLProcessor, name_or_path: str | os.Pat
         for role, text in _PROBE.items()
     ]
     rendered = _render(processor, messages)
-    turns = [f"<|im_start|>{role}\n" for role in _PROBE]
+    turns = [turn_header(role) for role in _PROBE]
     if not all(turn in rendered for turn in turns) or not all(text in rendered for text in _PROBE.values()):
         state = "has no chat template" if not processor.chat_template else "has a chat template without turns"
         raise ValueError(
             f"{name_or_path} {state}: CREM needs a chat template that renders system, user and assistant turns "
-            "(<|im_start|>role ... <|im_end|>), as the -Instruct templates of Qwen2-VL, Qwen2.5-VL and Qwen3-VL do. "
+            f"({TURN_START}role ... {TURN_END}), as the -Instruct templates of Qwen2-VL, Qwen2.5-VL and Qwen3-VL do. "
             "Put one in the folder as chat_template.jinja or chat_template.json (the base model's template lays out "
             "no turns)."
         )
@@ -120,7 +120,7 @@ def template_default_system_turn(processor: Qwen2VLProcessor) -> bool:
     Qwen2.5-VL's do, "You are a helpful assistant."; Qwen3-VL's does not).
     """
     messages = [{"role": "user", "content": [{"type": "text", "text": _PROBE["user"]}]}]
-    return "<|im_start|>system\n" in _render(processor, messages)
+    return turn_header("system") in _render(processor, messages)
 
 
 def _model_type(name_or_path: str | os.PathLike) -> str | None:

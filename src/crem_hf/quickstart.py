@@ -13,6 +13,7 @@ import argparse
 import torch
 from PIL import Image
 
+from .encoding import encode, similarity
 from .io import ArgumentParser, positive_int, run_command
 from .testing import make_tiny_crem, make_tiny_processor
 
@@ -58,12 +59,11 @@ def run(args: argparse.Namespace) -> None:
         f"{model.config.num_chorus_tokens} chorus tokens\n"
     )
 
-    with torch.no_grad():
-        image_vectors = model.get_embedding(**processor.process_embedding_inputs(images=list(images.values())))
-        text_vectors = model.get_embedding(
-            **processor.process_embedding_inputs(texts=names, instruction="Find an image that matches the caption:")
-        )
-    scores = text_vectors @ image_vectors.T
+    image_vectors = encode(model, processor, images=list(images.values()), show_progress=False)
+    text_vectors = encode(
+        model, processor, texts=names, instruction="Find an image that matches the caption:", show_progress=False
+    )
+    scores = similarity(text_vectors, image_vectors)
     print(f"Embeddings: {tuple(image_vectors.shape)}, unit norm: {image_vectors.norm(dim=-1).tolist()}")
     print("Text-to-image cosine similarities (random weights: no meaning yet):")
     for name, row in zip(names, scores.tolist(), strict=True):

@@ -3,7 +3,10 @@
 Shipped as ``custom_st.py`` in exported Hub folders (see ``crem_hf.hub``); needs sentence-transformers >= 6.
 
 Wraps ``AutoModel`` + ``AutoProcessor`` (both remote code from the same folder) and calls
-``model.get_embedding(**processor.process_embedding_inputs(images=..., texts=..., instruction=...))``.
+``model.get_embedding(**processor.process_embedding_inputs(images=..., texts=..., instruction=...))``: what
+``crem_hf.encode`` does, cut where Sentence Transformers wants it (``preprocess``: the processor; ``forward``:
+``get_embedding``), since Sentence Transformers batches, sorts and reports progress itself. It imports nothing of
+``crem_hf``: the file ships alone, next to the remote code.
 
 Accepted inputs, one vector each: ``str`` (text, or an image path/URL as Sentence Transformers classifies it),
 ``PIL.Image`` / ``(H, W, C)`` uint8 array (image), ``{"text": ..., "image": ...}`` (either key optional), and a

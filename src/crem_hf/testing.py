@@ -27,6 +27,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
+from .instructions import CLASSIFY_INSTRUCTION, T2I_INSTRUCTION, VQA_INSTRUCTION
 from .loading import Qwen2VLImageOnlyProcessor, load_backbone_processor
 from .modeling_crem import (
     CREMForEmbeddingAndGeneration,
@@ -111,10 +112,10 @@ _CORPUS = [
     "system\n",
     "user\n",
     "assistant\n",
-    "Represent the given image for classification.",
+    CLASSIFY_INSTRUCTION,
     "Represent the given text:",
-    "Represent the given image with the following question:",
-    "Find me an everyday image that matches the given caption:",
+    VQA_INSTRUCTION,
+    T2I_INSTRUCTION,
     "Which digit is shown? What is in the image? Describe the image. Answer in one word.",
     "zero one two three four five six seven eight nine left right digit a cat dog red blue green",
     "The quick brown fox jumps over the lazy dog.",

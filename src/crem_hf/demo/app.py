@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from ..evaluation.retrieval import T2I_INSTRUCTION
+from ..encoding import encode, similarity
+from ..instructions import T2I_INSTRUCTION
 from ..io import USER_ERRORS, ArgumentParser, check_model_source, positive_int, run_command
 from ..processing_crem import CREMProcessor, rgb_on_white
 
@@ -507,14 +507,17 @@ class CREMDemo:
         images = [read_upload(path, self.processor, self.limits) for path in image_paths]
         instruction = (instruction or "").strip() or None
         with self._worker() as worker:
-            inputs = worker.processor.process_embedding_inputs(
+            vectors = encode(
+                worker.model,
+                worker.processor,
                 images=[*images, *[None] * len(lines)],
                 texts=[*[None] * len(images), *lines],
                 instruction=[*[None] * len(images), *[instruction] * len(lines)],
-            ).to(self.device)
-            vectors = F.normalize(worker.model.get_embedding(**inputs).float(), dim=-1)
+                batch_size=MAX_EMBED_ITEMS,
+                show_progress=False,
+            )
         labels = _unique([os.path.basename(path) for path in image_paths] + lines)
-        return labels, (vectors @ vectors.T).cpu()
+        return labels, similarity(vectors, vectors)
 
 
 def _unique(labels: list[str]) -> list[str]:

@@ -16,15 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..evaluation.retrieval import I2T_INSTRUCTION, T2I_INSTRUCTION
 from ..formats import LLAVA_IMAGE_PLACEHOLDER, MMEB_IMAGE_PLACEHOLDER
+from ..instructions import CLASSIFY_INSTRUCTION, I2T_INSTRUCTION, T2I_INSTRUCTION, VQA_INSTRUCTION
 from ..processing_crem import DEFAULT_IMAGE_INSTRUCTION, DEFAULT_SYSTEM_PROMPT
 
 __all__ = ["DIGIT_REGISTRY", "DigitsData", "PROMPT_CORPUS", "WORDS", "build_digits_data"]
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-CLASSIFY_INSTRUCTION = "Represent the given image for classification."
-VQA_INSTRUCTION = "Represent the given image with the following question:"
 QUESTION = "Which digit is shown?"
 LEFT_QUESTION = "What is the left digit?"
 RIGHT_QUESTION = "What is the right digit?"

@@ -1,8 +1,8 @@
 """CREM evaluation: MMEB Precision@1, cross-domain retrieval Recall@k, compositional accuracy and QA accuracy
-(native and compressed), all through the processor and `get_embedding` / `generate`.
+(native and compressed), all through `crem_hf.encode` (the processor and `get_embedding`) and `generate`.
 
 The public API is listed in `__all__`; the scorers the `evaluate_*` functions call (`mmeb.precision_at_1`,
-`retrieval.recall_at_k`, `generation.normalize_answer`, `encoding.encode_items`) are internals.
+`retrieval.recall_at_k`, `generation.normalize_answer`) are internals.
 """
 
 from .generation import evaluate_generation

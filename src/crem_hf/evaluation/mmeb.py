@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from ..encoding import encode
 from ..formats import OUTSIDE_ROOT, OUTSIDE_ROOT_HINT, locate_subset, parse_side, read_rows
 from ..io import check_writable_folder, format_markdown_table, write_files_atomically
-from .encoding import encode_items
 
 __all__ = [
     "MMEB_DATASETS",
@@ -200,23 +200,24 @@ def score_subset(
         pairs = zip(row.candidate_texts, row.candidate_images, strict=True)
         candidates.append([unique.setdefault(pair, len(unique)) for pair in pairs])
     items = list(unique)
-    candidate_embeddings = encode_items(
+    # MMEB writes "" for a side's missing text or image.
+    candidate_embeddings = encode(
         model,
         processor,
-        [t for t, _ in items],
-        [i for _, i in items],
+        images=[image or None for _, image in items],
+        texts=[text or None for text, _ in items],
         batch_size=batch_size,
+        dim=dim,
         desc=f"{name} candidates",
-        dim=dim,
     )
-    query_embeddings = encode_items(
+    query_embeddings = encode(
         model,
         processor,
-        [r.query_text for r in rows],
-        [r.query_image for r in rows],
+        images=[row.query_image or None for row in rows],
+        texts=[row.query_text or None for row in rows],
         batch_size=batch_size,
-        desc=f"{name} queries",
         dim=dim,
+        desc=f"{name} queries",
     )
     precision, _ = precision_at_1(query_embeddings, candidate_embeddings, candidates)
     return {"precision_at_1": precision, "num_queries": len(rows), "num_unique_candidates": len(items)}

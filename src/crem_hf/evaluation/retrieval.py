@@ -3,27 +3,22 @@ SugarCrepe-style compositional accuracy (the true caption must outscore a pertur
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
 import torch
 
+from ..encoding import encode
 from ..formats import OUTSIDE_ROOT, OUTSIDE_ROOT_HINT, image_problem, outside_root, read_rows, resolve_path
-from .encoding import encode_items
+from ..instructions import I2T_INSTRUCTION, T2I_INSTRUCTION
 
 __all__ = [
-    "I2T_INSTRUCTION",
-    "T2I_INSTRUCTION",
     "evaluate_compositional",
     "evaluate_image_text_retrieval",
     "load_caption_rows",
     "recall_at_k",
 ]
 
-# MMEB's wordings for everyday images and captions (MSCOCO_t2i / MSCOCO_i2t).
-T2I_INSTRUCTION = "Find me an everyday image that matches the given caption:"
-I2T_INSTRUCTION = "Find an image caption describing the given everyday image."
 RECALL_KS = (1, 5, 10)
 
 
@@ -71,17 +66,17 @@ def evaluate_image_text_retrieval(
     With `dim`, at that Matryoshka embedding size.
     """
     model.config.check_embedding_dim(dim)
-    encode = functools.partial(encode_items, dim=dim)
+    options = {"batch_size": batch_size, "dim": dim}
     captions = [c for row in rows for c in row["captions"]]
     owner = [i for i, row in enumerate(rows) for _ in row["captions"]]
     images = [row["image"] for row in rows]
     caption_queries = encode(
-        model, processor, captions, [None] * len(captions), T2I_INSTRUCTION, batch_size, "t2i queries"
+        model, processor, texts=captions, instruction=T2I_INSTRUCTION, desc="t2i queries", **options
     )
     # No instruction: the processor gives an image without one its `image_instruction` (MMEB's for image targets).
-    image_targets = encode(model, processor, [None] * len(images), images, None, batch_size, "t2i images")
-    image_queries = encode(model, processor, [None] * len(images), images, I2T_INSTRUCTION, batch_size, "i2t queries")
-    caption_targets = encode(model, processor, captions, [None] * len(captions), None, batch_size, "i2t captions")
+    image_targets = encode(model, processor, images=images, desc="t2i images", **options)
+    image_queries = encode(model, processor, images=images, instruction=I2T_INSTRUCTION, desc="i2t queries", **options)
+    caption_targets = encode(model, processor, texts=captions, desc="i2t captions", **options)
     t2i = recall_at_k(caption_queries @ image_targets.T, [{o} for o in owner])
     own = [{j for j, o in enumerate(owner) if o == i} for i in range(len(rows))]
     i2t = recall_at_k(image_queries @ caption_targets.T, own)
@@ -96,12 +91,10 @@ def evaluate_compositional(
     `dim`, at that Matryoshka embedding size).
     """
     model.config.check_embedding_dim(dim)
-    encode = functools.partial(encode_items, dim=dim)
+    options = {"batch_size": batch_size, "dim": dim}
     images = [row["image"] for row in rows]
-    image_queries = encode(model, processor, [None] * len(images), images, I2T_INSTRUCTION, batch_size, "images")
-    positives = encode(model, processor, [r["caption"] for r in rows], [None] * len(rows), None, batch_size, "captions")
-    negatives = encode(
-        model, processor, [r["negative_caption"] for r in rows], [None] * len(rows), None, batch_size, "negatives"
-    )
+    image_queries = encode(model, processor, images=images, instruction=I2T_INSTRUCTION, desc="images", **options)
+    positives = encode(model, processor, texts=[r["caption"] for r in rows], desc="captions", **options)
+    negatives = encode(model, processor, texts=[r["negative_caption"] for r in rows], desc="negatives", **options)
     wins = (image_queries * positives).sum(-1) > (image_queries * negatives).sum(-1)
     return {"accuracy": float(wins.float().mean()), "num_rows": len(rows)}

@@ -1,9 +1,8 @@
 """CREM as an `mteb` 2.x model (MTEB and its image extension MIEB).
 
 - `CREMEncoder`: an mteb encoder (`mteb.models.AbsEncoder`) on a CREM model and its processor. It embeds text, image
-  and image+text inputs through `processor.process_embedding_inputs` and `model.get_embedding`, batched and
-  length-sorted by `crem_hf.evaluation.encoding.encode_items` (the encoder `crem-eval` uses), and maps mteb's prompt
-  types and task types to CREM instructions (`CREMEncoder.get_instruction`).
+  and image+text inputs with `crem_hf.encode` (batched and length-sorted, as `crem-eval` embeds them), and maps
+  mteb's prompt types and task types to CREM instructions (`CREMEncoder.get_instruction`).
 - `crem_model_meta` / `load_crem_encoder`: an mteb `ModelMeta` (modalities, embedding size, max tokens, licence,
   training data) whose loader builds the encoder, so mteb's own machinery runs it: `mteb.evaluate(meta, tasks)`, or
   `mteb.get_model(name)` after `register_crem_model(meta)`.
@@ -39,8 +38,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedConfig
 
 from ..configuration_crem import CREMConfigMixin
-from ..evaluation.encoding import encode_items
-from ..evaluation.retrieval import I2T_INSTRUCTION, T2I_INSTRUCTION, load_caption_rows
+from ..encoding import encode
+from ..evaluation.retrieval import load_caption_rows
+from ..instructions import CLASSIFY_INSTRUCTION, I2T_INSTRUCTION, T2I_INSTRUCTION, VQA_INSTRUCTION
 from ..loading import CREM_CLASSES, load_crem
 
 if TYPE_CHECKING:
@@ -62,10 +62,8 @@ __all__ = [
     "register_crem_model",
 ]
 
-# MMEB's instruction wordings (the training data's), by mteb task category (query modality 2 document modality).
-CLASSIFY_INSTRUCTION = "Represent the given image for classification."
-VQA_INSTRUCTION = "Represent the given image with the following question:"
-#: The query-side instruction of a retrieval task without a prompt of its own, by category.
+#: The query-side instruction (MMEB's wording, the training data's) of a retrieval task without a prompt of its own,
+#: by mteb task category (query modality 2 document modality).
 CATEGORY_INSTRUCTIONS = {
     "t2i": T2I_INSTRUCTION,  # MSCOCO_t2i
     "i2t": I2T_INSTRUCTION,  # MSCOCO_i2t
@@ -117,7 +115,7 @@ CITATION = """@article{crem2026,
   journal = {arXiv preprint arXiv:2602.19091},
   year    = {2026}
 }"""
-#: Items collected from mteb's loader before one length-sorted `encode_items` pass, in mteb batches: sorting needs
+#: Items collected from mteb's loader before one length-sorted `encode` pass, in mteb batches: sorting needs
 #: many items at once, and a bounded window keeps a large corpus's decoded images out of memory.
 SORT_WINDOW_BATCHES = 8
 _UNSUPPORTED_INPUTS = ("audio", "video")
@@ -133,7 +131,7 @@ def _default_instruction(task_metadata: TaskMetadata) -> str | None:
 class CREMEncoder(AbsEncoder):
     """
     A CREM model as an mteb encoder: text, image and image+text items, embedded through the processor and
-    `get_embedding` in length-sorted batches (`encode_items`).
+    `get_embedding` in length-sorted batches (`crem_hf.encode`).
 
     Instructions (`get_instruction`), first match wins:
         1. `prompts`, keyed as mteb keys model prompts (`"{task}-{query|document}"`, `"{task}"`,
@@ -270,8 +268,16 @@ class CREMEncoder(AbsEncoder):
         # targets (no instruction, as in MMEB), recognised by carrying no image.
         if prompt_type is None and task_metadata.type == "ZeroShotClassification" and not any(images):
             instruction = None
-        return encode_items(
-            self.model, self.processor, texts, images, instruction, batch_size, show_progress=False, dim=self.dim
+        # An item's empty text beside its image is no text (`_batch_items` refuses an item with neither).
+        return encode(
+            self.model,
+            self.processor,
+            images=[image or None for image in images],
+            texts=[text or None for text in texts],
+            instruction=instruction,
+            batch_size=batch_size,
+            dim=self.dim,
+            show_progress=False,
         )
 
 
