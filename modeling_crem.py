@@ -248,6 +248,13 @@ def _filled(cache: DynamicCache, states: list[tuple[torch.Tensor, torch.Tensor]]
     return cache
 
 
+def _cache_of(states: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A new `DynamicCache` of full-attention layers holding `states`, one `(keys, values)` pair per layer (no copy)."""
+    cache = DynamicCache()
+    cache.layers = [DynamicLayer() for _ in states]
+    return _filled(cache, states)
+
+
 @dataclass
 class AlignedRows:
     """
@@ -299,9 +306,13 @@ class CREMCompressedContext:
     A prompt compressed into its kept slots: the kept prefix, the chorus block and the tail, left packed so that
     every row ends at the same slot, at their original MRoPE positions. The image and the input text are gone.
 
+    It knows how to continue: [`expand`] repeats its rows (several questions, beams or samples per context) and
+    [`continued`] appends follow-up tokens; `generate` then runs the slots the cache lacks and decodes.
+
     Args:
         cache (`transformers.DynamicCache`): keys/values `(batch_size, kv_heads, cached_slots, head_dim)` of the first
-            `cached_slots` slots (all of them, or all but the last when `generate` is to run the last one itself).
+            `cached_slots` slots: all of them, or fewer when `generate` is to run the rest itself
+            (`compress(prefill_last=False)`, [`continued`]).
         input_ids (`torch.LongTensor` of shape `(batch_size, num_slots)`): token ids of the kept slots.
         attention_mask (`torch.LongTensor` of shape `(batch_size, num_slots)`): 1 on kept slots, 0 on packing pads.
         position_ids (`torch.LongTensor` of shape `(3, batch_size, num_slots)`): the slots' original positions.
@@ -314,6 +325,64 @@ class CREMCompressedContext:
     attention_mask: torch.LongTensor
     position_ids: torch.LongTensor
     embeddings: torch.FloatTensor | None = None
+
+    def expand(self, n: int) -> CREMCompressedContext:
+        """
+        This context with each row repeated `n` times in a row (row `i` becomes rows `i * n` to `i * n + n - 1`, the
+        order in which `generate` expands its inputs for beams and `num_return_sequences`), in a new cache; this
+        context itself when `n` is 1.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"expand takes a positive int (the copies of each row), got {n!r}.")
+        if n == 1:
+            return self
+
+        def rows(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+            return tensor.repeat_interleave(n, dim=dim)
+
+        return CREMCompressedContext(
+            cache=_cache_of([(rows(layer.keys), rows(layer.values)) for layer in self.cache.layers]),
+            input_ids=rows(self.input_ids),
+            attention_mask=rows(self.attention_mask),
+            position_ids=rows(self.position_ids, dim=1),
+            embeddings=rows(self.embeddings) if self.embeddings is not None else None,
+        )
+
+    def continued(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> CREMCompressedContext:
+        """
+        This context followed by follow-up tokens (e.g. `CREMProcessor.process_followups`): the ids, padding mask and
+        MRoPE positions of its slots and then the follow-up's, which continue after the context's last position (a
+        row's padding lies between the two). The cache still holds the context's slots only: `generate` runs the
+        follow-up. It is a cache of its own over the same tensors (`generate` replaces a layer's tensors as it extends
+        or reorders them, never writes into them), so this context stays as it is and answers again.
+
+        Args:
+            input_ids: `(batch_size, length)`, left padded, one row per row of this context.
+            attention_mask: `(batch_size, length)` 2-D padding mask (default: no padding).
+        Raises:
+            ValueError: the follow-up is not `(batch_size, length)` or not left padded, or this context's cache lacks
+                some of its slots (a `compress(prefill_last=False)` context).
+        """
+        batch = self.input_ids.shape[0]
+        if input_ids is None or input_ids.ndim != 2 or input_ids.shape[0] != batch:
+            got = "None" if input_ids is None else f"shape {tuple(input_ids.shape)}"
+            raise ValueError(f"A context of batch {batch} continues with follow-up ids ({batch}, length); got {got}.")
+        if self.cache.get_seq_length() != self.input_ids.shape[1]:
+            raise ValueError("The context must be fully prefilled: build it with model.compress(**inputs).")
+        attention_mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).long()
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("Follow-up turns must be left padded (every row ends with a real token).")
+        offsets = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        positions = self.position_ids[..., -1:] + 1 + offsets[None]
+        return CREMCompressedContext(
+            cache=_cache_of([(layer.keys, layer.values) for layer in self.cache.layers]),
+            input_ids=torch.cat([self.input_ids, input_ids], dim=1),
+            attention_mask=torch.cat([self.attention_mask, attention_mask], dim=1),
+            position_ids=torch.cat([self.position_ids, positions], dim=2),
+            embeddings=self.embeddings,
+        )
 
 
 @dataclass
@@ -792,8 +861,9 @@ class CREMMixin:
     _from_backbone_name: str = "from_backbone"
     _checkpoint_layout_of: str | None = None
     #: Most query tokens one forward of a compressed prefill (`compress`, `generate(compress=...)`,
-    #: `generate(context=...)`) runs; longer prompts run in chunks of this size, so the attention mask and scores are
-    #: `chunk x keys` rather than `length x length`. Set it on an instance to trade speed for memory.
+    #: `generate(context=...)`, whose follow-up turns run in `generate`'s own `prefill_chunk_size` chunks) runs; longer
+    #: prompts run in chunks of this size, so the attention mask and scores are `chunk x keys` rather than
+    #: `length x length`. Set it on an instance to trade speed for memory.
     prefill_chunk_size: int = 1024
 
     # ------------------------------------------------------------------ construction
@@ -1534,10 +1604,13 @@ class CREMMixin:
           the generation loop, so the loop's first step runs only the prompt's last token: its
           `attentions`/`hidden_states` cover that token, over the kept slots, and the returned cache holds the kept
           slots only. Needs `input_ids` (not `inputs_embeds`), images only (no video, no `mm_encoder_outputs`),
-          left padding, and no `cache` of the caller's. `max_length` counts the original prompt.
+          left padding, and no `cache` of the caller's.
         * `context=` (from [`compress`]): answer follow-up turns from a compressed context, greedy or sampling with
           one sequence per question; the result holds the follow-up turns and the answers. `compress` is then unset
           or `True`; a row flagged `False` is refused.
+        * In both, `max_length` counts the prompt passed (the caller's prompt, or the follow-up turns), as natively,
+          not the kept slots `generate` runs over; the slots the context's cache lacks (the prompt's last token, or
+          the follow-up turns) run in `generate`'s first step, in chunks of `prefill_chunk_size`.
         * `compress` is `None`, a `bool` or a bool tensor of shape `(batch_size,)`; anything else (a string, an int,
           another shape or dtype) raises a TypeError/ValueError.
 
@@ -1559,26 +1632,50 @@ class CREMMixin:
         kwargs = self._chorus_suppressed(kwargs)
         if inputs is not None and kwargs.get("input_ids") is not None and (compress is not None or context is not None):
             raise ValueError("Give the prompt once: as `inputs` or as `input_ids`, not both.")
-        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if context is not None:
-            flags = self._compress_flags(compress, input_ids.shape[0] if input_ids is not None else 0)
-            if flags is not None and not bool(flags.all()):
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if context is None:
+            reference = prompt if prompt is not None else kwargs.get("inputs_embeds")
+            flags = self._compress_flags(compress, reference.shape[0] if reference is not None else 0)
+            if flags is None or not bool(flags.any()):
+                return super().generate(inputs, **kwargs)
+            context = self._compressed_prompt(prompt, flags, kwargs)
+        else:
+            context = self._continued_context(context, prompt, compress, kwargs)
+        seen = context.input_ids.shape[1]
+        max_length = self._generation_setting(kwargs, "max_length")
+        if max_length is not None and self._generation_setting(kwargs, "max_new_tokens") is None:
+            if max_length <= prompt.shape[1]:
                 raise ValueError(
-                    "generate(context=...) answers from a compressed context: leave compress unset (or True)."
+                    f"max_length={max_length} leaves no room for new tokens after the prompt of {prompt.shape[1]} "
+                    "tokens: raise it or set max_new_tokens."
                 )
-            kwargs.pop("input_ids", None)
-            return self._generate_from_context(context, input_ids, kwargs.pop("attention_mask", None), **kwargs)
-        reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        flags = self._compress_flags(compress, reference.shape[0] if reference is not None else 0)
-        if flags is None or not bool(flags.any()):
-            return super().generate(inputs, **kwargs)
+            kwargs["max_length"] = max_length + seen - prompt.shape[1]  # generate counts the slots it is given
+        if self._generation_setting(kwargs, "prefill_chunk_size") is None:
+            kwargs["prefill_chunk_size"] = self.prefill_chunk_size
+        outputs = super().generate(
+            input_ids=context.input_ids,
+            attention_mask=context.attention_mask,
+            position_ids=context.position_ids,
+            # generate expands its inputs for beams and samples itself, but not a cache it is given.
+            cache=context.expand(self._rows_per_prompt(kwargs)).cache,
+            **kwargs,
+        )
+        return self._with_prompt(outputs, prompt, seen)
+
+    def _compressed_prompt(
+        self, input_ids: torch.LongTensor | None, flags: torch.BoolTensor, kwargs: dict
+    ) -> CREMCompressedContext:
+        """
+        `generate(compress=...)`'s context: the prompt `(batch_size, sequence_length)` compressed in the `flags` rows,
+        prefilled but for its last token; its inputs are taken out of `kwargs`.
+        """
         if input_ids is None or input_ids.ndim != 2:
             raise ValueError("generate(compress=...) needs input_ids (batch_size, sequence_length) to find the chorus.")
         for key in ("inputs_embeds", "pixel_values_videos", "mm_encoder_outputs", "cache", "past_key_values"):
             if kwargs.get(key) is not None:
                 raise ValueError(f"generate(compress=...) does not take {key}: it builds the compressed cache itself.")
         kwargs.pop("input_ids", None)
-        context = self.compress(
+        return self.compress(
             input_ids,
             kwargs.pop("attention_mask", None),
             pixel_values=kwargs.pop("pixel_values", None),
@@ -1587,98 +1684,56 @@ class CREMMixin:
             prefill_last=False,
             rows=None if bool(flags.all()) else flags,
         )
-        generation_config = kwargs.get("generation_config", self.generation_config)
-        max_length = kwargs.pop("max_length", None)
-        if kwargs.get("max_new_tokens", generation_config.max_new_tokens) is None:
-            # max_length counts the original prompt, which is longer than the kept slots generate() sees.
-            max_length = max_length if max_length is not None else generation_config.max_length
-            kwargs["max_new_tokens"] = max(max_length - input_ids.shape[1], 1)
-        num_beams = kwargs.get("num_beams", generation_config.num_beams) or 1
-        num_sequences = kwargs.get("num_return_sequences", generation_config.num_return_sequences) or 1
-        expand = num_beams if num_beams > 1 else num_sequences
-        if expand > 1:
-            context.cache.batch_repeat_interleave(expand)
-        outputs = super().generate(
-            input_ids=context.input_ids,
-            attention_mask=context.attention_mask,
-            position_ids=context.position_ids,
-            cache=context.cache,
-            **kwargs,
-        )
-        return self._with_prompt(outputs, context, input_ids)
 
-    def _with_prompt(self, outputs, context: CREMCompressedContext, prompt: torch.LongTensor):
-        """Swap the kept slots generate() saw for the caller's prompt in front of the new tokens."""
-        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
-        new_tokens = sequences[:, context.input_ids.shape[1] :]
-        prompt = prompt.repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
-        sequences = torch.cat([prompt, new_tokens], dim=1)
-        if isinstance(outputs, torch.Tensor):
-            return sequences
-        outputs.sequences = sequences
-        return outputs
-
-    def _generate_from_context(
+    def _continued_context(
         self,
         context: CREMCompressedContext,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ):
-        """Answer follow-up turns `(num_questions, length)` from a compressed context (see `generate`)."""
+        input_ids: torch.LongTensor | None,
+        compress: bool | torch.Tensor | None,
+        kwargs: dict,
+    ) -> CREMCompressedContext:
+        """
+        `generate(context=...)`'s context: `context` (of batch 1 or the questions') followed by the follow-up turns
+        `input_ids` `(num_questions, length)`; their inputs are taken out of `kwargs`.
+        """
+        flags = self._compress_flags(compress, input_ids.shape[0] if input_ids is not None else 0)
+        if flags is not None and not bool(flags.all()):
+            raise ValueError("generate(context=...) answers from a compressed context: leave compress unset (or True).")
         if input_ids is None or input_ids.ndim != 2:
             raise ValueError("generate(context=...) needs the follow-up turns as input_ids (num_questions, length).")
-        if context.cache.get_seq_length() != context.input_ids.shape[1]:
-            raise ValueError("The context must be fully prefilled: build it with model.compress(**inputs).")
         rows, contexts = input_ids.shape[0], context.input_ids.shape[0]
         if contexts not in (1, rows):
             raise ValueError(f"A context of batch {contexts} cannot answer {rows} questions (give 1 or {rows}).")
-        attention_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError("Follow-up turns must be left padded (every row ends with a real token).")
-        if kwargs.get("num_beams", 1) > 1 or kwargs.get("num_return_sequences", 1) > 1:
+        if self._rows_per_prompt(kwargs) > 1:
             raise ValueError("generate(context=...) supports greedy and sampling with one sequence per question.")
         if kwargs.pop("pixel_values", None) is not None:
             raise ValueError("Follow-up turns hold no images: the image lives in the context.")
-        kwargs.pop("image_grid_thw", None)
-        kwargs.pop("mm_token_type_ids", None)
-        expand = rows // contexts
-        # The cache is read, never written: generate() gets a copy per call, so the context serves many calls.
-        cache = _filled(
-            DynamicCache(config=self.config),
-            [
-                (layer.keys.repeat_interleave(expand, dim=0), layer.values.repeat_interleave(expand, dim=0))
-                for layer in context.cache.layers
-            ],
-        )
-        ctx_ids = context.input_ids.repeat_interleave(expand, dim=0)
-        ctx_mask = context.attention_mask.repeat_interleave(expand, dim=0)
-        ctx_positions = context.position_ids.repeat_interleave(expand, dim=1)
-        # Follow-up tokens continue after the context's last position; their padding sits between the two.
-        next_position = ctx_positions[..., -1:] + 1
-        offsets = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        positions = torch.cat([ctx_positions, next_position + offsets[None]], dim=2)
-        full_mask = torch.cat([ctx_mask, attention_mask.long()], dim=1)
-        # generate() runs the last chunk of the follow-up (all of a short question) in its own first forward, so the
-        # first new token costs one pass; any earlier chunks of a long question run here (linear memory).
-        cached = ctx_ids.shape[1]
-        head = input_ids.shape[1] - min(input_ids.shape[1], self.prefill_chunk_size or input_ids.shape[1])
-        self._compression().prefill(
-            cache,
-            self.get_input_embeddings()(input_ids[:, :head]),
-            full_mask[:, : cached + head],
-            positions[..., cached : cached + head],
-            self.prefill_chunk_size,
-        )
-        full_ids = torch.cat([ctx_ids, input_ids], dim=1)
-        outputs = super().generate(
-            input_ids=full_ids, attention_mask=full_mask, position_ids=positions, cache=cache, **kwargs
-        )
+        for key in ("input_ids", "image_grid_thw", "mm_token_type_ids"):
+            kwargs.pop(key, None)
+        return context.expand(rows // contexts).continued(input_ids, kwargs.pop("attention_mask", None))
+
+    def _generation_setting(self, kwargs: dict, name: str) -> Any:
+        """`name` as `generate` resolves it for this call: the keyword, else the given config's, else the model's."""
+        given = kwargs.get("generation_config")
+        values = (kwargs.get(name), getattr(given, name, None), getattr(self.generation_config, name, None))
+        return next((value for value in values if value is not None), None)
+
+    def _rows_per_prompt(self, kwargs: dict) -> int:
+        """How many rows `generate` makes of each prompt row: one per beam or per returned sequence."""
+        return max(self._generation_setting(kwargs, name) or 1 for name in ("num_beams", "num_return_sequences"))
+
+    @staticmethod
+    def _with_prompt(outputs: torch.LongTensor | GenerateOutput, prompt: torch.LongTensor, seen: int):
+        """
+        `generate`'s outputs over `seen` given slots, with the caller's `prompt` `(batch_size, length)` in their place
+        (each row once per returned sequence) in front of the new tokens.
+        """
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
-        answers = torch.cat([input_ids, sequences[:, full_ids.shape[1] :]], dim=1)
+        prompt = prompt.repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
+        sequences = torch.cat([prompt, sequences[:, seen:]], dim=1)
         if isinstance(outputs, torch.Tensor):
-            return answers
-        outputs.sequences = answers
+            return sequences
+        outputs.sequences = sequences
         return outputs
 
 

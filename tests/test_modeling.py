@@ -7,6 +7,7 @@ import backbones
 import pytest
 import torch
 from helpers import dense_compression_mask, dense_oracle_states, plain_twin, random_image
+from transformers import GenerationConfig
 
 NEW_TOKENS = 6
 
@@ -342,3 +343,71 @@ def test_compress_once_answer_many_equals_compressed_generation(model, processor
     two_contexts = model.compress(**processor.process_embedding_inputs(images=images))
     with pytest.raises(ValueError, match="context of batch 2"):
         model.generate(context=two_contexts, input_ids=followups["input_ids"][:1].repeat(3, 1), max_new_tokens=2)
+
+
+def test_a_context_continues_and_expands_as_the_compressed_prompts_would(model, processor, images):
+    """
+    The oracle is `compress` of the prompts themselves: `continued(followup)` holds the generation prompt's kept slots
+    at their positions, and the follow-up run over its cache gives that prompt's keys and values, leaving the context
+    as it was; `expand(n)` is the context of each prompt repeated `n` times in a row.
+    """
+    question = "Which digit is shown?"
+    context = model.compress(**processor.process_embedding_inputs(images=images[1:]))
+    followup = processor.process_followups(questions=[question])
+    continued = context.continued(followup["input_ids"], followup["attention_mask"])
+    oracle = model.compress(**processor.process_generation_inputs(questions=[question], images=images[1:]))
+    for field in ("input_ids", "attention_mask", "position_ids"):
+        assert torch.equal(getattr(continued, field), getattr(oracle, field)), field
+    seen = context.input_ids.shape[1]
+    assert continued.cache.get_seq_length() == seen, "the follow-up is generate's to run"
+    with torch.no_grad():
+        model(
+            input_ids=followup["input_ids"],
+            attention_mask=continued.attention_mask,
+            position_ids=continued.position_ids[..., seen:],
+            cache=continued.cache,
+        )
+    for ours, theirs in zip(continued.cache.layers, oracle.cache.layers, strict=True):
+        assert (ours.keys - theirs.keys).abs().max() <= 1e-5 and (ours.values - theirs.values).abs().max() <= 1e-5
+    assert context.cache.get_seq_length() == seen, "the context is left as it was"
+
+    texts = ["a cat", None]
+    expanded = model.compress(**processor.process_embedding_inputs(images=images, texts=texts), return_embeddings=True)
+    expanded = expanded.expand(3)
+    repeated = [item for item in zip(images, texts, strict=True) for _ in range(3)]
+    oracle = model.compress(
+        **processor.process_embedding_inputs(images=[i for i, _ in repeated], texts=[t for _, t in repeated]),
+        return_embeddings=True,
+    )
+    for field in ("input_ids", "attention_mask", "position_ids"):
+        assert torch.equal(getattr(expanded, field), getattr(oracle, field)), field
+    assert (expanded.embeddings - oracle.embeddings).abs().max() <= 1e-5
+    for ours, theirs in zip(expanded.cache.layers, oracle.cache.layers, strict=True):
+        assert (ours.keys - theirs.keys).abs().max() <= 1e-5 and (ours.values - theirs.values).abs().max() <= 1e-5
+    unfinished = model.compress(
+        **processor.process_generation_inputs(questions=[question], images=images[1:]), prefill_last=False
+    )
+    with pytest.raises(ValueError, match="fully prefilled"):
+        unfinished.continued(followup["input_ids"])
+    with pytest.raises(ValueError, match=r"batch 6 continues with follow-up ids \(6, length\)"):
+        expanded.continued(followup["input_ids"])
+
+
+def test_max_length_counts_the_prompt_passed_in_every_mode(model, processor, images, generation_batch):
+    """`max_length` counts the caller's prompt (compress=True) or the follow-up turns (context=), as natively."""
+    greedy = {"do_sample": False}
+    prompt = generation_batch["input_ids"].shape[1]
+    by_count = model.generate(**generation_batch, compress=True, max_new_tokens=3, **greedy)
+    assert by_count.shape[1] == prompt + 3
+    assert torch.equal(model.generate(**generation_batch, compress=True, max_length=prompt + 3, **greedy), by_count)
+    config = GenerationConfig(max_length=prompt + 3, do_sample=False)
+    rest = {key: value for key, value in generation_batch.items() if key != "input_ids"}
+    assert torch.equal(model.generate(generation_batch["input_ids"], config, **rest, compress=True), by_count)
+    context = model.compress(**processor.process_embedding_inputs(images=images[1:]))
+    followups = processor.process_followups(questions=["What is in the image?", "Which digit is shown?"])
+    length = followups["input_ids"].shape[1]
+    by_count = model.generate(context=context, **followups, max_new_tokens=3, **greedy)
+    assert by_count.shape[1] == length + 3
+    assert torch.equal(model.generate(context=context, **followups, max_length=length + 3, **greedy), by_count)
+    with pytest.raises(ValueError, match=f"max_length={prompt} leaves no room"):
+        model.generate(**generation_batch, compress=True, max_length=prompt)
