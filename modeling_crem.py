@@ -1608,7 +1608,7 @@ class CREMMixin:
         * `context=` (from [`compress`]): answer follow-up turns from a compressed context, greedy or sampling with
           one sequence per question; the result holds the follow-up turns and the answers. `compress` is then unset
           or `True`; a row flagged `False` is refused.
-        * In both, `max_length` counts the prompt passed (the caller's prompt, or the follow-up turns), as natively,
+        * In both, `max_length` and `min_length` count the prompt passed (the caller's prompt, or the follow-up turns), as natively,
           not the kept slots `generate` runs over; the slots the context's cache lacks (the prompt's last token, or
           the follow-up turns) run in `generate`'s first step, in chunks of `prefill_chunk_size`.
         * `compress` is `None`, a `bool` or a bool tensor of shape `(batch_size,)`; anything else (a string, an int,
@@ -1650,6 +1650,9 @@ class CREMMixin:
                     "tokens: raise it or set max_new_tokens."
                 )
             kwargs["max_length"] = max_length + seen - prompt.shape[1]  # generate counts the slots it is given
+        min_length = self._generation_setting(kwargs, "min_length")
+        if min_length and self._generation_setting(kwargs, "min_new_tokens") is None:
+            kwargs["min_length"] = max(0, min_length + seen - prompt.shape[1])
         if self._generation_setting(kwargs, "prefill_chunk_size") is None:
             kwargs["prefill_chunk_size"] = self.prefill_chunk_size
         outputs = super().generate(

@@ -411,3 +411,19 @@ def test_max_length_counts_the_prompt_passed_in_every_mode(model, processor, ima
     assert torch.equal(model.generate(context=context, **followups, max_length=length + 3, **greedy), by_count)
     with pytest.raises(ValueError, match=f"max_length={prompt} leaves no room"):
         model.generate(**generation_batch, compress=True, max_length=prompt)
+
+
+def test_min_length_counts_the_prompt_passed_with_compression(model, generation_batch):
+    """`min_length` counts the caller's prompt as `max_length` does, so it equals `min_new_tokens` of the rest."""
+    greedy = {"do_sample": False, "max_new_tokens": 8}
+    prompt = generation_batch["input_ids"].shape[1]
+    free = model.generate(**generation_batch, compress=True, **greedy)[0, prompt:].tolist()
+    # An end token the first row first reaches at step 3 or later: with 3 new tokens at least, it stops right there.
+    step = next((i for i in range(3, len(free)) if free[i] not in free[:i]), None)
+    assert step is not None, f"the first row's answer {free} repeats itself: no end token to test with"
+    ended = model.generate(**generation_batch, compress=True, eos_token_id=free[step], min_new_tokens=3, **greedy)
+    assert ended[0, prompt : prompt + step + 1].tolist() == free[: step + 1]
+    by_length = model.generate(
+        **generation_batch, compress=True, eos_token_id=free[step], min_length=prompt + 3, **greedy
+    )
+    assert torch.equal(by_length, ended)
