@@ -1608,9 +1608,10 @@ class CREMMixin:
         * `context=` (from [`compress`]): answer follow-up turns from a compressed context, greedy or sampling with
           one sequence per question; the result holds the follow-up turns and the answers. `compress` is then unset
           or `True`; a row flagged `False` is refused.
-        * In both, `max_length` and `min_length` count the prompt passed (the caller's prompt, or the follow-up turns), as natively,
-          not the kept slots `generate` runs over; the slots the context's cache lacks (the prompt's last token, or
-          the follow-up turns) run in `generate`'s first step, in chunks of `prefill_chunk_size`.
+        * In both, `max_length` and `min_length` count the prompt passed (the caller's prompt, or the follow-up
+          turns), as natively, not the kept slots `generate` runs over; the slots the context's cache lacks (the
+          prompt's last token, or the follow-up turns) run in `generate`'s first step, in chunks of
+          `prefill_chunk_size`.
         * `compress` is `None`, a `bool` or a bool tensor of shape `(batch_size,)`; anything else (a string, an int,
           another shape or dtype) raises a TypeError/ValueError.
 
