@@ -25,18 +25,46 @@ def random_image(height: int, width: int, seed: int) -> Image.Image:
 
 
 def outputs_of(model, processor) -> dict[str, list]:
-    """Embeddings, native and compressed greedy generations of a fixed two-row batch (as plain lists)."""
+    """
+    Embeddings, and native and compressed greedy generations of a fixed two-row batch with the logits of each step
+    (`native_logits`, `compressed_logits`: `(2, 5, vocab)`), as plain lists. The logits tell two models apart where
+    their greedy tokens agree.
+    """
     images = [random_image(56, 84, 1), random_image(112, 112, 2)]
     embedding_inputs = processor.process_embedding_inputs(images=images, texts=["a cat", None])
     generation_inputs = processor.process_generation_inputs(questions=["What is it?", "Which one?"], images=images)
+    outputs = {}
     with torch.no_grad():
-        return {
-            "embeddings": model.get_embedding(**embedding_inputs).tolist(),
-            "native": model.generate(**generation_inputs, max_new_tokens=5, do_sample=False).tolist(),
-            "compressed": model.generate(
-                **generation_inputs, compress=True, max_new_tokens=5, do_sample=False
-            ).tolist(),
-        }
+        outputs["embeddings"] = model.get_embedding(**embedding_inputs).tolist()
+        for name, compress in (("native", False), ("compressed", True)):
+            out = model.generate(
+                **generation_inputs,
+                compress=compress,
+                max_new_tokens=5,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            outputs[name] = out.sequences.tolist()
+            outputs[f"{name}_logits"] = torch.stack(out.logits, 1).tolist()
+    return outputs
+
+
+def assert_outputs_match(ours: dict, theirs: dict, embeddings_atol: float = 0.0, logits_atol: float = 0.0) -> None:
+    """
+    Two `outputs_of` results agree: the same greedy tokens, and embeddings and logits within the tolerances (0:
+    equal). Another process (its own thread count) may sum in another order: its logits differ in the last bits.
+    """
+    assert ours.keys() == theirs.keys()
+    for key in ("native", "compressed"):
+        assert ours[key] == theirs[key], key
+    for key, atol in (
+        ("embeddings", embeddings_atol),
+        ("native_logits", logits_atol),
+        ("compressed_logits", logits_atol),
+    ):
+        difference = float((torch.tensor(ours[key]) - torch.tensor(theirs[key])).abs().max())
+        assert difference <= atol, (key, difference)
 
 
 COLOURS = {

@@ -62,9 +62,9 @@ def saved_model(backbone_model, tmp_path_factory):
 @pytest.fixture
 def qa_file(tmp_path):
     rows = []
-    for i, colour in enumerate(("red", "blue")):
+    for i, (colour, question) in enumerate((("red", "Colour?"), ("blue", "Which colour is the square?"))):
         colour_image(colour, i).save(tmp_path / f"{colour}.png")
-        rows.append({"image": f"{colour}.png", "question": "Colour?", "answer": colour})
+        rows.append({"image": f"{colour}.png", "question": question, "answer": colour})
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
@@ -73,11 +73,11 @@ def qa_file(tmp_path):
 @pytest.mark.parametrize("backbone_model", list(BACKBONES), indirect=True)
 def test_crem_eval_exits_0_with_its_results_on_stdout(backbone_model, saved_model, qa_file, tmp_path):
     """On a saved folder of each backbone: the command's answers (a batch of two, the model loaded from the folder)
-    are the in-memory model's, answered one row at a time."""
+    are the in-memory model's, answered one row at a time; the two rows' answers differ, so the comparison can fail."""
     output = tmp_path / "res" / "qa.json"
     done = command(
         "crem-eval", "generation", "--model", saved_model, "--data", qa_file, "--image-root", str(tmp_path),
-        "--output", str(output), "--device", "cpu", "--max-new-tokens", "2", "--compress",
+        "--output", str(output), "--device", "cpu", "--max-new-tokens", "4", "--compress",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
@@ -87,8 +87,9 @@ def test_crem_eval_exits_0_with_its_results_on_stdout(backbone_model, saved_mode
     assert written["num_rows"] == 2
     model, processor = backbone_model
     rows = load_caption_rows(qa_file, ("question", "answer"), str(tmp_path))
-    alone = evaluate_generation(model.eval(), processor, rows, compress=True, batch_size=1, max_new_tokens=2)
-    assert written["predictions"] == alone["predictions"] and any(alone["predictions"])
+    alone = evaluate_generation(model.eval(), processor, rows, compress=True, batch_size=1, max_new_tokens=4)
+    assert written["predictions"] == alone["predictions"]
+    assert len(set(alone["predictions"])) == 2, alone["predictions"]
 
 
 def test_crem_eval_checks_its_output_before_loading_the_model(tmp_path, saved_model, qa_file, capsys):

@@ -149,11 +149,14 @@ def test_compressed_answer_depends_on_the_input_only_through_the_chorus(model, p
 def test_native_generation_is_the_plain_backbone(model, generation_batch, do_sample):
     plain = plain_twin(model)
     chorus = model.config.chorus_token_ids
+    options = {"max_new_tokens": 8, "do_sample": do_sample, "output_logits": True, "return_dict_in_generate": True}
     torch.manual_seed(3)
-    ours = model.generate(**generation_batch, max_new_tokens=8, do_sample=do_sample)
+    ours = model.generate(**generation_batch, **options)
     torch.manual_seed(3)
-    theirs = plain.generate(**generation_batch, max_new_tokens=8, do_sample=do_sample, suppress_tokens=chorus)
-    assert torch.equal(ours, theirs)
+    theirs = plain.generate(**generation_batch, **options, suppress_tokens=chorus)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits, strict=True))
+    ours = ours.sequences
     torch.manual_seed(3)
     unsuppressed = plain.generate(**generation_batch, max_new_tokens=8, do_sample=do_sample)
     new = ours[:, generation_batch["input_ids"].shape[1] :]
@@ -332,12 +335,16 @@ def test_compress_once_answer_many_equals_compressed_generation(model, processor
     context = model.compress(**processor.process_embedding_inputs(images=images[1:]))
     assert context.cache.get_seq_length() == context.input_ids.shape[1]
     followups = processor.process_followups(questions=questions)
-    answers = model.generate(context=context, **followups, max_new_tokens=6, do_sample=False)
+    options = {"max_new_tokens": 6, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    out = model.generate(context=context, **followups, **options)
+    answers, logits = out.sequences, torch.stack(out.logits, 1)
     assert torch.equal(answers[:, : followups["input_ids"].shape[1]], followups["input_ids"])
     for row, question in enumerate(questions):
         batch = processor.process_generation_inputs(questions=[question], images=images[1:])
-        full = model.generate(**batch, compress=True, max_new_tokens=6, do_sample=False)
-        assert torch.equal(answers[row, followups["input_ids"].shape[1] :], full[0, batch["input_ids"].shape[1] :])
+        full = model.generate(**batch, compress=True, **options)
+        new_tokens = full.sequences[0, batch["input_ids"].shape[1] :]
+        assert torch.equal(answers[row, followups["input_ids"].shape[1] :], new_tokens)
+        assert (logits[row] - torch.stack(full.logits, 1)[0]).abs().max() < 1e-4
     again = model.generate(context=context, **followups, max_new_tokens=6, do_sample=False)
     assert torch.equal(again, answers), "the context is reusable"
     two_contexts = model.compress(**processor.process_embedding_inputs(images=images))

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import colour_image, mixed_batch, outputs_of, randomize_lora_b, write_colour_data
+from helpers import assert_outputs_match, colour_image, mixed_batch, outputs_of, randomize_lora_b, write_colour_data
 from safetensors import safe_open
 
 from crem_hf.io import current_umask
@@ -267,7 +267,7 @@ def test_train_lora_example_end_to_end(tmp_path, backbone, processes):
         handle.write(json.dumps({"qry": "<|image_1|> q", "qry_image_path": "missing.png", "pos_text": "red"}) + "\n")
     base = tmp_path / f"{backbone}-tiny"
     processor = make_tiny_qwen2vl_processor(backbone=backbone)
-    make_tiny_qwen2vl(processor.tokenizer, seed=0, backbone=backbone).save_pretrained(base)
+    make_tiny_qwen2vl(processor.tokenizer, seed=0, backbone=backbone, varied_answers=True).save_pretrained(base)
     processor.save_pretrained(base)
     out = tmp_path / "out"
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", "2"] if processes > 1 else [])
@@ -319,7 +319,4 @@ def test_train_lora_example_end_to_end(tmp_path, backbone, processes):
     assert remote.returncode == 0, remote.stderr[-4000:]
     loaded = json.loads(remote.stdout.strip().splitlines()[-1])
     assert loaded["class"] == BACKBONES[backbone][2].__name__ == type(model).__name__
-    torch.testing.assert_close(
-        torch.tensor(loaded["embeddings"]), torch.tensor(reference["embeddings"]), atol=1e-5, rtol=0
-    )
-    assert loaded["native"] == reference["native"] and loaded["compressed"] == reference["compressed"]
+    assert_outputs_match({k: v for k, v in loaded.items() if k != "class"}, reference, 1e-5, 1e-4)

@@ -42,6 +42,7 @@ __all__ = [
     "QWEN2VL_CHAT_TEMPLATE",
     "QWEN3VL_CHAT_TEMPLATE",
     "QWEN2VL_SPECIAL_TOKENS",
+    "TIED_HEAD_INITIALIZER_RANGE",
     "Qwen2VLImageOnlyProcessor",
     "backbone_files",
     "load_backbone_processor",
@@ -486,30 +487,73 @@ def tiny_backbone_config(backbone: str, tokenizer: Qwen2Tokenizer, **config_kwar
     return BACKBONES[backbone][0](tokenizer, **config_kwargs)
 
 
+#: The initializer range of the tiny models whose output head is their input embedding (Qwen2.5-VL and Qwen3-VL,
+#: as published) when built for varied answers. At the published 0.02 and tiny width, the residual stream is mostly
+#: the last token's own embedding, which the tied head then scores highest: every greedy answer repeats the prompt's
+#: last token ("\n") whatever the image or question, and tests comparing answers compare constants. At 0.2 the layers'
+#: updates outweigh that embedding and the answers follow the input (measured on seeds 0, 1 and 5 of both backbones;
+#: 0.05 and 0.1 still left some seeds with one answer for every input).
+TIED_HEAD_INITIALIZER_RANGE = 0.2
+
+
 def make_tiny_qwen2vl(
-    tokenizer: Qwen2Tokenizer | None = None, seed: int = 0, backbone: str = "qwen2_vl", **config_kwargs
+    tokenizer: Qwen2Tokenizer | None = None,
+    seed: int = 0,
+    backbone: str = "qwen2_vl",
+    varied_answers: bool = False,
+    **config_kwargs,
 ) -> Qwen2VLForConditionalGeneration:
-    """A randomly initialised tiny plain model of `backbone` (Qwen2-VL by default; eval mode), reproducible."""
+    """
+    A randomly initialised tiny plain model of `backbone` (Qwen2-VL by default; eval mode), reproducible.
+
+    Args:
+        varied_answers: when the backbone's config ties the output head to the input embeddings (Qwen2.5-VL,
+            Qwen3-VL), initialise the weights at `TIED_HEAD_INITIALIZER_RANGE` (the config keeps the published range),
+            so that greedy answers depend on the input; no effect on an untied config (the tiny Qwen2-VL). Off by
+            default: the main job trains its stage-1 model from the published initialisation.
+    """
     tokenizer = tokenizer if tokenizer is not None else make_tiny_tokenizer()
     config = tiny_backbone_config(backbone, tokenizer, **config_kwargs)
+    # The sub-configs whose `initializer_range` the model's own `_init_weights` reads (the composite one has none).
+    parts = [config.get_text_config(), config.vision_config]
+    published = [part.initializer_range for part in parts]
+    if varied_answers and config.tie_word_embeddings:
+        for part in parts:
+            part.initializer_range = TIED_HEAD_INITIALIZER_RANGE
     torch.manual_seed(seed)
-    model = BACKBONES[backbone][1](config).eval()
+    try:
+        model = BACKBONES[backbone][1](config).eval()
+    finally:
+        for part, value in zip(parts, published, strict=True):
+            part.initializer_range = value
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
 def make_tiny_crem(
-    processor: CREMProcessor | None = None, seed: int = 0, backbone: str = "qwen2_vl", **config_kwargs
+    processor: CREMProcessor | None = None,
+    seed: int = 0,
+    backbone: str = "qwen2_vl",
+    varied_answers: bool = True,
+    **config_kwargs,
 ) -> CREMMixin:
     """
     A tiny CREM model: a tiny plain model of `backbone` (Qwen2-VL by default) for the processor's base vocabulary
     (chorus rows are added by resizing, as for a real checkpoint without spare rows), converted with its CREM
-    class's `from_backbone` (`from_qwen2vl` for Qwen2-VL).
+    class's `from_backbone` (`from_qwen2vl` for Qwen2-VL). `varied_answers` (on by default: tests compare answers)
+    as in `make_tiny_qwen2vl`: the tied-head backbones are initialised so that greedy answers depend on the input.
     """
     processor = processor if processor is not None else make_tiny_processor(backbone=backbone)
     base_vocab = min(processor.chorus_token_ids)
-    base = make_tiny_qwen2vl(processor.tokenizer, seed=seed, backbone=backbone, vocab_size=base_vocab, **config_kwargs)
+    base = make_tiny_qwen2vl(
+        processor.tokenizer,
+        seed=seed,
+        backbone=backbone,
+        varied_answers=varied_answers,
+        vocab_size=base_vocab,
+        **config_kwargs,
+    )
     return BACKBONES[backbone][2].from_backbone(base, processor)
 
 
