@@ -76,6 +76,10 @@ LEGACY_BACKBONE = "crem"
 ANN_MIN_ROWS = 100_000
 #: Candidates per hit that an approximate search re-scores exactly.
 REFINE_FACTOR = 10
+#: LanceDB's own probe count (its `nprobes` default): the fewest partitions a search probes by default.
+LANCEDB_NPROBES = 20
+#: Share of the approximate index's partitions a search probes by default (see `default_nprobes`).
+PROBE_FRACTION = 0.1
 #: Config keys that say where or how a model was saved, not what it computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "auto_map")
 #: Elements of each parameter the weights fingerprint reads (an evenly strided sample: cheap even at 7B).
@@ -134,6 +138,32 @@ class IndexReport:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _check_positive(name: str, value: object) -> None:
+    """A `ValueError` naming `name` unless `value` is a positive integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def ann_partitions(rows: int) -> int:
+    """
+    Partitions that `build_ann_index` asks for over `rows` rows by default: sqrt(rows). (LanceDB trains fewer for an
+    IVF-PQ index below 65,536 rows: at most one per 256 rows.)
+    """
+    return max(1, math.isqrt(rows))
+
+
+def default_nprobes(partitions: int) -> int:
+    """
+    Partitions a search probes by default in an approximate index of `partitions` partitions: `PROBE_FRACTION` of
+    them, and never fewer than LanceDB's own default (`LANCEDB_NPROBES`, which probes every partition of a small
+    index). A share rather than LanceDB's fixed count: with sqrt(rows) partitions, a fixed count probes an ever
+    smaller share of the table as it grows (20 of 1,000 partitions at 10^6 rows, 2 %) and misses the partition of
+    the item sought more and more often; a fixed share keeps recall level while the codes scanned grow as
+    sqrt(rows) (measured in `benchmarks/memory_scale.py`). More probes than partitions probe them all.
+    """
+    return max(LANCEDB_NPROBES, math.ceil(PROBE_FRACTION * partitions))
 
 
 def model_fingerprint(model) -> dict[str, Any]:
@@ -814,14 +844,14 @@ class CREMMemory:
         """
         Build the approximate index of the memory's search column (see `search_formats.py`): IVF-PQ (cosine) for
         `float32`, IVF-SQ (cosine, 8-bit codes) for `int8`, IVF_FLAT (hamming, on the packed sign bits) for
-        `binary`; searches then use it. Its recall against the exact scan is measured in `benchmarks/memory.py` and
-        `benchmarks/memory_scale.py`.
+        `binary`, with `num_partitions` partitions (default: `ann_partitions(rows)`, sqrt(rows)); searches then use
+        it. Its recall against the exact scan is measured in `benchmarks/memory.py` and `benchmarks/memory_scale.py`.
         """
         rows = len(self)
         if rows < 256:
             raise ValueError(f"An approximate index needs at least 256 rows; the memory holds {rows}.")
         layout = self.search_layout
-        options: dict[str, Any] = {"num_partitions": num_partitions or max(1, int(math.sqrt(rows)))}
+        options: dict[str, Any] = {"num_partitions": num_partitions or ann_partitions(rows)}
         if layout.format == "float32":
             d = layout.dim
             options["num_sub_vectors"] = next(s for s in (d // 16, d // 8, d // 4, 1) if s and d % s == 0)
@@ -832,6 +862,16 @@ class CREMMemory:
         self.refresh_id_index()
 
     # -------------------------------------------------------------------------------------------- reading
+
+    def default_nprobes(self) -> int | None:
+        """
+        The partitions a search probes when it is given no `nprobes`: [`default_nprobes`] of the partitions that
+        `build_ann_index` makes by default over the rows the search column's index covers (an index built with
+        another `num_partitions` is best searched with an explicit `nprobes`). `None` without an approximate index
+        (searches scan the column).
+        """
+        indexed = [index for index in self.items.list_indices() if self.search_layout.column in index.columns]
+        return default_nprobes(ann_partitions(indexed[0].num_indexed_rows)) if indexed else None
 
     def info(self) -> dict[str, Any]:
         """The memory's size on storage, its rows, its shared prefix and the model that wrote it."""
@@ -879,11 +919,12 @@ class CREMMemory:
         *,
         k: int = 5,
         instruction: str | None = None,
+        nprobes: int | None = None,
         rescore_factor: int = REFINE_FACTOR,
     ) -> list[MemoryHit]:
-        """The `k` stored items closest (cosine) to a text and/or image query, best first."""
+        """The `k` stored items closest (cosine) to a text and/or image query, best first (see [`search_vector`])."""
         return self.search_many(
-            texts=[text], images=[image], k=k, instruction=instruction, rescore_factor=rescore_factor
+            texts=[text], images=[image], k=k, instruction=instruction, nprobes=nprobes, rescore_factor=rescore_factor
         )[0]
 
     def search_many(
@@ -894,13 +935,15 @@ class CREMMemory:
         k: int = 5,
         instruction: str | None = None,
         exact: bool = False,
+        nprobes: int | None = None,
         rescore_factor: int = REFINE_FACTOR,
     ) -> list[list[MemoryHit]]:
         """
         Search for several queries (see [`embed_queries`]); one list of `k` hits per query (see [`search_vector`]).
         """
         vectors = self.embed_queries(texts, images, instruction)
-        return [self.search_vector(vector, k=k, exact=exact, rescore_factor=rescore_factor) for vector in vectors]
+        options = {"k": k, "exact": exact, "nprobes": nprobes, "rescore_factor": rescore_factor}
+        return [self.search_vector(vector, **options) for vector in vectors]
 
     def search_vector(
         self,
@@ -908,6 +951,7 @@ class CREMMemory:
         *,
         k: int = 5,
         exact: bool = False,
+        nprobes: int | None = None,
         rescore_factor: int = REFINE_FACTOR,
     ) -> list[MemoryHit]:
         """
@@ -915,28 +959,35 @@ class CREMMemory:
         the exact cosine of the query and the item, both truncated to the search dim and renormalised.
 
         The candidates come from the search column (see `search_formats.py`): through its approximate index if it
-        has one (`build_ann_index`) and `exact` is False, else by a scan of it. `float32` / `int8`: the best
-        `rescore_factor * k` candidates of an indexed search are re-scored exactly on the float32 column (a scan is
-        exact already). `binary`: the best `rescore_factor * k` by Hamming distance are re-scored exactly from the
-        stored float32 vectors; with `exact`, every row is (a full scan of the vectors: the exact ranking).
+        has one (`build_ann_index`) and `exact` is False, else by a scan of it. The index is searched in the
+        `nprobes` partitions nearest the query (default: [`default_nprobes`], a share of the partitions; more probes
+        find more of the true neighbours, slower; at least the index's partition count probes them all). `float32` /
+        `int8`: the best `rescore_factor * k` candidates of an indexed search are re-scored exactly on the float32
+        column (a scan is exact already). `binary`: the best `rescore_factor * k` by Hamming distance are re-scored
+        exactly from the stored float32 vectors; with `exact`, every row is (a full scan of the vectors: the exact
+        ranking). With every partition probed and `rescore_factor * k` at least the rows, an indexed search returns
+        the exact top `k`. `nprobes` has no effect on a scan.
 
         Raises:
-            ValueError: the memory is empty, `k` or `rescore_factor` is not a positive integer, `k` exceeds the
-                memory, or a candidate's search vector is not what the memory's format makes of its stored vector
-                (a row written with another format or dim: it is named).
+            ValueError: the memory is empty, `k`, `nprobes` or `rescore_factor` is not a positive integer, `k`
+                exceeds the memory, or a candidate's search vector is not what the memory's format makes of its
+                stored vector (a row written with another format or dim: it is named).
         """
         rows = len(self)
         if rows == 0:
             raise ValueError(f"{self.uri} is empty: index items before searching.")
-        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
-            raise ValueError(f"k must be a positive integer, got {k!r}.")
+        _check_positive("k", k)
         if k > rows:
             raise ValueError(f"k={k} is larger than the memory ({rows} items).")
-        if not isinstance(rescore_factor, int) or isinstance(rescore_factor, bool) or rescore_factor <= 0:
-            raise ValueError(f"rescore_factor must be a positive integer, got {rescore_factor!r}.")
+        if nprobes is not None:
+            _check_positive("nprobes", nprobes)
+        _check_positive("rescore_factor", rescore_factor)
         layout = self.search_layout
         full = torch.as_tensor(vector, dtype=torch.float32).cpu().numpy()
         query = self.items.search(layout.query(full), vector_column_name=layout.column).distance_type(layout.metric)
+        probes = None if exact else nprobes or self.default_nprobes()
+        if probes is not None:  # with an approximate index (LanceDB ignores it on a scan)
+            query = query.nprobes(probes)
         columns = ["id", "source", "text", "metadata"]
         checked = layout.column == SEARCH_COLUMN  # rows whose search vector is derived from `vector`: checked
         if layout.format == "binary":
