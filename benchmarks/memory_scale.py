@@ -42,6 +42,7 @@ from memory import build_published, disk_bytes
 
 from crem_hf.io import write_json_atomically, write_text_atomically
 from crem_hf.memory import CREMMemory
+from crem_hf.memory.rows import CONTEXT_COLUMNS, rows_table
 from crem_hf.memory.search_formats import SearchLayout, truncate
 from crem_hf.memory.store import LANCEDB_NPROBES, PROBE_FRACTION, ann_partitions
 from crem_hf.testing import make_tiny_crem, make_tiny_processor
@@ -86,7 +87,7 @@ def chunk_table(
         "text": pa.nulls(count, pa.string()),
         "metadata": pa.array(["{}"] * count, pa.string()),
     }
-    return pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema)
+    return rows_table(columns, schema)
 
 
 class ExactTopK:
@@ -142,8 +143,7 @@ def quality(found: list[list[str]], expected: list[list[str]], planted: np.ndarr
 
 def lookup_query(memory: CREMMemory, item_id: str):
     """The read `CREMMemory.contexts` runs for one id."""
-    columns = ["id", "context", "context_sha256", "context_ids", "context_positions"]
-    return memory.items.search().where(f"id IN ('{item_id}')").select(columns).limit(1)
+    return memory.items.search().where(f"id IN ('{item_id}')").select(CONTEXT_COLUMNS).limit(1)
 
 
 def search_part(args) -> dict:
