@@ -56,7 +56,7 @@ from crem_hf.io import write_json_atomically, write_text_atomically
 from crem_hf.loading import load_crem
 from crem_hf.memory import CREMMemory
 from crem_hf.memory.quantize import CONTEXT_FORMATS, context_nbytes
-from crem_hf.memory.store import slots_bytes
+from crem_hf.memory.rows import slots_bytes
 from crem_hf.modeling_crem import CREMMixin
 from crem_hf.testing import BACKBONES
 

@@ -3,10 +3,11 @@
 Part `search` (no model forward): synthetic items written in chunks into a real `CREMMemory`'s items table (the
 memory is created by a tiny CREM model whose hidden size is 1536, the 2B's, so the table layout is the library's own).
 For each size it reports the disk size, search latency p50/p95 with the approximate index (IVF-PQ,
-`build_ann_index`) and with the exact scan, recall@10 of the index against an exact oracle (numpy, computed while the
-vectors are generated, independent of LanceDB), the planted neighbour found at rank 1, the point-lookup latency of
-one context by id (the query `CREMMemory.contexts` runs, served by the id index: its plan is checked), and the index
-build times.
+`build_ann_index`, searched with the default probe count) and with the exact scan, recall@10 of the index against an
+exact oracle (numpy, computed while the vectors are generated, independent of LanceDB), the planted neighbour found at
+rank 1, the point-lookup latency of one context by id (the query `CREMMemory.contexts` runs, served by the id index:
+its plan is checked), and the index build times; then the same search figures as a function of `nprobes` (the
+partitions of the index probed), up to all of them.
 
 Part `formats`: the search layouts of `search_formats.py` at each size, one memory per layout holding the same
 synthetic items: float32 at the full 1536 dims, float32 truncated to 256 (Matryoshka), int8 (IVF-SQ) and binary
@@ -18,7 +19,7 @@ Part `throughput`: answers per second from stored contexts (`CREMMemory.ask_many
 (`generate`, native and `compress=True`) at batch 1 / 8 / 32, on the benchmark model of benchmarks/memory.py (the
 Qwen2-VL-2B KV geometry, small MLP and vision tower on CPU).
 
-Not in CI. Run: python benchmarks/memory_scale.py --part search [--rows 10000 100000 1000000]
+Not in CI. Run: python benchmarks/memory_scale.py --part search [--rows 10000 100000 1000000] [--nprobes 5 10 ...]
               python benchmarks/memory_scale.py --part formats [--rows 10000 100000]
               python benchmarks/memory_scale.py --part throughput [--batches 1 8 32]
 """
@@ -37,11 +38,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 from common import arguments, image_with_tokens, machine, markdown_rows
-from memory import build_qwen2vl_2b, disk_bytes
+from memory import build_published, disk_bytes
 
 from crem_hf.io import write_json_atomically, write_text_atomically
 from crem_hf.memory import CREMMemory
+from crem_hf.memory.rows import CONTEXT_COLUMNS, rows_table
 from crem_hf.memory.search_formats import SearchLayout, truncate
+from crem_hf.memory.store import LANCEDB_NPROBES, PROBE_FRACTION, ann_partitions
 from crem_hf.testing import make_tiny_crem, make_tiny_processor
 
 DIM = 1536
@@ -84,7 +87,7 @@ def chunk_table(
         "text": pa.nulls(count, pa.string()),
         "metadata": pa.array(["{}"] * count, pa.string()),
     }
-    return pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema)
+    return rows_table(columns, schema)
 
 
 class ExactTopK:
@@ -108,14 +111,39 @@ class ExactTopK:
         return [[f"item-{row}" for row in rows] for rows in self.rows]
 
 
+def pq_partitions(rows: int) -> int:
+    """The partitions LanceDB trains for the IVF-PQ index `build_ann_index` asks for over `rows` rows: sqrt(rows),
+    but at most one per 256 rows (below 65,536 rows it trains fewer than asked, and says so)."""
+    return min(ann_partitions(rows), rows // 256)
+
+
 def percentiles(times: list[float]) -> tuple[float, float]:
     return 1000 * float(np.percentile(times, 50)), 1000 * float(np.percentile(times, 95))
 
 
+def timed_searches(memory: CREMMemory, queries: np.ndarray, **options) -> tuple[list[float], list[list[str]]]:
+    """Each query's `search_vector(k=10, **options)`: its time (s) and its hit ids, after one warm-up search."""
+    memory.search_vector(queries[0], k=10, **options)
+    times, found = [], []
+    for query in queries:
+        t = time.perf_counter()
+        hits = memory.search_vector(query, k=10, **options)
+        times.append(time.perf_counter() - t)
+        found.append([hit.id for hit in hits])
+    return times, found
+
+
+def quality(found: list[list[str]], expected: list[list[str]], planted: np.ndarray) -> tuple[float, float]:
+    """Mean recall@10 of `found` against the oracle's `expected`, and the share of queries whose planted item is
+    found at rank 1."""
+    recall = statistics.mean(len(set(a) & set(e)) / 10 for a, e in zip(found, expected, strict=True))
+    at_1 = statistics.mean(a[0] == f"item-{p}" for a, p in zip(found, planted, strict=True))
+    return recall, at_1
+
+
 def lookup_query(memory: CREMMemory, item_id: str):
     """The read `CREMMemory.contexts` runs for one id."""
-    columns = ["id", "context", "context_sha256", "context_ids", "context_positions"]
-    return memory.items.search().where(f"id IN ('{item_id}')").select(columns).limit(1)
+    return memory.items.search().where(f"id IN ('{item_id}')").select(CONTEXT_COLUMNS).limit(1)
 
 
 def search_part(args) -> dict:
@@ -133,7 +161,7 @@ def search_part(args) -> dict:
     queries = noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
     oracle = ExactTopK(queries, 10)
     lookups = [f"item-{i}" for i in rng.integers(0, CHUNK, args.lookups)]
-    rows, written, log = [], 0, []
+    rows, sweep, written, log = [], [], 0, []
     started = time.perf_counter()
     for size in sorted(args.rows):
         write_start = time.perf_counter()
@@ -157,13 +185,7 @@ def search_part(args) -> dict:
         table_bytes = disk_bytes(os.path.join(work, "memory", "items.lance"))
         index_bytes = disk_bytes(os.path.join(work, "memory", "items.lance", "_indices"))
 
-        memory.search_vector(queries[0], k=10)  # warm-up
-        ann_times, ann_ids = [], []
-        for query in queries:
-            t = time.perf_counter()
-            hits = memory.search_vector(query, k=10)
-            ann_times.append(time.perf_counter() - t)
-            ann_ids.append([hit.id for hit in hits])
+        ann_times, ann_ids = timed_searches(memory, queries)
         exact_times, exact_agree = [], []
         expected = oracle.ids()
         for q in range(args.exact_queries):
@@ -171,8 +193,7 @@ def search_part(args) -> dict:
             hits = memory.search_vector(queries[q], k=10, exact=True)
             exact_times.append(time.perf_counter() - t)
             exact_agree.append([hit.id for hit in hits] == expected[q])
-        recall = statistics.mean(len(set(a) & set(e)) / 10 for a, e in zip(ann_ids, expected, strict=True))
-        planted_at_1 = statistics.mean(a[0] == f"item-{p}" for a, p in zip(ann_ids, planted, strict=True))
+        recall, planted_at_1 = quality(ann_ids, expected, planted)
         oracle_at_1 = statistics.mean(e[0] == f"item-{p}" for e, p in zip(expected, planted, strict=True))
         lookup_query(memory, lookups[0]).to_arrow()  # warm-up
         lookup_times = []
@@ -189,6 +210,8 @@ def search_part(args) -> dict:
             "write (s)": write_s,
             "IVF-PQ build (s)": ann_s,
             "id index build (s)": id_index_s,
+            "partitions": pq_partitions(size),
+            "nprobes (default)": memory.default_nprobes(),
             "ANN search p50 (ms)": percentiles(ann_times)[0],
             "ANN search p95 (ms)": percentiles(ann_times)[1],
             "recall@10 vs exact": recall,
@@ -204,13 +227,31 @@ def search_part(args) -> dict:
         rows.append(row)
         log.append({"items": size, "lookup_plan": plan})
         print(json.dumps(row), flush=True)
-        write_results(args, rows, log, time.perf_counter() - started)
+        write_results(args, rows, sweep, log, time.perf_counter() - started)
+        partitions = pq_partitions(size)
+        for nprobes in sorted({n for n in args.nprobes if n < partitions} | {partitions}):
+            times, found = timed_searches(memory, queries, nprobes=nprobes)
+            recall, at_1 = quality(found, expected, planted)
+            point = {
+                "items": size,
+                "partitions": partitions,
+                "nprobes": nprobes,
+                "share of partitions": nprobes / partitions,
+                "default": nprobes == memory.default_nprobes(),
+                "ANN search p50 (ms)": percentiles(times)[0],
+                "ANN search p95 (ms)": percentiles(times)[1],
+                "recall@10 vs exact": recall,
+                "planted item at rank 1": at_1,
+            }
+            sweep.append(point)
+            print(f"[{time.perf_counter() - started:.0f}s] {json.dumps(point)}", flush=True)
+            write_results(args, rows, sweep, log, time.perf_counter() - started)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    return {"rows": rows}
+    return {"rows": rows, "nprobes": sweep}
 
 
-def write_results(args, rows: list[dict], log: list[dict], seconds: float) -> None:
+def write_results(args, rows: list[dict], sweep: list[dict], log: list[dict], seconds: float) -> None:
     """Rewrite the report after each size, so that a run stopped at 10^6 keeps the smaller sizes."""
     load = os.getloadavg()
     header = (
@@ -228,8 +269,11 @@ def write_results(args, rows: list[dict], log: list[dict], seconds: float) -> No
         "which reads the vector column (and its index) only; a point lookup reads one row's context. "
         f"Queries: {args.queries} planted near-duplicates of items of the first chunk (each query is its item plus "
         "Gaussian noise, cosine ~0.9 to it, ~0.1 at most to any other), so the right answer is known at every size. "
-        "ANN = `build_ann_index()` (IVF-PQ, cosine, sqrt(rows) partitions, 96 sub-vectors) and "
-        "`search_vector(k=10)` with LanceDB's default probes and the memory's re-scoring of 10x candidates; "
+        "ANN = `build_ann_index()` (IVF-PQ, cosine, 96 sub-vectors, sqrt(rows) partitions asked: LanceDB trains at "
+        "most one per 256 rows, so 39 at 10^4; `partitions` is what it trains) and "
+        f"`search_vector(k=10)` with the default probe count (`CREMMemory.default_nprobes`: {PROBE_FRACTION:.0%} of "
+        f"the partitions, at least LanceDB's {LANCEDB_NPROBES}) and the memory's re-scoring of 10x candidates "
+        "(exact cosines on the float32 column); "
         "recall@10 = overlap of its top 10 with the exact top 10 of a numpy oracle computed while the vectors "
         "were generated (the other 9 exact neighbours of a random unit vector in 1536 dims are nearly tied at "
         "cosine ~0.08, a worst case for any quantised index; the planted item's rank 1 is the meaningful part). "
@@ -239,10 +283,25 @@ def write_results(args, rows: list[dict], log: list[dict], seconds: float) -> No
         "(`ScalarIndexQuery ... id_idx`). Disk: the apparent size of every file of the items table's folder "
         "(data, indices, manifests; old index versions included)."
     )
+    sweep_note = (
+        "The same queries, index and oracle, searched with `search_vector(k=10, nprobes=N)` (re-scoring 10x "
+        "candidates as above) for each N up to every partition; `default`: the N that `search_vector` probes when "
+        "given none. Probing every partition ranks every row by its PQ code, so what is left approximate at the "
+        "last N is the PQ ranking of the 100 candidates that are re-scored."
+    )
     text = header + markdown_rows(rows) + "\n" + note + "\n"
+    if sweep:
+        text += "\n#### ANN search by probe count (`nprobes`)\n\n" + markdown_rows(sweep) + "\n" + sweep_note + "\n"
     os.makedirs(args.output_dir, exist_ok=True)
     write_text_atomically(os.path.join(args.output_dir, "memory_scale.md"), text)
-    payload = {"name": "memory_scale", "machine": machine(), "args": vars(args), "rows": rows, "plans": log}
+    payload = {
+        "name": "memory_scale",
+        "machine": machine(),
+        "args": vars(args),
+        "rows": rows,
+        "nprobes": sweep,
+        "plans": log,
+    }
     write_json_atomically(os.path.join(args.output_dir, "memory_scale.json"), json.loads(json.dumps(payload)))
 
 
@@ -391,7 +450,7 @@ def write_format_results(args, rows: list[dict], log: list[dict], seconds: float
 def throughput_part(args) -> dict:
     args.full_size = args.device.startswith("cuda") if args.full_size is None else args.full_size
     args.image_tokens = [args.throughput_image_tokens]
-    model, processor, label = build_qwen2vl_2b(args)
+    model, processor, label = build_published(args)
     n_items = max(args.batches)
     images = [image_with_tokens(processor, args.throughput_image_tokens, seed=500 + i) for i in range(n_items)]
     ids = [f"image-{i}" for i in range(n_items)]
@@ -456,7 +515,7 @@ def throughput_part(args) -> dict:
 
 
 def main() -> None:
-    parser = arguments(__doc__.splitlines()[0])
+    parser = arguments(__doc__.splitlines()[0], backbone=True)
     parser.set_defaults(dtype="bfloat16", repeats=2)
     parser.add_argument("--part", choices=["search", "formats", "throughput"], required=True)
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -467,6 +526,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100, help="planted queries per size (ANN)")
     parser.add_argument("--exact-queries", type=int, default=10, help="of which timed with the exact scan")
     parser.add_argument("--lookups", type=int, default=200, help="point lookups per size")
+    parser.add_argument(
+        "--nprobes",
+        type=int,
+        nargs="+",
+        default=[5, 10, 20, 50, 100, 200, 500],
+        help="part search: probe counts of the sweep (below each size's partitions; all partitions are added)",
+    )
     parser.add_argument("--work-dir", default="/tmp/crem_memory_scale")
     parser.add_argument("--keep", action="store_true", help="keep the table afterwards")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])

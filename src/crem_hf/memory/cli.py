@@ -3,6 +3,7 @@
 crem-memory index --model outputs/main/model --memory scans.lance scans/ [--context-format int8]
     [--vector-format float32|int8|binary] [--vector-dim 256] [--no-full-vectors]
 crem-memory search --model outputs/main/model --memory scans.lance --text "the digit seven" --k 3
+    [--nprobes 100] [--rescore-factor 10]
 crem-memory ask --model outputs/main/model --memory scans.lance --text "the digit seven" --question "Which digit?"
 crem-memory ask --model outputs/main/model --memory scans.lance --questions asks.jsonl --output answers.jsonl
 crem-memory info --memory scans.lance
@@ -30,7 +31,7 @@ from ..loading import load_crem
 from .quantize import CONTEXT_FORMATS
 from .search_formats import VECTOR_FORMATS, SearchLayout, check_rescoring_source
 from .sources import read_source
-from .store import CREMMemory, MemoryHit
+from .store import REFINE_FACTOR, CREMMemory, MemoryHit
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -90,6 +91,19 @@ def build_parser() -> ArgumentParser:
         command.add_argument("--text", default=None, help="query text")
         command.add_argument("--image", default=None, help="query image (path or URL)")
         command.add_argument("--k", type=positive_int, default=5)
+        command.add_argument(
+            "--nprobes",
+            type=positive_int,
+            default=None,
+            help="partitions of the approximate index searched (more: higher recall, slower); default: a share of "
+            "the index's partitions (CREMMemory.default_nprobes); no effect without an index",
+        )
+        command.add_argument(
+            "--rescore-factor",
+            type=positive_int,
+            default=REFINE_FACTOR,
+            help="candidates per hit re-scored exactly from the float32 vectors after an approximate search",
+        )
         command.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
         if name == "ask":
             command.add_argument("--question", default=None, help="one question about the hits (or --ids)")
@@ -115,7 +129,7 @@ def build_parser() -> ArgumentParser:
 def _hits(memory: CREMMemory, args: argparse.Namespace) -> list[MemoryHit]:
     if args.text is None and args.image is None:
         raise ValueError(f"crem-memory {args.command} needs a query: --text and/or --image.")
-    return memory.search(args.text, args.image, k=args.k)
+    return memory.search(args.text, args.image, k=args.k, nprobes=args.nprobes, rescore_factor=args.rescore_factor)
 
 
 def _print_hits(hits: list[MemoryHit], answers: list[str] | None, as_json: bool) -> None:

@@ -1,15 +1,17 @@
-"""What a memory indexes: a folder of images or a JSONL file of records, read into `MemoryItem`s."""
+"""What a memory indexes: a folder of images or a JSONL file of records, read into `MemoryItem`s, and the checks every
+item passes before any is stored."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..formats import resolve_path
 
-__all__ = ["IMAGE_EXTENSIONS", "MemoryItem", "read_source"]
+__all__ = ["IMAGE_EXTENSIONS", "MemoryItem", "check_items", "read_source"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 #: Keys of a JSONL record that are not metadata.
@@ -37,6 +39,24 @@ class MemoryItem:
     def source(self) -> str | None:
         """The image's path or URL, when it was given as one."""
         return os.fspath(self.image) if isinstance(self.image, (str, os.PathLike)) else None
+
+
+def check_items(items: Sequence[MemoryItem]) -> None:
+    """
+    Refuse, before anything is stored, items that cannot become rows: an id that is not a non-empty string, an id
+    given twice, an item with neither an image nor a text, metadata that is not JSON-serialisable (the error names
+    its type).
+    """
+    seen: set[str] = set()
+    for item in items:
+        if not isinstance(item.id, str) or not item.id:
+            raise ValueError(f"Every item needs a non-empty string id; got {item.id!r}.")
+        if item.id in seen:
+            raise ValueError(f"Item id {item.id!r} appears twice: ids must be unique.")
+        seen.add(item.id)
+        if item.image is None and not item.text:
+            raise ValueError(f"Item {item.id!r} has neither an image nor a text: there is nothing to store.")
+        json.dumps(item.metadata)
 
 
 def read_source(

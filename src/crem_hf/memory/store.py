@@ -9,12 +9,10 @@ Layout of a memory (a LanceDB database: a local folder or any LanceDB URI, e.g. 
   the contexts (`context_format`: `model`, `int8` or `int4`, see `quantize.py`), the search layout of the embeddings
   (`vector_format`: `float32`, `int8` or `binary`, `vector_dim` and `full_vectors`, see `search_formats.py`) and the
   shared prefix (its exact keys/values, token ids and positions);
-* table `items`, one row per item: `id`, `vector` (the embedding; cosine search), `search_vector` (where the search
-  layout needs a column of its own: the truncated and/or binary search vectors), `context` (keys/values of the
-  chorus slots, `(layers, 2, kv_heads, num_chorus_tokens, head_dim)` in the model's dtype or quantised with their
-  scales, with its SHA-256),
-  `context_ids` and `context_positions` (`(3, num_chorus_tokens)` MRoPE positions), and the user's `source`, `text`
-  and `metadata` (JSON).
+* table `items`, one row per item (its format, encoded and decoded: `rows.py`): `id`, the embedding (cosine search)
+  and, where the search layout needs one, its own search vector, the compressed context (keys/values of the chorus
+  slots, exact or quantised, with its SHA-256, token ids and MRoPE positions), and the user's `source`, `text` and
+  `metadata`.
 
 Every `add` batch is one LanceDB commit (atomic): a killed run leaves whole rows only, and running it again skips the
 ids already stored. The commit is a merge-insert keyed on `id`, the items table's (unenforced) primary key: Lance then
@@ -47,9 +45,20 @@ from transformers import DynamicCache
 from .. import parallel
 from ..evaluation.retrieval import T2I_INSTRUCTION
 from ..modeling_crem import CREMCompressedContext
-from .quantize import CONTEXT_FORMATS, check_context_format, decode_context, encode_contexts
+from .quantize import CONTEXT_FORMATS, check_context_format
+from .rows import (
+    CONTEXT_COLUMNS,
+    HIT_COLUMNS,
+    RowCodec,
+    bytes_tensor,
+    is_primary_key,
+    items_schema,
+    rows_table,
+    sha256,
+    slots_bytes,
+)
 from .search_formats import SEARCH_COLUMN, SearchLayout, check_vector_dim, check_vector_format, trained_dims
-from .sources import MemoryItem, read_source
+from .sources import MemoryItem, check_items, read_source
 
 __all__ = ["CREMMemory", "IndexReport", "MemoryHit", "model_fingerprint"]
 
@@ -76,14 +85,15 @@ LEGACY_BACKBONE = "crem"
 ANN_MIN_ROWS = 100_000
 #: Candidates per hit that an approximate search re-scores exactly.
 REFINE_FACTOR = 10
+#: LanceDB's own probe count (its `nprobes` default): the fewest partitions a search probes by default.
+LANCEDB_NPROBES = 20
+#: Share of the approximate index's partitions a search probes by default (see `default_nprobes`).
+PROBE_FRACTION = 0.1
 #: Config keys that say where or how a model was saved, not what it computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "auto_map")
 #: Elements of each parameter the weights fingerprint reads (an evenly strided sample: cheap even at 7B).
 _SAMPLED_ELEMENTS = 4096
 RERANK_QUESTION = "Does this match: {query}? Answer yes or no."
-#: Field metadata declaring `id` the primary key: Lance then detects two commits that insert the same id (a conflict,
-#: retried on the newer version) instead of committing both (a duplicated row).
-PRIMARY_KEY_METADATA = {"lance-schema:unenforced-primary-key": "true"}
 #: Our own attempts at a commit (a batch's merge-insert, the id index's refresh) whose conflicts outlast Lance's own
 #: retries (many writers at once).
 COMMIT_ATTEMPTS = 8
@@ -132,8 +142,30 @@ class IndexReport:
         return f"added {self.added}, already stored {self.skipped_existing}, failed to load {self.failed}"
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _check_positive(name: str, value: object) -> None:
+    """A `ValueError` naming `name` unless `value` is a positive integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def ann_partitions(rows: int) -> int:
+    """
+    Partitions that `build_ann_index` asks for over `rows` rows by default: sqrt(rows). (LanceDB trains fewer for an
+    IVF-PQ index below 65,536 rows: at most one per 256 rows.)
+    """
+    return max(1, math.isqrt(rows))
+
+
+def default_nprobes(partitions: int) -> int:
+    """
+    Partitions a search probes by default in an approximate index of `partitions` partitions: `PROBE_FRACTION` of
+    them, and never fewer than LanceDB's own default (`LANCEDB_NPROBES`, which probes every partition of a small
+    index). A share rather than LanceDB's fixed count: with sqrt(rows) partitions, a fixed count probes an ever
+    smaller share of the table as it grows (20 of 1,000 partitions at 10^6 rows, 2 %) and misses the partition of
+    the item sought more and more often; a fixed share keeps recall level while the codes scanned grow as
+    sqrt(rows) (measured in `benchmarks/memory_scale.py`). More probes than partitions probe them all.
+    """
+    return max(LANCEDB_NPROBES, math.ceil(PROBE_FRACTION * partitions))
 
 
 def model_fingerprint(model) -> dict[str, Any]:
@@ -161,7 +193,7 @@ def model_fingerprint(model) -> dict[str, Any]:
     text = model.config.text_config
     return {
         "backbone": model.config.model_type,
-        "config_sha256": _sha256(json.dumps(config, sort_keys=True).encode()),
+        "config_sha256": sha256(json.dumps(config, sort_keys=True).encode()),
         "weights_sha256": weights.hexdigest(),
         "dtype": str(model.dtype).removeprefix("torch."),
         "num_layers": text.num_hidden_layers,
@@ -173,26 +205,6 @@ def model_fingerprint(model) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------------------------------------- tensors <-> bytes
-
-
-def _bytes_tensor(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
-
-
-def slots_bytes(cache: DynamicCache, start: int, stop: int | None = None, context_format: str = "model") -> list[bytes]:
-    """
-    Each row's keys and values of slots `[start, stop)`, as stored in a memory: `(layers, 2, kv_heads, slots,
-    head_dim)` in the cache's dtype (`context_format="model"`) or quantised (`int8`, `int4`: see `quantize.py`),
-    brought to the CPU in one transfer for the whole batch.
-    """
-    kv = torch.stack(
-        [torch.stack([layer.keys[:, :, start:stop], layer.values[:, :, start:stop]], dim=1) for layer in cache.layers],
-        dim=1,
-    )
-    return encode_contexts(kv, context_format)
-
-
 def _is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
@@ -200,11 +212,6 @@ def _is_local(uri: str) -> bool:
 def _sql_string(value: str) -> str:
     """A SQL string literal holding `value` verbatim (user ids are data, never SQL)."""
     return "'" + value.replace("'", "''") + "'"
-
-
-def _is_primary_key(column: pa.Field) -> bool:
-    """Whether Lance knows `column` as the primary key (declared at creation, or later with its position)."""
-    return any(key.startswith(b"lance-schema:unenforced-primary-key") for key in (column.metadata or {}))
 
 
 def _table_names(db) -> set[str]:
@@ -359,28 +366,26 @@ class CREMMemory:
         self.fingerprint = json.loads(meta["fingerprint"])
         self.context_format = meta["context_format"]
         self.search_layout: SearchLayout = meta["search_layout"]
-        for expected in self.search_layout.fields():
-            if (
-                expected.name not in self._items_schema.names
-                or self._items_schema.field(expected.name).type != expected.type
-            ):
-                found = (
-                    self._items_schema.field(expected.name).type if expected.name in self._items_schema.names else None
-                )
-                raise ValueError(
-                    f"{uri} is damaged: its search layout ({self.search_layout.describe()}) needs a column "
-                    f"{expected.name!r} of type {expected.type}, the items table has {found}."
-                )
         self.num_chorus_tokens = model.config.num_chorus_tokens
         self.dtype = model.dtype
         f = self.fingerprint
-        self._kv_shape = (f["num_layers"], 2, f["num_kv_heads"], -1, f["head_dim"])
-        prefix = meta["prefix_kv"]
-        if _sha256(prefix) != meta["prefix_sha256"]:
-            raise ValueError(f"{uri}: the shared prefix context is corrupt (its SHA-256 does not match).")
         self.prefix_ids = torch.tensor(meta["prefix_ids"], dtype=torch.long)
+        self.rows = RowCodec(
+            uri=uri,
+            layout=self.search_layout,
+            context_format=self.context_format,
+            dtype=self.dtype,
+            kv_shape=(f["num_layers"], 2, f["num_kv_heads"], self.num_chorus_tokens, f["head_dim"]),
+            prefix_ids=self.prefix_ids,
+        )
+        self.rows.check_schema(self._items_schema)
+        prefix = meta["prefix_kv"]
+        if sha256(prefix) != meta["prefix_sha256"]:
+            raise ValueError(f"{uri}: the shared prefix context is corrupt (its SHA-256 does not match).")
         self.prefix_positions = torch.tensor(meta["prefix_positions"], dtype=torch.long).reshape(3, -1)
-        self.prefix_kv = _bytes_tensor(prefix, self.dtype, self._kv_shape[:3] + (len(self.prefix_ids), f["head_dim"]))
+        self.prefix_kv = bytes_tensor(
+            prefix, self.dtype, (f["num_layers"], 2, f["num_kv_heads"], len(self.prefix_ids), f["head_dim"])
+        )
 
     # -------------------------------------------------------------------------------------------- open / create
 
@@ -523,21 +528,8 @@ class CREMMemory:
         n = model.config.num_chorus_tokens
         prefix_length = context.input_ids.shape[1] - n
         prefix = slots_bytes(context.cache, 0, prefix_length)[0]
-        items_schema = pa.schema(
-            [
-                pa.field("id", pa.string(), nullable=False, metadata=PRIMARY_KEY_METADATA),
-                *layout.fields(),
-                pa.field("context", pa.large_binary()),
-                pa.field("context_sha256", pa.string()),
-                pa.field("context_ids", pa.list_(pa.int32())),
-                pa.field("context_positions", pa.list_(pa.int32())),
-                pa.field("source", pa.string()),
-                pa.field("text", pa.string()),
-                pa.field("metadata", pa.string()),
-            ]
-        )
         try:
-            items = db.create_table(ITEMS_TABLE, schema=items_schema, exist_ok=True)
+            items = db.create_table(ITEMS_TABLE, schema=items_schema(layout), exist_ok=True)
         except Exception:
             items = _open_committed(db, ITEMS_TABLE)
             if items is None:  # not a lost race: a real failure
@@ -549,7 +541,7 @@ class CREMMemory:
             "context_format": context_format,
             **layout.to_meta(),
             "prefix_kv": prefix,
-            "prefix_sha256": _sha256(prefix),
+            "prefix_sha256": sha256(prefix),
             "prefix_ids": context.input_ids[0, :prefix_length].tolist(),
             "prefix_positions": context.position_ids[:, 0, :prefix_length].reshape(-1).tolist(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -673,32 +665,40 @@ class CREMMemory:
         show_progress: bool,
         failures: list[tuple[str, str]],
     ) -> IndexReport:
+        """
+        Store the `items` (checked first: `check_items`) whose ids are not stored yet, in batches of `batch_size`,
+        each process its share of the batches; the report (with the reader's `failures`) sums over processes.
+        """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        seen: set[str] = set()
-        for item in items:
-            if not isinstance(item.id, str) or not item.id:
-                raise ValueError(f"Every item needs a non-empty string id; got {item.id!r}.")
-            if item.id in seen:
-                raise ValueError(f"Item id {item.id!r} appears twice: ids must be unique.")
-            seen.add(item.id)
-            if item.image is None and not item.text:
-                raise ValueError(f"Item {item.id!r} has neither an image nor a text: there is nothing to store.")
-            json.dumps(item.metadata)  # fails early, naming the type, on metadata that cannot be stored
+        check_items(items)
         stored = self.stored_ids()
         parallel.barrier()  # every process has read the stored ids before any process appends
         pending = [item for item in items if item.id not in stored]
         report = IndexReport(skipped_existing=len(items) - len(pending))
         # Loading an image is where an item can fail: load them batch by batch, in a fixed order on every process.
         batches = [pending[start : start + batch_size] for start in range(0, len(pending), batch_size)]
-        mine = parallel.share_of_this_process(len(batches))
-        local_failures = []
-        # One writer thread commits batch i (transfer, checks, bytes, checksums, LanceDB) while batch i + 1 is encoded;
-        # at most one commit is in flight, so rows land in order and an error surfaces at the next batch.
+        mine = [batches[b] for b in parallel.share_of_this_process(len(batches))]
+        local_failures = self._write_batches(mine, instruction, show_progress, report)
+        report.failures = failures + local_failures
+        if parallel.world_size() > 1:
+            report = self._summed(report, failures, local_failures, len(items) - len(pending))
+        return report
+
+    def _write_batches(
+        self, batches: list[list[MemoryItem]], instruction: str | None, show_progress: bool, report: IndexReport
+    ) -> list[tuple[str, str]]:
+        """
+        Load, encode and commit `batches` in order, counting the rows into `report`; returns `(id, reason)` of the
+        items whose image failed to load. One writer thread commits batch i (transfer, checks, bytes, checksums,
+        LanceDB) while batch i + 1 is encoded; at most one commit is in flight, so rows land in order and an error
+        surfaces at the next batch.
+        """
+        failures: list[tuple[str, str]] = []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crem-memory-writer") as writer:
             commit = None
-            for b in tqdm(mine, desc="Indexing", disable=not (show_progress and parallel.is_main_process())):
-                loaded = self._load_images(batches[b], local_failures)
+            for batch in tqdm(batches, desc="Indexing", disable=not (show_progress and parallel.is_main_process())):
+                loaded = self._load_images(batch, failures)
                 if not loaded:
                     continue
                 encoded = self._encode_batch(loaded, instruction)
@@ -707,10 +707,7 @@ class CREMMemory:
                 commit = writer.submit(self._commit, *encoded)
             if commit is not None:
                 self._count(report, *commit.result())
-        report.failures = failures + local_failures
-        if parallel.world_size() > 1:
-            report = self._summed(report, failures, local_failures, len(items) - len(pending))
-        return report
+        return failures
 
     @staticmethod
     def _count(report: IndexReport, batch: int, inserted: int) -> None:
@@ -759,40 +756,17 @@ class CREMMemory:
     @torch.no_grad()
     def _commit(self, items: list[MemoryItem], context: CREMCompressedContext) -> tuple[int, int]:
         """
-        Check one encoded batch against the memory's layout and write it as one LanceDB commit (nothing of the batch
-        when a check fails); returns the batch's size and the rows written (the others were stored by another writer
-        meanwhile). Runs on the writer thread, so that the main thread never waits for the device: the transfers to
-        the CPU happen here.
+        Encode one batch into rows (checked against the memory's format: `RowCodec.encode`) and write them as one
+        LanceDB commit (nothing of the batch when a check fails); returns the batch's size and the rows written (the
+        others were stored by another writer meanwhile). Runs on the writer thread, so that the main thread never
+        waits for the device: the transfers to the CPU happen here.
         """
-        n, p = self.num_chorus_tokens, len(self.prefix_ids)
-        if context.input_ids.shape[1] != p + n or not bool(context.attention_mask.all()):
-            raise ValueError(
-                f"An item's compressed context has {context.input_ids.shape[1]} slots; this memory stores a shared "
-                f"prefix of {p} and {n} chorus slots per item. Was the processor changed (system prompt, template)?"
-            )
-        input_ids = context.input_ids.cpu()
-        if not torch.equal(input_ids[:, :p], self.prefix_ids.expand(len(items), -1)):
-            raise ValueError("An item's prompt prefix differs from the memory's shared prefix (another processor?).")
-        contexts = slots_bytes(context.cache, p, context_format=self.context_format)
-        vectors = context.embeddings.float().cpu().numpy()
-        columns = {
-            "id": [item.id for item in items],
-            **self.search_layout.columns(vectors),
-            "context": contexts,
-            "context_sha256": [_sha256(kv) for kv in contexts],
-            "context_ids": input_ids[:, p:].tolist(),
-            "context_positions": context.position_ids[:, :, p:].cpu().permute(1, 0, 2).reshape(len(items), -1).tolist(),
-            "source": [item.source for item in items],
-            "text": [item.text for item in items],
-            "metadata": [json.dumps(item.metadata) for item in items],
-        }
-        schema = self._keyed_items_schema()
-        arrays = [c if isinstance(c := columns[f.name], pa.Array) else pa.array(c, f.type) for f in schema]
-        return len(items), self._merge_insert(pa.Table.from_arrays(arrays, schema=schema))
+        columns = self.rows.encode(items, context)
+        return len(items), self._merge_insert(rows_table(columns, self._keyed_items_schema()))
 
     def _keyed_items_schema(self) -> pa.Schema:
         """The items schema, with `id` declared the primary key (done once for a memory written before it was)."""
-        if not _is_primary_key(self._items_schema.field("id")):
+        if not is_primary_key(self._items_schema.field("id")):
             try:
                 self.items.set_unenforced_primary_key("id")
             except Exception:  # another writer declared it at the same moment: it is declared either way
@@ -814,14 +788,14 @@ class CREMMemory:
         """
         Build the approximate index of the memory's search column (see `search_formats.py`): IVF-PQ (cosine) for
         `float32`, IVF-SQ (cosine, 8-bit codes) for `int8`, IVF_FLAT (hamming, on the packed sign bits) for
-        `binary`; searches then use it. Its recall against the exact scan is measured in `benchmarks/memory.py` and
-        `benchmarks/memory_scale.py`.
+        `binary`, with `num_partitions` partitions (default: `ann_partitions(rows)`, sqrt(rows)); searches then use
+        it. Its recall against the exact scan is measured in `benchmarks/memory.py` and `benchmarks/memory_scale.py`.
         """
         rows = len(self)
         if rows < 256:
             raise ValueError(f"An approximate index needs at least 256 rows; the memory holds {rows}.")
         layout = self.search_layout
-        options: dict[str, Any] = {"num_partitions": num_partitions or max(1, int(math.sqrt(rows)))}
+        options: dict[str, Any] = {"num_partitions": num_partitions or ann_partitions(rows)}
         if layout.format == "float32":
             d = layout.dim
             options["num_sub_vectors"] = next(s for s in (d // 16, d // 8, d // 4, 1) if s and d % s == 0)
@@ -832,6 +806,16 @@ class CREMMemory:
         self.refresh_id_index()
 
     # -------------------------------------------------------------------------------------------- reading
+
+    def default_nprobes(self) -> int | None:
+        """
+        The partitions a search probes when it is given no `nprobes`: [`default_nprobes`] of the partitions that
+        `build_ann_index` makes by default over the rows the search column's index covers (an index built with
+        another `num_partitions` is best searched with an explicit `nprobes`). `None` without an approximate index
+        (searches scan the column).
+        """
+        indexed = [index for index in self.items.list_indices() if self.search_layout.column in index.columns]
+        return default_nprobes(ann_partitions(indexed[0].num_indexed_rows)) if indexed else None
 
     def info(self) -> dict[str, Any]:
         """The memory's size on storage, its rows, its shared prefix and the model that wrote it."""
@@ -879,11 +863,12 @@ class CREMMemory:
         *,
         k: int = 5,
         instruction: str | None = None,
+        nprobes: int | None = None,
         rescore_factor: int = REFINE_FACTOR,
     ) -> list[MemoryHit]:
-        """The `k` stored items closest (cosine) to a text and/or image query, best first."""
+        """The `k` stored items closest (cosine) to a text and/or image query, best first (see [`search_vector`])."""
         return self.search_many(
-            texts=[text], images=[image], k=k, instruction=instruction, rescore_factor=rescore_factor
+            texts=[text], images=[image], k=k, instruction=instruction, nprobes=nprobes, rescore_factor=rescore_factor
         )[0]
 
     def search_many(
@@ -894,13 +879,15 @@ class CREMMemory:
         k: int = 5,
         instruction: str | None = None,
         exact: bool = False,
+        nprobes: int | None = None,
         rescore_factor: int = REFINE_FACTOR,
     ) -> list[list[MemoryHit]]:
         """
         Search for several queries (see [`embed_queries`]); one list of `k` hits per query (see [`search_vector`]).
         """
         vectors = self.embed_queries(texts, images, instruction)
-        return [self.search_vector(vector, k=k, exact=exact, rescore_factor=rescore_factor) for vector in vectors]
+        options = {"k": k, "exact": exact, "nprobes": nprobes, "rescore_factor": rescore_factor}
+        return [self.search_vector(vector, **options) for vector in vectors]
 
     def search_vector(
         self,
@@ -908,6 +895,7 @@ class CREMMemory:
         *,
         k: int = 5,
         exact: bool = False,
+        nprobes: int | None = None,
         rescore_factor: int = REFINE_FACTOR,
     ) -> list[MemoryHit]:
         """
@@ -915,29 +903,36 @@ class CREMMemory:
         the exact cosine of the query and the item, both truncated to the search dim and renormalised.
 
         The candidates come from the search column (see `search_formats.py`): through its approximate index if it
-        has one (`build_ann_index`) and `exact` is False, else by a scan of it. `float32` / `int8`: the best
-        `rescore_factor * k` candidates of an indexed search are re-scored exactly on the float32 column (a scan is
-        exact already). `binary`: the best `rescore_factor * k` by Hamming distance are re-scored exactly from the
-        stored float32 vectors; with `exact`, every row is (a full scan of the vectors: the exact ranking).
+        has one (`build_ann_index`) and `exact` is False, else by a scan of it. The index is searched in the
+        `nprobes` partitions nearest the query (default: [`default_nprobes`], a share of the partitions; more probes
+        find more of the true neighbours, slower; at least the index's partition count probes them all). `float32` /
+        `int8`: the best `rescore_factor * k` candidates of an indexed search are re-scored exactly on the float32
+        column (a scan is exact already). `binary`: the best `rescore_factor * k` by Hamming distance are re-scored
+        exactly from the stored float32 vectors; with `exact`, every row is (a full scan of the vectors: the exact
+        ranking). With every partition probed and `rescore_factor * k` at least the rows, an indexed search returns
+        the exact top `k`. `nprobes` has no effect on a scan.
 
         Raises:
-            ValueError: the memory is empty, `k` or `rescore_factor` is not a positive integer, `k` exceeds the
-                memory, or a candidate's search vector is not what the memory's format makes of its stored vector
-                (a row written with another format or dim: it is named).
+            ValueError: the memory is empty, `k`, `nprobes` or `rescore_factor` is not a positive integer, `k`
+                exceeds the memory, or a candidate's search vector is not what the memory's format makes of its
+                stored vector (a row written with another format or dim: it is named).
         """
         rows = len(self)
         if rows == 0:
             raise ValueError(f"{self.uri} is empty: index items before searching.")
-        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
-            raise ValueError(f"k must be a positive integer, got {k!r}.")
+        _check_positive("k", k)
         if k > rows:
             raise ValueError(f"k={k} is larger than the memory ({rows} items).")
-        if not isinstance(rescore_factor, int) or isinstance(rescore_factor, bool) or rescore_factor <= 0:
-            raise ValueError(f"rescore_factor must be a positive integer, got {rescore_factor!r}.")
+        if nprobes is not None:
+            _check_positive("nprobes", nprobes)
+        _check_positive("rescore_factor", rescore_factor)
         layout = self.search_layout
         full = torch.as_tensor(vector, dtype=torch.float32).cpu().numpy()
         query = self.items.search(layout.query(full), vector_column_name=layout.column).distance_type(layout.metric)
-        columns = ["id", "source", "text", "metadata"]
+        probes = None if exact else nprobes or self.default_nprobes()
+        if probes is not None:  # with an approximate index (LanceDB ignores it on a scan)
+            query = query.nprobes(probes)
+        columns = HIT_COLUMNS
         checked = layout.column == SEARCH_COLUMN  # rows whose search vector is derived from `vector`: checked
         if layout.format == "binary":
             # Hamming candidates (all rows for an exact search), re-scored below from the stored float32 vectors.
@@ -952,16 +947,7 @@ class CREMMemory:
             found = query.select([*columns, "_distance", *(["vector", SEARCH_COLUMN] if checked else [])])
             found = found.limit(k).to_arrow()
         if checked:
-            stored = np.asarray(found.column("vector").combine_chunks().flatten(), dtype=np.float32)
-            stored = stored.reshape(found.num_rows, -1)
-            search = found.column(SEARCH_COLUMN).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            bad = layout.inconsistent(stored, search.reshape(found.num_rows, -1))
-            if bad.any():
-                item = found.column("id")[int(np.argmax(bad))].as_py()
-                raise ValueError(
-                    f"{self.uri}: the search vector of item {item!r} is not what this memory's search layout "
-                    f"({layout.describe()}) makes of its stored vector: it was written with another format or dim."
-                )
+            stored = self.rows.stored_vectors(found)
         if layout.format == "binary":
             scores = layout.rescore(full, stored)
             order = np.argsort(-scores, kind="stable")[:k]
@@ -994,29 +980,18 @@ class CREMMemory:
                 raise TypeError(f"A hit is a MemoryHit or an id string, got {type(i).__name__}.")
         wanted = sorted(set(ids))
         where = f"id IN ({', '.join(_sql_string(i) for i in wanted)})"
-        columns = ["id", "context", "context_sha256", "context_ids", "context_positions"]
-        found = self.items.search().where(where).select(columns).limit(len(wanted)).to_arrow().to_pylist()
+        found = self.items.search().where(where).select(CONTEXT_COLUMNS).limit(len(wanted)).to_arrow().to_pylist()
         by_id = {row["id"]: row for row in found}
         missing = [i for i in wanted if i not in by_id]
         if missing:
             raise ValueError(f"{self.uri} holds no item with id {', '.join(map(repr, missing[:5]))}.")
-        n = self.num_chorus_tokens
         device = self.model.device
         keys_values, item_ids, positions = [], [], []
         for i in ids:
-            row = by_id[i]
-            data = row["context"]
-            if _sha256(data) != row["context_sha256"] or len(row["context_positions"]) != 3 * n:
-                raise ValueError(f"{self.uri}: the stored context of item {i!r} is corrupt (checksum mismatch).")
-            try:  # a row of another format (mixed into the table by hand) has another size: refused, never misread
-                kv = decode_context(data, self.context_format, self.dtype, self._kv_shape[:3] + (n, self._kv_shape[4]))
-            except ValueError as error:
-                raise ValueError(
-                    f"{self.uri}: the stored context of item {i!r} does not fit the memory: {error}."
-                ) from None
+            kv, slot_ids, slot_positions = self.rows.decode(by_id[i])
             keys_values.append(kv)
-            item_ids.append(row["context_ids"])
-            positions.append(torch.tensor(row["context_positions"]).reshape(3, n))
+            item_ids.append(slot_ids)
+            positions.append(slot_positions)
         batch = len(ids)
         kv = torch.stack(keys_values).to(device)  # (batch, layers, 2, kv_heads, n, head_dim)
         prefix = self.prefix_kv.to(device)
