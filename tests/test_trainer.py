@@ -30,8 +30,8 @@ from crem_hf.training import (
     load_conversations,
     load_retrieval_pairs,
 )
+from crem_hf.training.gradcache import split_embedding_batch
 from crem_hf.training.lora import lora_target_modules
-from crem_hf.training.trainer import split_embedding_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
