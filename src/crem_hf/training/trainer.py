@@ -95,6 +95,12 @@ class CREMTrainingArguments(TrainingArguments):
             raise ValueError(f"alpha_r and alpha_g must be >= 0 and not both 0, got {self.alpha_r}, {self.alpha_g}.")
         if self.retrieval_batch_size < 0 or self.generation_batch_size < 0:
             raise ValueError("retrieval_batch_size and generation_batch_size must be >= 0.")
+        if self.include_num_input_tokens_seen != "no":
+            # The Trainer counts the `input_ids` of a batch; a step batch holds those of several forward passes.
+            raise ValueError(
+                "include_num_input_tokens_seen is not supported by CREMTrainer (a step batch holds the inputs of "
+                f"several forward passes); leave it 'no', got {self.include_num_input_tokens_seen!r}."
+            )
         if self.per_device_train_batch_size != 1:
             raise ValueError(
                 "per_device_train_batch_size must be 1 (one item is a whole step); set retrieval_batch_size and "
@@ -111,6 +117,10 @@ class CREMTrainer(Trainer):
     The contrastive loss (`contrastive`: InfoNCE, or its Matryoshka mean) runs through a [`GradientCache`]: with
     `gradient_cache_chunk_size`, the embeddings are computed in chunks, at the memory of one chunk, and the gradient
     equals the full-batch gradient. Negatives come from all processes.
+
+    The step batch is a [`StepBatch`], a dict the Trainer places as it is; the trainer overrides `compute_loss`, the
+    flop count of a step (`floating_point_ops`: the sum over its forward passes), `log` (the parts' means) and
+    `_save` (the run's CREM settings next to an adapter).
     """
 
     # compute_loss returns a per-step mean; the Trainer divides it by the accumulation steps (so do the cache's
@@ -224,34 +234,11 @@ class CREMTrainer(Trainer):
         self._metric_steps += 1
         return (loss, None) if return_outputs else loss
 
-    # ------------------------------------------------------------------ the Trainer's view of a StepBatch
-
-    def _prepare_inputs(self, inputs):
-        """Every tensor of a [`StepBatch`] placed as the Trainer places a dict's (device, DeepSpeed dtype)."""
-        if isinstance(inputs, StepBatch):
-            return inputs.map(self._prepare_input)
-        return super()._prepare_inputs(inputs)
-
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
-        """None for step batches: the LM part normalises by its own global count of answer tokens (`_generation`)."""
-        if batch_samples and isinstance(batch_samples[0], StepBatch):
-            return None
-        return super()._get_num_items_in_batch(batch_samples, device)
-
     def floating_point_ops(self, inputs) -> int:
         """The sum over the step's forward passes (each retrieval side and the generation part)."""
         if isinstance(inputs, StepBatch):
             return sum(super(CREMTrainer, self).floating_point_ops(part) for part in inputs.model_inputs())
         return super().floating_point_ops(inputs)
-
-    def _track_num_input_tokens(self, inputs):
-        """Input tokens of every forward pass of the step, counted once per step."""
-        if isinstance(inputs, StepBatch):
-            parts = inputs.model_inputs()
-            inputs = {
-                name: torch.cat([part[name].flatten() for part in parts]) for name in ("input_ids", "attention_mask")
-            }
-        super()._track_num_input_tokens(inputs)
 
     # ------------------------------------------------------------------ logging
 
