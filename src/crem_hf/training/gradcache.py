@@ -160,6 +160,7 @@ class GradientCache(nn.Module):
         for chunk in replays[:-1]:
             backward(self._term(embed, chunk))
         last = self._term(embed, replays[-1])
+        # The whole batch's value (`last - last.detach()` is 0), with the last chunk's graph.
         return out._replace(loss=out.loss.detach() + (last - last.detach()))
 
     @staticmethod
