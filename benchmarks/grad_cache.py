@@ -37,7 +37,7 @@ def one_step(batch_size: int, chunk: int | None) -> dict:
         texts = [f"a {names[i % 6]} square number {i}" for i in range(size)]
         query = dict(processor.process_embedding_inputs(images=images))
         target = dict(processor.process_embedding_inputs(texts=texts))
-        return StepBatch(RetrievalBatch(query=query, target=target, target_keys=torch.arange(size)))
+        return StepBatch(retrieval=RetrievalBatch(query=query, target=target, target_keys=torch.arange(size)))
 
     args = CREMTrainingArguments(
         output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, gradient_cache_chunk_size=chunk

@@ -154,7 +154,7 @@ def mixed_batch(processor, rows, generation_rows, compress):
             target_keys=torch.tensor(rows),
             negative_keys=torch.tensor(negatives),
         ),
-        generation=GenerationBatch(generation, torch.tensor(list(compress))),
+        generation=GenerationBatch(inputs=generation, compress=torch.tensor(list(compress))),
     )
 
 

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from crem_hf.training import InfoNCELoss, MatryoshkaInfoNCELoss
+from crem_hf.training import InfoNCELoss, MatryoshkaInfoNCELoss, RetrievalBatch
 from crem_hf.training import losses as losses_module
+from crem_hf.training.gradcache import GradientCache, split_embedding_batch
 
 
 def test_identical_embeddings_give_log_batch_size():
@@ -136,7 +137,7 @@ def test_the_training_arguments_own_the_temperature(processor, tmp_path):
         output_dir=str(tmp_path), report_to=[], use_cpu=True, temperature=0.1, save_strategy="no"
     )
     trainer = CREMTrainer(model=model, args=args)
-    assert trainer.contrastive.temperature == 0.1
+    assert trainer.contrastive.loss.temperature == 0.1
     assert "contrastive_temperature" not in model.config.to_dict()
 
 
@@ -205,3 +206,103 @@ def test_matryoshka_loss_refuses_bad_dims_and_weights(dims, weights, message):
         MatryoshkaInfoNCELoss(temperature=1.0, dims=dims, weights=weights)
     with pytest.raises(ValueError, match="Matryoshka dim 8 is larger than the embeddings"):
         MatryoshkaInfoNCELoss(temperature=1.0, dims=[2, 8])(torch.ones(2, 4), torch.ones(2, 4))
+
+
+# ---------------------------------------------------------------- gradient cache
+
+VISION_START = 19  # no token of the toy sides: they have no images
+
+
+class ToyEncoder(torch.nn.Module):
+    """Embeddings `(rows, 8)`: the masked mean of dropped-out token embeddings (dropout: the random state matters)."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tokens = torch.nn.Embedding(VISION_START, 8)
+        self.dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = inputs["attention_mask"].unsqueeze(-1).float()
+        return (self.dropout(self.tokens(inputs["input_ids"])) * mask).sum(1) / mask.sum(1)
+
+
+def toy_retrieval_batch():
+    """6 queries, 6 targets (two share a key) and 3 negatives of left-padded token ids."""
+    generator = torch.Generator().manual_seed(0)
+
+    def side(rows: int) -> dict[str, torch.Tensor]:
+        lengths = torch.randint(1, 6, (rows,), generator=generator)
+        mask = (torch.arange(5)[None, :] >= 5 - lengths[:, None]).long()
+        return {
+            "input_ids": torch.randint(1, VISION_START, (rows, 5), generator=generator) * mask,
+            "attention_mask": mask,
+        }
+
+    return RetrievalBatch(
+        query=side(6),
+        target=side(6),
+        negative=side(3),
+        target_keys=torch.tensor([0, 1, 2, 3, 4, 1]),
+        negative_keys=torch.tensor([7, 8, 9]),
+    )
+
+
+def toy_losses():
+    return [InfoNCELoss(temperature=0.1), MatryoshkaInfoNCELoss(temperature=0.1, dims=[4, 8], weights=[1.0, 2.0])]
+
+
+def cached_step(loss, encoder, batch, chunk_size):
+    """The gradient cache's loss and the encoder's gradient after it and its returned loss are back-propagated."""
+    encoder.zero_grad(set_to_none=True)
+    calls = []
+
+    def backward(term):
+        calls.append(term.detach())
+        term.backward()
+
+    torch.manual_seed(1)
+    out = GradientCache(loss, chunk_size, VISION_START)(encoder, batch, backward)
+    out.loss.backward()
+    return out, encoder.tokens.weight.grad.clone(), len(calls)
+
+
+@pytest.mark.parametrize("loss", toy_losses(), ids=["infonce", "matryoshka"])
+def test_gradient_cache_loss_and_gradient_equal_the_whole_batch(loss):
+    encoder, batch = ToyEncoder(dropout=0.0), toy_retrieval_batch()
+    whole = loss(*(encoder(side) for side in batch.sides().values()), batch.target_keys, batch.negative_keys)
+    whole.loss.backward()
+    expected = encoder.tokens.weight.grad.clone()
+    out, gradient, calls = cached_step(loss, encoder, batch, chunk_size=4)
+    assert out.loss.item() == pytest.approx(whole.loss.item(), rel=1e-6)
+    assert out.accuracy.item() == whole.accuracy.item()
+    assert type(out) is type(whole)
+    assert calls == 2 + 2 + 1 - 1, "chunks of 4 + 2 queries, 4 + 2 targets, 3 negatives: all but the last"
+    torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-7)
+    assert expected.abs().sum() > 0
+    # No chunking (None, or a chunk as large as the largest side): the wrapped loss as it is, with its graph.
+    for chunk_size in (None, 6):
+        plain, plain_gradient, plain_calls = cached_step(loss, encoder, batch, chunk_size)
+        assert plain_calls == 0 and plain.loss.item() == pytest.approx(whole.loss.item(), rel=1e-7)
+        torch.testing.assert_close(plain_gradient, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_gradient_cache_replays_each_chunk_s_dropout():
+    """With dropout, the cache's gradient is that of the same chunked forwards run with a graph, from one seed."""
+    loss, encoder, batch = InfoNCELoss(temperature=0.1), ToyEncoder(dropout=0.5), toy_retrieval_batch()
+    torch.manual_seed(1)
+    chunked = {
+        name: torch.cat([encoder(chunk) for chunk in split_embedding_batch(side, 4, VISION_START)])
+        for name, side in batch.sides().items()
+    }
+    oracle = loss(chunked["query"], chunked["target"], chunked["negative"], batch.target_keys, batch.negative_keys)
+    oracle.loss.backward()
+    expected = encoder.tokens.weight.grad.clone()
+    out, gradient, _ = cached_step(loss, encoder, batch, chunk_size=4)
+    assert out.loss.item() == pytest.approx(oracle.loss.item(), rel=1e-6)
+    torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_cache_refuses_a_chunk_size_below_one():
+    with pytest.raises(ValueError, match="chunk_size must be > 0"):
+        GradientCache(InfoNCELoss(temperature=0.1), 0, VISION_START)

@@ -30,8 +30,8 @@ from crem_hf.training import (
     load_conversations,
     load_retrieval_pairs,
 )
+from crem_hf.training.gradcache import split_embedding_batch
 from crem_hf.training.lora import lora_target_modules
-from crem_hf.training.trainer import split_embedding_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -228,6 +228,7 @@ def test_resume_reproduces_the_uninterrupted_run(processor, tmp_path):
         ({"gradient_cache_chunk_size": 0}, "gradient_cache_chunk_size"),
         ({"alpha_r": 0.0, "alpha_g": 0.0}, "alpha_r"),
         ({"per_device_train_batch_size": 4}, "per_device_train_batch_size"),
+        ({"include_num_input_tokens_seen": "all"}, "include_num_input_tokens_seen is not supported"),
         ({"matryoshka_dims": ["32", "16"]}, "matryoshka_dims: dims must be strictly increasing, got 16 after 32"),
         ({"matryoshka_dims": ["full", "16"]}, "matryoshka_dims: 'full'"),
         ({"matryoshka_dims": ["0"]}, "matryoshka_dims: dim 0 must be > 0"),

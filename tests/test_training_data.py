@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from accelerate.utils import send_to_device
 from helpers import colour_image, write_colour_data
 
 from crem_hf.training import CREMCollator, MixedStepDataset, load_conversations, load_retrieval_pairs
@@ -285,15 +286,34 @@ def test_the_step_batch_is_one_typed_contract(processor, data, tmp_path):
     assert isinstance(batch, StepBatch) and isinstance(batch.retrieval, RetrievalBatch)
     assert isinstance(batch.generation, GenerationBatch)
     assert len(batch.model_inputs()) == 3, "query, target (no negatives in this data) and the conversations"
-    moved = batch.to("cpu")
-    assert moved.generation.inputs["input_ids"].dtype == torch.long and moved.generation.compress.dtype == torch.bool
     with pytest.raises(ValueError, match="one flag per row"):
-        GenerationBatch(batch.generation.inputs, torch.tensor([True]))
+        GenerationBatch(inputs=batch.generation.inputs, compress=torch.tensor([True]))
     with pytest.raises(ValueError, match="negative_keys"):
         RetrievalBatch(
-            batch.retrieval.query, batch.retrieval.target, negative=batch.retrieval.target, target_keys=torch.arange(2)
+            query=batch.retrieval.query,
+            target=batch.retrieval.target,
+            negative=batch.retrieval.target,
+            target_keys=torch.arange(2),
         )
+    with pytest.raises(ValueError, match=r"RetrievalBatch needs \['target'\]"):
+        RetrievalBatch(query=batch.retrieval.query)
+    with pytest.raises(ValueError, match=r"got unknown \['labels'\]"):
+        StepBatch(generation=batch.generation, labels=batch.generation.inputs["labels"])
+    with pytest.raises(TypeError, match="StepBatch's generation must be a GenerationBatch, got dict"):
+        StepBatch(generation=dict(batch.generation))
     args = CREMTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
     trainer = CREMTrainer(model=make_tiny_crem(processor, seed=0), args=args)
+    # The Trainer (and accelerate's data loader) place a dict as they find it: every tensor moved, dtypes kept, each
+    # part rebuilt as its own type; no "labels" at the top, so the Trainer counts no items (the LM part normalises).
+    for placed in (trainer._prepare_inputs(batch), send_to_device(batch, "cpu")):
+        assert type(placed) is StepBatch and type(placed.retrieval) is RetrievalBatch
+        assert type(placed.generation) is GenerationBatch
+        assert placed.generation.inputs["input_ids"].dtype == torch.long
+        assert placed.generation.compress.dtype == torch.bool
+        assert placed.retrieval.query["input_ids"].equal(batch.retrieval.query["input_ids"])
+    assert trainer._get_num_items_in_batch([batch], trainer.args.device) is None
+    # Its flops: those of every forward pass of the step, 6 per token and parameter (embeddings aside).
+    tokens = sum(part["input_ids"].numel() for part in batch.model_inputs())
+    assert trainer.floating_point_ops(batch) == 6 * tokens * trainer.model.num_parameters(exclude_embeddings=True) > 0
     with pytest.raises(TypeError, match="StepBatch"):
         trainer.compute_loss(trainer.model, {"generation": batch.generation.inputs})

@@ -1,13 +1,14 @@
 """CREM training: data readers, collator, losses, LoRA and the Trainer (`pip install crem-hf[train]`).
 
 The public API is listed in `__all__`; the modules' helpers (`collator.content_key`,
-`trainer.split_embedding_batch`, ...) are internals.
+`gradcache.split_embedding_batch`, ...) are internals.
 """
 
 from .batch import GenerationBatch, RetrievalBatch, StepBatch
 from .builder import build_trainer
 from .collator import CREMCollator
 from .data import MixedStepDataset, SkipReport, load_conversations, load_retrieval_pairs
+from .gradcache import GradientCache
 from .lora import apply_lora
 from .losses import ContrastiveOutput, InfoNCELoss, MatryoshkaInfoNCELoss
 from .run_log import whole_run_loss
@@ -19,6 +20,7 @@ __all__ = [
     "CREMTrainer",
     "CREMTrainingArguments",
     "GenerationBatch",
+    "GradientCache",
     "InfoNCELoss",
     "MatryoshkaInfoNCELoss",
     "MixedStepDataset",

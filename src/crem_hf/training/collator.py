@@ -69,14 +69,14 @@ class CREMCollator:
                 "per_device_train_batch_size=1 and set retrieval_batch_size / generation_batch_size instead."
             )
         item = items[0]
-        batch = StepBatch()
+        parts = {}
         checked = partial(build_step_rows, on_bad_row=self.on_bad_row, skipped=self.skipped)
         if "retrieval" in item:
-            batch.retrieval = checked(self.retrieval_batch, item["retrieval"], "retrieval", keep_size=True)
+            parts["retrieval"] = checked(self.retrieval_batch, item["retrieval"], "retrieval", keep_size=True)
         if "generation" in item:
             build = partial(self.generation_batch, step=item["step"])
-            batch.generation = checked(build, item["generation"], "generation")
-        return batch
+            parts["generation"] = checked(build, item["generation"], "generation")
+        return StepBatch(parts)
 
     def _embedding_inputs(self, texts: list[str], images: list[str]) -> dict[str, torch.Tensor]:
         batch = self.processor.process_embedding_inputs(
@@ -106,7 +106,7 @@ class CREMCollator:
         """Conversations with labels on every answer, and the per-sample compress flags."""
         conversations = [conversation_messages(i, t) for i, t in zip(rows["image"], rows["turns"], strict=True)]
         inputs = dict(self.processor.process_chat(conversations=conversations, return_labels=True))
-        return GenerationBatch(inputs, self.compress_flags(len(conversations), step))
+        return GenerationBatch(inputs=inputs, compress=self.compress_flags(len(conversations), step))
 
 
 def _keys(texts: list[str], images: list[str]) -> torch.Tensor:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -19,10 +18,11 @@ from ..loading import ADAPTER_CREM_SETTINGS
 from .batch import GenerationBatch, RetrievalBatch, StepBatch
 from .collator import check_compress_probability
 from .distributed import all_reduce_sum, world_size
+from .gradcache import GradientCache
 from .losses import InfoNCELoss, MatryoshkaInfoNCELoss, MatryoshkaOutput, check_temperature
 from .run_log import LogAtCheckpointsCallback
 
-__all__ = ["CREMTrainer", "CREMTrainingArguments", "split_embedding_batch"]
+__all__ = ["CREMTrainer", "CREMTrainingArguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,61 +95,17 @@ class CREMTrainingArguments(TrainingArguments):
             raise ValueError(f"alpha_r and alpha_g must be >= 0 and not both 0, got {self.alpha_r}, {self.alpha_g}.")
         if self.retrieval_batch_size < 0 or self.generation_batch_size < 0:
             raise ValueError("retrieval_batch_size and generation_batch_size must be >= 0.")
+        if self.include_num_input_tokens_seen != "no":
+            # The Trainer counts the `input_ids` of a batch; a step batch holds those of several forward passes.
+            raise ValueError(
+                "include_num_input_tokens_seen is not supported by CREMTrainer (a step batch holds the inputs of "
+                f"several forward passes); leave it 'no', got {self.include_num_input_tokens_seen!r}."
+            )
         if self.per_device_train_batch_size != 1:
             raise ValueError(
                 "per_device_train_batch_size must be 1 (one item is a whole step); set retrieval_batch_size and "
                 "generation_batch_size instead."
             )
-
-
-def split_embedding_batch(batch: dict[str, torch.Tensor], chunk_size: int, vision_start_id: int) -> list[dict]:
-    """
-    Split processor embedding inputs into chunks of `chunk_size` rows, with each chunk's `pixel_values` /
-    `image_grid_thw` (rows may hold any number of images) and its left padding trimmed.
-    """
-    input_ids = batch["input_ids"]
-    images_per_row = (input_ids == vision_start_id).sum(1).tolist()
-    grid = batch.get("image_grid_thw")
-    patches = grid.prod(-1).tolist() if grid is not None else []
-    chunks, image_start, patch_start = [], 0, 0
-    for start in range(0, input_ids.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        num_images = sum(images_per_row[rows])
-        num_patches = sum(patches[image_start : image_start + num_images])
-        mask = batch["attention_mask"][rows]
-        first = int(mask.any(0).float().argmax())  # first column holding a real token of some row
-        chunk = {
-            key: batch[key][rows, first:]
-            for key in ("input_ids", "attention_mask", "mm_token_type_ids")
-            if key in batch
-        }
-        if num_images:
-            chunk["pixel_values"] = batch["pixel_values"][patch_start : patch_start + num_patches]
-            chunk["image_grid_thw"] = grid[image_start : image_start + num_images]
-        chunks.append(chunk)
-        image_start, patch_start = image_start + num_images, patch_start + num_patches
-    return chunks
-
-
-class _RandomState:
-    """The CPU (and CUDA) random state, so a chunk's re-forward draws the same dropout as its first forward."""
-
-    def __init__(self):
-        self.cpu = torch.random.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-    @contextlib.contextmanager
-    def restored(self):
-        cpu, cuda = torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if self.cuda is not None else None
-        torch.random.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-        try:
-            yield
-        finally:
-            torch.random.set_rng_state(cpu)
-            if cuda is not None:
-                torch.cuda.set_rng_state_all(cuda)
 
 
 class CREMTrainer(Trainer):
@@ -158,10 +114,13 @@ class CREMTrainer(Trainer):
     `loss = alpha_r * InfoNCE + alpha_g * LM`, where each generation sample is compressed with probability p (the
     collator's flags). Both parts, the in-batch retrieval accuracy and the compressed fraction are logged.
 
-    With `gradient_cache_chunk_size`, the retrieval part runs through a gradient cache: every embedding is first
-    computed in chunks without a graph, the loss and its gradient with respect to the embeddings are computed on the
-    whole (global) batch, then each chunk is re-run with a graph and back-propagated with that gradient. Memory is
-    that of one chunk; the gradient equals the full-batch gradient. Negatives come from all processes.
+    The contrastive loss (`contrastive`: InfoNCE, or its Matryoshka mean) runs through a [`GradientCache`]: with
+    `gradient_cache_chunk_size`, the embeddings are computed in chunks, at the memory of one chunk, and the gradient
+    equals the full-batch gradient. Negatives come from all processes.
+
+    The step batch is a [`StepBatch`], a dict the Trainer places as it is; the trainer overrides `compute_loss`, the
+    flop count of a step (`floating_point_ops`: the sum over its forward passes), `log` (the parts' means) and
+    `_save` (the run's CREM settings next to an adapter).
     """
 
     # compute_loss returns a per-step mean; the Trainer divides it by the accumulation steps (so do the cache's
@@ -176,11 +135,11 @@ class CREMTrainer(Trainer):
             raise ValueError("CREMTrainer does not support DataParallel; launch one process per GPU with torchrun.")
         self.matryoshka_dims = self._record_matryoshka_dims()
         if self.matryoshka_dims is None:
-            self.contrastive = InfoNCELoss(self.args.temperature)
+            loss = InfoNCELoss(self.args.temperature)
         else:
-            self.contrastive = MatryoshkaInfoNCELoss(
-                self.args.temperature, self.matryoshka_dims, self.args.matryoshka_weights
-            )
+            loss = MatryoshkaInfoNCELoss(self.args.temperature, self.matryoshka_dims, self.args.matryoshka_weights)
+        vision_start_id = self.accelerator.unwrap_model(self.model).config.vision_start_token_id
+        self.contrastive = GradientCache(loss, self.args.gradient_cache_chunk_size, vision_start_id)
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_steps = 0
         # Log entries at every checkpoint and at the end, so the log history gives the whole run's loss.
@@ -221,63 +180,26 @@ class CREMTrainer(Trainer):
     def _embed(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs, return_embeddings=True).embeddings
 
-    def _vision_start_id(self, model) -> int:
-        return self.accelerator.unwrap_model(model).config.vision_start_token_id
-
-    def _retrieval(self, model, batch: RetrievalBatch) -> tuple[torch.Tensor, torch.Tensor, list[Callable]]:
+    def _retrieval(self, model, batch: RetrievalBatch) -> torch.Tensor:
         """
-        Returns `(loss, accuracy, terms)`: the contrastive loss (with a graph unless the gradient cache ran), and
-        the gradient-cache terms still to back-propagate (callables returning a scalar with a graph).
+        The contrastive loss, through the gradient cache: the chunks it back-propagates during the call (all but the
+        last) go without gradient synchronisation, scaled as the Trainer scales the returned loss; the backward of
+        the returned loss (by the Trainer) covers the last chunk and synchronises everything accumulated.
         """
-        inputs = batch.sides()
-        sides = list(inputs)
-        keys = {
-            "positive_keys": batch.target_keys,
-            "negative_keys": batch.negative_keys,
-            "query_keys": batch.query_keys,
-        }
-        chunk_size = self.args.gradient_cache_chunk_size
-        largest = max(inputs[s]["input_ids"].shape[0] for s in sides)
-        if chunk_size is None or chunk_size >= largest:
-            embeddings = {s: self._embed(model, inputs[s]) for s in sides}
-            out = self.contrastive(embeddings["query"], embeddings["target"], embeddings.get("negative"), **keys)
-            self._record_dims(out)
-            return out.loss, out.accuracy, []
-        vision_start = self._vision_start_id(model)
-        chunks, states, cached = {}, {}, {}
-        with torch.no_grad():
-            for side in sides:
-                chunks[side] = split_embedding_batch(inputs[side], chunk_size, vision_start)
-                states[side] = []
-                reps = []
-                for chunk in chunks[side]:
-                    states[side].append(_RandomState())
-                    reps.append(self._embed(model, chunk))
-                cached[side] = torch.cat(reps).detach().requires_grad_()
-        out = self.contrastive(cached["query"], cached["target"], cached.get("negative"), **keys)
-        self._record_dims(out)
-        # Gradient of the loss with respect to every embedding: no parameters are involved yet.
-        out.loss.backward()
-        terms = []
-        for side in sides:
-            gradients = cached[side].grad.split([c["input_ids"].shape[0] for c in chunks[side]])
-            for chunk, state, gradient in zip(chunks[side], states[side], gradients, strict=True):
-                terms.append(self._cached_term(model, chunk, state, gradient))
-        return out.loss.detach(), out.accuracy, terms
+        scale = self.args.alpha_r / self.current_gradient_accumulation_steps
 
-    def _record_dims(self, out) -> None:
-        """Log the loss and accuracy at each Matryoshka dim (`contrastive_loss_d64`, `retrieval_accuracy_d64`)."""
-        if isinstance(out, MatryoshkaOutput):
+        def backward_unsynced(term: torch.Tensor) -> None:
+            with self.accelerator.no_sync(model):
+                self.accelerator.backward(term * scale)
+
+        out = self.contrastive(partial(self._embed, model), batch, backward_unsynced)
+        if isinstance(out, MatryoshkaOutput):  # the loss and accuracy at each dim: contrastive_loss_d64, ...
             for dim, loss, accuracy in zip(self.matryoshka_dims, out.dim_losses, out.dim_accuracies, strict=True):
                 self._record(f"contrastive_loss_d{dim}", loss)
                 self._record(f"retrieval_accuracy_d{dim}", accuracy)
-
-    def _cached_term(self, model, chunk: dict, state: _RandomState, gradient: torch.Tensor) -> Callable:
-        def term() -> torch.Tensor:
-            with state.restored():
-                return (self._embed(model, chunk) * gradient).sum()
-
-        return term
+        self._record("contrastive_loss", out.loss)
+        self._record("retrieval_accuracy", out.accuracy)
+        return out.loss
 
     def _generation(self, model, batch: GenerationBatch) -> torch.Tensor:
         """The LM loss: token mean over the answer tokens of the whole (global) generation batch."""
@@ -289,6 +211,7 @@ class CREMTrainer(Trainer):
             **batch.inputs, compress=batch.compress, num_items_in_batch=denominator, supervised_logits_only=True
         )
         self._record("compressed_fraction", batch.compress.float().mean())
+        self._record("lm_loss", out.loss)
         return out.loss
 
     def compute_loss(self, model, inputs: StepBatch, return_outputs=False, num_items_in_batch=None):
@@ -298,66 +221,24 @@ class CREMTrainer(Trainer):
             raise TypeError(
                 f"CREMTrainer trains on a StepBatch (what CREMCollator builds), got {type(inputs).__name__}."
             )
-        # The sums start in the model's precision (at least float32), so a float64 model gets a float64 loss even
+        # The sum starts in the model's precision (at least float32), so a float64 model gets a float64 loss even
         # when a part (the LM loss, upcast to float32 for half-precision models) comes in float32.
         model_dtype = getattr(self.accelerator.unwrap_model(model), "dtype", torch.float32)
-        dtype = torch.promote_types(model_dtype, torch.float32)
-        value = torch.zeros((), dtype=dtype, device=args.device)  # the objective's value, for the log
-        graph = torch.zeros((), dtype=dtype, device=args.device)  # what the Trainer's backward still has to cover
+        loss = torch.zeros((), dtype=torch.promote_types(model_dtype, torch.float32), device=args.device)
         if inputs.retrieval is not None and args.alpha_r > 0:
-            loss, accuracy, cache_terms = self._retrieval(model, inputs.retrieval)
-            self._record("contrastive_loss", loss)
-            self._record("retrieval_accuracy", accuracy)
-            value = value + args.alpha_r * loss.detach()
-            if not cache_terms:
-                graph = graph + args.alpha_r * loss
-            # All cache terms but the last are back-propagated here without gradient synchronisation; the last one
-            # joins the returned loss, whose backward (by the Trainer) synchronises everything accumulated.
-            scale = args.alpha_r / self.current_gradient_accumulation_steps
-            for term in cache_terms[:-1]:
-                with self.accelerator.no_sync(model):
-                    self.accelerator.backward(term() * scale)
-            if cache_terms:
-                graph = graph + args.alpha_r * cache_terms[-1]()
+            loss = loss + args.alpha_r * self._retrieval(model, inputs.retrieval)
         if inputs.generation is not None and args.alpha_g > 0:
-            lm_loss = self._generation(model, inputs.generation)
-            self._record("lm_loss", lm_loss)
-            value = value + args.alpha_g * lm_loss.detach()
-            graph = graph + args.alpha_g * lm_loss
-        if not graph.requires_grad:
+            loss = loss + args.alpha_g * self._generation(model, inputs.generation)
+        if not loss.requires_grad:
             raise ValueError("The batch has neither a retrieval nor a generation part with a weight > 0.")
         self._metric_steps += 1
-        loss = graph + (value - graph.detach())  # the objective's value, carrying the remaining graph
         return (loss, None) if return_outputs else loss
-
-    # ------------------------------------------------------------------ the Trainer's view of a StepBatch
-
-    def _prepare_inputs(self, inputs):
-        """Every tensor of a [`StepBatch`] placed as the Trainer places a dict's (device, DeepSpeed dtype)."""
-        if isinstance(inputs, StepBatch):
-            return inputs.map(self._prepare_input)
-        return super()._prepare_inputs(inputs)
-
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
-        """None for step batches: the LM part normalises by its own global count of answer tokens (`_generation`)."""
-        if batch_samples and isinstance(batch_samples[0], StepBatch):
-            return None
-        return super()._get_num_items_in_batch(batch_samples, device)
 
     def floating_point_ops(self, inputs) -> int:
         """The sum over the step's forward passes (each retrieval side and the generation part)."""
         if isinstance(inputs, StepBatch):
             return sum(super(CREMTrainer, self).floating_point_ops(part) for part in inputs.model_inputs())
         return super().floating_point_ops(inputs)
-
-    def _track_num_input_tokens(self, inputs):
-        """Input tokens of every forward pass of the step, counted once per step."""
-        if isinstance(inputs, StepBatch):
-            parts = inputs.model_inputs()
-            inputs = {
-                name: torch.cat([part[name].flatten() for part in parts]) for name in ("input_ids", "attention_mask")
-            }
-        super()._track_num_input_tokens(inputs)
 
     # ------------------------------------------------------------------ logging
 
