@@ -384,6 +384,7 @@ def train_stage2(workspace: Workspace, base, config: MainJobConfig, folder: str,
         generation_batch_size=config.batch_size,
         gradient_cache_chunk_size=None,
         alpha_g=config.alpha_g,
+        matryoshka_dims=config.matryoshka_dims,
         compress_probability=config.compress_probability,
         **_common_args(config, os.path.join(folder, "stage2"), config.stage2_steps, config.stage2_learning_rate),
     )
