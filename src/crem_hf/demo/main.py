@@ -191,19 +191,24 @@ def evaluate_dims(model, processor: CREMProcessor, data, config: MainJobConfig, 
     return per_dim
 
 
-def matryoshka_stage(workspace: Workspace, base, config: MainJobConfig, trained, processor, after: dict[str, float]):
+def matryoshka_stage(
+    workspace: Workspace, base, config: MainJobConfig, trained, processor, after: dict[str, float], rng: torch.Tensor
+):
     """
     Retrieval at each of `config.matryoshka_dims`: of `trained` (stage 2 with the dims; `after`: its
     `evaluate_crem` results), and of the baseline, the plain stage 2 (no dims: the default job's) trained from the
-    same stage-1 `base` and truncated at the same dims. The plain model's config claims the dims for this
-    measurement only, so that `get_embedding(dim=...)` gives its renormalised prefixes (naive truncation).
+    same stage-1 `base` and the same global RNG state `rng` as `trained` was (the LoRA initialisation draws from
+    it), so that the two differ by the dims alone. The plain model's config claims the dims for this measurement
+    only, so that `get_embedding(dim=...)` gives its renormalised prefixes (naive truncation).
 
     Returns:
         `(the plain model's evaluate_crem results, {"trained with dims" | "plain stage 2, truncated": per dim})`.
     """
     plain_config = dataclasses.replace(config, matryoshka_dims=None)
     folder = os.path.join(config.output_dir, "plain")
-    plain, _, _, plain_after, _ = train_stage2(workspace, base, plain_config, folder, evaluate_before=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.random.set_rng_state(rng)
+        plain, _, _, plain_after, _ = train_stage2(workspace, base, plain_config, folder, evaluate_before=False)
     plain.config.matryoshka_dims = config.matryoshka_dims
     return plain_after, {
         "trained with dims": evaluate_dims(trained, processor, workspace.data, config, after),
@@ -408,11 +413,12 @@ def run(config: MainJobConfig) -> dict[str, Any]:
     results = {
         "stage 1 (base)": evaluate_base(base, workspace.processor(config.num_chorus_tokens), workspace.data, config)
     }
+    rng = torch.random.get_rng_state()  # what stage 2 starts from (evaluation draws nothing from it)
     trained, processor, before, after, histories = train_stage2(workspace, base, config, out)
     results["before stage 2"], results["after stage 2"] = before, after
     matryoshka = None
     if config.matryoshka_dims:
-        plain_after, matryoshka = matryoshka_stage(workspace, base, config, trained, processor, after)
+        plain_after, matryoshka = matryoshka_stage(workspace, base, config, trained, processor, after, rng)
         results["after stage 2 without dims"] = plain_after
 
     trained.save_pretrained(os.path.join(out, "model"))
