@@ -1,6 +1,7 @@
 """The main job on the embedded default: train and evaluate a tiny CREM end to end, offline, on a CPU.
 
     python -m crem_hf.demo.main [--output-dir outputs/main] [--seed 0] [--backbone qwen2_vl|qwen2_5_vl|qwen3_vl]
+                                [--matryoshka-dims 32 64]
 
 1. Build the digit data (real scans from scikit-learn) in the MMEB / LLaVA forms.
 2. Stage 1: train a tiny model of the backbone (Qwen2-VL by default; Qwen2.5-VL or Qwen3-VL with `--backbone`, each
@@ -10,7 +11,11 @@
    1 x InfoNCE + 0.5 x LM, each generation sample compressed with p = 0.5.
 4. Evaluate stage 1, the converted model before stage 2, and after stage 2.
 5. Visual memory: index the held-out scans (`memory/`, LanceDB), search them with text queries, answer from the
-   stored contexts and measure bytes per item and the time to the first token (`memory_stage`).
+   stored contexts and measure bytes per item and the time to the first token (`memory_stage`); then search them
+   with int8 / binary vectors re-scored exactly (`search_format_stage`).
+With `--matryoshka-dims`, stage 2 trains Matryoshka embeddings at those dims (and the full size), the retrieval
+metrics are measured at each dim, and, for comparison, the plain stage 2 (no dims, as the default job) is trained
+from the same stage-1 model and measured truncated at the same dims.
 Print the tables and write `results.json`, `results.md`, `training.png` and the trained model (`model/`, LoRA
 merged, Hub remote code). Each records the backbone (`results.json`: `"backbone"`; the model: its CREM config's
 `model_type`).
@@ -19,6 +24,7 @@ merged, Hub remote code). Each records the backbone (`results.json`: `"backbone"
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ..configuration_crem import check_matryoshka_dims
 from ..evaluation import (
     evaluate_compositional,
     evaluate_generation,
@@ -54,7 +61,7 @@ from ..training import (
     load_retrieval_pairs,
 )
 from .digits import DIGIT_REGISTRY, PROMPT_CORPUS, SCAN_SIDE, DigitsData, build_digits_data
-from .memory_stage import memory_stage
+from .memory_stage import memory_stage, search_format_stage
 
 __all__ = ["MainJobConfig", "Workspace", "main", "prepare", "run", "train_stage1", "train_stage2"]
 
@@ -84,10 +91,16 @@ class MainJobConfig:
     lora: bool = True
     #: The backbone of the tiny model, a key of `crem_hf.testing.BACKBONES`.
     backbone: str = "qwen2_vl"
+    #: Stage 2's Matryoshka dims (ints or "full", strictly increasing); the hidden size is added as the last if
+    #: missing. None (the default): the full embedding only.
+    matryoshka_dims: list[int | str] | None = None
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {self.backbone!r}.")
+        if self.matryoshka_dims is not None:
+            dims = check_matryoshka_dims(self.matryoshka_dims, self.hidden_size, "--matryoshka-dims")
+            self.matryoshka_dims = dims if dims[-1] == self.hidden_size else [*dims, self.hidden_size]
 
 
 class PlainChatCollator:
@@ -124,12 +137,35 @@ def _common_args(config: MainJobConfig, folder: str, steps: int, learning_rate: 
     }
 
 
+#: The retrieval metrics the Matryoshka table reports at each dim (`evaluate_retrieval`'s, besides each P@1).
+RECALL_METRICS = ("pairs t2i R@1", "pairs i2t R@1")
+
+
+def evaluate_retrieval(
+    model, processor: CREMProcessor, data, config: MainJobConfig, folder: str | None = None, dim: int | None = None
+) -> dict[str, float]:
+    """
+    P@1 of every digits / pairs subset and the pairs R@1 both ways (360 images, 360 captions), at the embedding
+    size `dim` (None: the full one); `folder`, if given, gets the MMEB result files.
+    """
+    model.eval()
+    size = config.eval_batch_size
+    mmeb = evaluate_mmeb(
+        model, processor, data.eval_folder, data.subsets, data.folder, folder, size, DIGIT_REGISTRY, dim=dim
+    )
+    results = {f"P@1 {k}": v["precision_at_1"] for k, v in mmeb["subsets"].items()}
+    captions = load_caption_rows(data.captions, ("captions",), data.folder)
+    recall = evaluate_image_text_retrieval(model, processor, captions, size, dim=dim)
+    results[RECALL_METRICS[0]], results[RECALL_METRICS[1]] = recall["t2i_R@1"], recall["i2t_R@1"]
+    return results
+
+
 def evaluate_crem(model, processor: CREMProcessor, data, config: MainJobConfig, folder: str) -> dict[str, Any]:
     """Every CREM metric on the held-out digits: retrieval P@1, QA native/compressed, swap, caption recall."""
     model.eval()
     size = config.eval_batch_size
-    mmeb = evaluate_mmeb(model, processor, data.eval_folder, data.subsets, data.folder, folder, size, DIGIT_REGISTRY)
-    results: dict[str, Any] = {f"P@1 {k}": v["precision_at_1"] for k, v in mmeb["subsets"].items()}
+    retrieval = evaluate_retrieval(model, processor, data, config, folder)
+    results: dict[str, Any] = {k: v for k, v in retrieval.items() if k not in RECALL_METRICS}
     for name, path in (("single", data.qa_single), ("pairs", data.qa_pairs)):
         rows = load_caption_rows(path, ("question", "answer"), data.folder)
         for mode in ("native", "compressed"):
@@ -138,11 +174,46 @@ def evaluate_crem(model, processor: CREMProcessor, data, config: MainJobConfig, 
     results["swap accuracy"] = evaluate_compositional(
         model, processor, load_caption_rows(data.swap, ("caption", "negative_caption"), data.folder), size
     )["accuracy"]
-    recall = evaluate_image_text_retrieval(
-        model, processor, load_caption_rows(data.captions, ("captions",), data.folder), size
-    )
-    results["pairs t2i R@1"], results["pairs i2t R@1"] = recall["t2i_R@1"], recall["i2t_R@1"]
+    results.update({k: retrieval[k] for k in RECALL_METRICS})
     return results
+
+
+def evaluate_dims(model, processor: CREMProcessor, data, config: MainJobConfig, full: dict[str, float]):
+    """
+    `evaluate_retrieval` at each of `config.matryoshka_dims` below the hidden size, and `full`'s figures (the
+    model's `evaluate_crem` results) at the hidden size. The model must accept each dim (`config.matryoshka_dims`).
+
+    Returns:
+        `{dim: {metric: value}}`, ascending dims.
+    """
+    per_dim = {dim: evaluate_retrieval(model, processor, data, config, dim=dim) for dim in config.matryoshka_dims[:-1]}
+    per_dim[config.hidden_size] = {k: v for k, v in full.items() if k.startswith("P@1") or k in RECALL_METRICS}
+    return per_dim
+
+
+def matryoshka_stage(
+    workspace: Workspace, base, config: MainJobConfig, trained, processor, after: dict[str, float], rng: torch.Tensor
+):
+    """
+    Retrieval at each of `config.matryoshka_dims`: of `trained` (stage 2 with the dims; `after`: its
+    `evaluate_crem` results), and of the baseline, the plain stage 2 (no dims: the default job's) trained from the
+    same stage-1 `base` and the same global RNG state `rng` as `trained` was (the LoRA initialisation draws from
+    it), so that the two differ by the dims alone. The plain model's config claims the dims for this measurement
+    only, so that `get_embedding(dim=...)` gives its renormalised prefixes (naive truncation).
+
+    Returns:
+        `(the plain model's evaluate_crem results, {"trained with dims" | "plain stage 2, truncated": per dim})`.
+    """
+    plain_config = dataclasses.replace(config, matryoshka_dims=None)
+    folder = os.path.join(config.output_dir, "plain")
+    with torch.random.fork_rng(devices=[]):
+        torch.random.set_rng_state(rng)
+        plain, _, _, plain_after, _ = train_stage2(workspace, base, plain_config, folder, evaluate_before=False)
+    plain.config.matryoshka_dims = config.matryoshka_dims
+    return plain_after, {
+        "trained with dims": evaluate_dims(trained, processor, workspace.data, config, after),
+        "plain stage 2, truncated": evaluate_dims(plain, processor, workspace.data, config, plain_after),
+    }
 
 
 def evaluate_base(model, processor: CREMProcessor, data, config: MainJobConfig) -> dict[str, float]:
@@ -182,6 +253,27 @@ def memory_report(memory: dict[str, Any]) -> str:
             shown = str(value)
         rows.append([name, shown])
     return format_markdown_table(["visual memory (after stage 2)", "value"], rows)
+
+
+def search_report(search: dict[str, Any]) -> str:
+    """The search-format stage as a table: layout x R@1 (%), and the re-scoring it ran with."""
+    layouts = search["layouts"]
+    metrics = list(dict.fromkeys(metric for row in layouts.values() for metric in row))
+    rows = [[name, *(f"{100 * row[m]:.1f}" for m in metrics)] for name, row in layouts.items()]
+    return (
+        f"Memory search with quantised / truncated vectors, top {search['rescore factor']} x k re-scored exactly "
+        f"(max |score - exact cosine| {search['max |score - exact cosine|']:.1g}):\n\n"
+        + format_markdown_table(["search vectors", *metrics], rows)
+    )
+
+
+def dims_report(matryoshka: dict[str, dict[int, dict[str, float]]]) -> str:
+    """One table per model: metric x embedding dim, in %."""
+    return "\n".join(
+        f"Retrieval at each embedding dim, {name} (%):\n\n"
+        + markdown_report({f"dim {dim}": metrics for dim, metrics in per_dim.items()})
+        for name, per_dim in matryoshka.items()
+    )
 
 
 def plot(path: str, histories: dict[str, list[tuple[int, float]]], results: dict[str, dict[str, float]]) -> None:
@@ -297,6 +389,7 @@ def train_stage2(workspace: Workspace, base, config: MainJobConfig, folder: str,
         generation_batch_size=config.batch_size,
         gradient_cache_chunk_size=None,
         alpha_g=config.alpha_g,
+        matryoshka_dims=config.matryoshka_dims,
         compress_probability=config.compress_probability,
         **_common_args(config, os.path.join(folder, "stage2"), config.stage2_steps, config.stage2_learning_rate),
     )
@@ -320,8 +413,13 @@ def run(config: MainJobConfig) -> dict[str, Any]:
     results = {
         "stage 1 (base)": evaluate_base(base, workspace.processor(config.num_chorus_tokens), workspace.data, config)
     }
+    rng = torch.random.get_rng_state()  # what stage 2 starts from (evaluation draws nothing from it)
     trained, processor, before, after, histories = train_stage2(workspace, base, config, out)
     results["before stage 2"], results["after stage 2"] = before, after
+    matryoshka = None
+    if config.matryoshka_dims:
+        plain_after, matryoshka = matryoshka_stage(workspace, base, config, trained, processor, after, rng)
+        results["after stage 2 without dims"] = plain_after
 
     trained.save_pretrained(os.path.join(out, "model"))
     processor.save_pretrained(os.path.join(out, "model"))
@@ -329,11 +427,14 @@ def run(config: MainJobConfig) -> dict[str, Any]:
     histories = {"stage 1 LM": stage1_history, **histories}
     plot(os.path.join(out, "training.png"), histories, results)
     memory = memory_stage(trained, processor, workspace.data, out, config.eval_batch_size)
+    search = search_format_stage(trained, processor, workspace.data, out, config.eval_batch_size)
     summary = {
         "backbone": config.backbone,
         "config": asdict(config),
         "results": results,
+        **({"matryoshka": matryoshka} if matryoshka else {}),
         "memory": memory,
+        "search formats": search,
         "data": workspace.reports,
         "histories": histories,
         "seconds": round(time.time() - started, 1),
@@ -345,7 +446,14 @@ def run(config: MainJobConfig) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
         },
     }
-    table = f"Backbone: {config.backbone}\n\n" + markdown_report(results) + "\n" + memory_report(memory)
+    table = "\n".join(
+        [
+            f"Backbone: {config.backbone}\n\n" + markdown_report(results),
+            *([dims_report(matryoshka)] if matryoshka else []),
+            memory_report(memory),
+            search_report(search),
+        ]
+    )
     write_text_atomically(os.path.join(out, "results.md"), table)
     write_json_atomically(os.path.join(out, "results.json"), summary)
     print("\n" + table)
@@ -365,11 +473,17 @@ def main(argv: list[str] | None = None) -> int:
         flag = "--" + name.replace("_", "-")
         if name == "backbone":
             parser.add_argument(flag, choices=list(BACKBONES), default=value, help="the tiny model's backbone")
+        elif name == "matryoshka_dims":
+            help_text = "stage 2's Matryoshka dims, e.g. 32 64 (the full size is added); default: none"
+            parser.add_argument(flag, nargs="+", metavar="DIM", default=value, help=help_text)
         elif isinstance(value, bool):
             parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value)
         else:
             parser.add_argument(flag, type=type(value), default=value)
-    config = MainJobConfig(**vars(parser.parse_args(argv)))
+    try:
+        config = MainJobConfig(**vars(parser.parse_args(argv)))
+    except ValueError as error:  # a bad dim (or setting): bad usage, before anything runs
+        parser.error(str(error))
     return run_command(prog, lambda: run(config))
 
 
