@@ -11,12 +11,14 @@ import backbones
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import dense_compression_mask, dense_oracle_states, random_image
+from helpers import dense_compression_mask, dense_oracle_states, random_image, randomize_lora_b
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
+from crem_hf.loading import merge_adapter
 from crem_hf.modeling_crem import ChorusCompression
 from crem_hf.testing import make_tiny_crem
+from crem_hf.training import apply_lora
 
 LOGITS_TOLERANCE = 1e-4
 GRADIENT_TOLERANCE = 1e-5  # relative, per parameter tensor
@@ -194,6 +196,31 @@ def test_compressed_gradients_equal_the_dense_oracle(tiny, processor, kind):
         # With every row compressed, the image reaches the answers only through the chorus block's keys and values.
         visual = [grad for name, grad in ours.items() if "visual" in name]
         assert visual and max(float(grad.abs().max()) for grad in visual) > 0
+
+
+def test_lora_training_gradients_equal_the_dense_oracle(processor, backbone):
+    """
+    The main job's training path: peft LoRA plus the trainable chorus rows (`apply_lora`), whose head is tied to the
+    embeddings on Qwen2.5-VL and Qwen3-VL (peft wraps `lm_head` with the same rows). The compressed LM loss and the
+    gradient of every trainable tensor, chorus rows included, equal the dense-mask oracle's through the same modules;
+    the merged model's head and embeddings hold the trained rows.
+    """
+    crem = make_tiny_crem(processor, seed=0, backbone=backbone)
+    model = randomize_lora_b(apply_lora(crem, dropout=0.0)).train()
+    chorus = torch.tensor(processor.chorus_token_ids)
+    with torch.no_grad():
+        rows = next(p for n, p in model.named_parameters() if "trainable_tokens_delta" in n)
+        rows.add_(0.1 * torch.randn(rows.shape, generator=torch.Generator().manual_seed(0)))
+    batch = batch_of(processor, "unaligned")
+    compress = FLAGS["first"](batch["input_ids"].shape[0])
+    ours = gradients(model, model(**batch, compress=compress, supervised_logits_only=True).loss)
+    theirs = gradients(model, oracle_loss(crem, batch, compress))
+    assert any("trainable_tokens_delta" in name for name in ours) and any("lora_B" in name for name in ours)
+    assert_same_gradients(ours, theirs)
+    merged = merge_adapter(model)
+    assert torch.equal(merged.get_input_embeddings().weight[chorus], rows.detach())
+    if merged.config.tie_word_embeddings:
+        assert merged.lm_head.weight is merged.get_input_embeddings().weight
 
 
 def test_gradient_checkpointing_keeps_the_gradients(processor, backbone):

@@ -63,6 +63,21 @@ def test_training_files_hold_every_task(digits):
     assert len(conversations[-1]["conversations"]) == 4
 
 
+def test_backbone_settings_reach_the_config_unless_a_flag_is_given(monkeypatch):
+    """The command's config: the defaults on Qwen2-VL, a backbone's settings on the others, a given flag over both."""
+    import crem_hf.demo.main as main_job
+
+    configs = []
+    monkeypatch.setattr(main_job, "run", configs.append)
+    for argv in ([], ["--backbone", "qwen3_vl"], ["--backbone", "qwen2_5_vl", "--stage2-steps", "5"]):
+        assert main_job.main(argv) == 0
+    default, qwen3, given = configs
+    assert default == main_job.MainJobConfig() and default.stage2_steps == 360
+    assert qwen3 == main_job.MainJobConfig(backbone="qwen3_vl", **main_job.BACKBONE_SETTINGS["qwen3_vl"])
+    assert qwen3.stage2_steps != default.stage2_steps
+    assert given.backbone == "qwen2_5_vl" and given.stage2_steps == 5
+
+
 @pytest.mark.slow
 def test_shrunken_main_job_learns_clearly(tmp_path):
     """The main job's whole loop with fewer steps: retrieval and compressed answers far above chance."""
