@@ -158,7 +158,7 @@ def test_search_formats_score_every_hit_with_its_exact_cosine(digits, matryoshka
     from PIL import Image
 
     from crem_hf.demo.memory_stage import SCORE_TOLERANCE, search_format_stage
-    from crem_hf.evaluation.retrieval import T2I_INSTRUCTION
+    from crem_hf.instructions import T2I_INSTRUCTION
     from crem_hf.memory import CREMMemory
 
     model, processor = matryoshka_model

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from ..encoding import encode
 from ..evaluation import load_caption_rows
-from ..evaluation.encoding import encode_items
 from ..evaluation.generation import evaluate_generation, normalize_answer
-from ..evaluation.retrieval import T2I_INSTRUCTION
+from ..instructions import T2I_INSTRUCTION
 from ..memory import CREMMemory
 from ..memory.search_formats import VECTOR_FORMATS, trained_dims
 from ..memory.store import REFINE_FACTOR
@@ -256,10 +256,10 @@ def search_format_stage(model, processor, data, folder: str, batch_size: int) ->
         if fmt != "float32":
             memory.build_ann_index(num_partitions=1)
         if dim not in exact_items:  # the oracle: the model's own embeddings at `dim`
-            encoded = encode_items(model, processor, [None] * len(ids), held.images, None, batch_size, dim=dim)
+            encoded = encode(model, processor, images=held.images, batch_size=batch_size, dim=dim)
             exact_items[dim] = dict(zip(ids, encoded, strict=True))
             exact_queries[dim] = {
-                name: encode_items(model, processor, q.texts, [None] * len(q.texts), T2I_INSTRUCTION, dim=dim)
+                name: encode(model, processor, texts=q.texts, instruction=T2I_INSTRUCTION, dim=dim)
                 for name, q in queries.items()
             }
         row = {}

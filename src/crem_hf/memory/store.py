@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .. import parallel
-from ..evaluation.retrieval import T2I_INSTRUCTION
+from ..instructions import T2I_INSTRUCTION
 from ..modeling_crem import CREMCompressedContext
 from .quantize import CONTEXT_FORMATS, check_context_format
 from .rows import (
