@@ -8,7 +8,8 @@
    shaped as its real config at the same tiny width) from scratch to answer questions about the images natively
    (plain chat prompt, the backbone's own template and patch size): the stand-in for a pretrained VLM.
 3. Stage 2: convert it to CREM (16 chorus tokens; the backbone's CREM class) and train LoRA + chorus rows with
-   1 x InfoNCE + 0.5 x LM, each generation sample compressed with p = 0.5.
+   1 x InfoNCE + 0.5 x LM, each generation sample compressed with p = 0.5 (360 steps; 720 on the tied-head
+   Qwen2.5-VL and Qwen3-VL stand-ins, `BACKBONE_SETTINGS`).
 4. Evaluate stage 1, the converted model before stage 2, and after stage 2.
 5. Visual memory: index the held-out scans (`memory/`, LanceDB), search them with text queries, answer from the
    stored contexts and measure bytes per item and the time to the first token (`memory_stage`); then search them
