@@ -24,6 +24,22 @@ def random_image(height: int, width: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+def greedy_with_logits(model, inputs: dict, max_new_tokens: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Greedy `model.generate` over `inputs` (with `options`, e.g. `compress`): the sequences `(batch, prompt + new)` and
+    the logits of each new token `(batch, new, vocab)`.
+    """
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **options,
+    )
+    return out.sequences, torch.stack(out.logits, 1)
+
+
 def outputs_of(model, processor) -> dict[str, list]:
     """
     Embeddings, and native and compressed greedy generations of a fixed two-row batch with the logits of each step
@@ -37,16 +53,9 @@ def outputs_of(model, processor) -> dict[str, list]:
     with torch.no_grad():
         outputs["embeddings"] = model.get_embedding(**embedding_inputs).tolist()
         for name, compress in (("native", False), ("compressed", True)):
-            out = model.generate(
-                **generation_inputs,
-                compress=compress,
-                max_new_tokens=5,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            outputs[name] = out.sequences.tolist()
-            outputs[f"{name}_logits"] = torch.stack(out.logits, 1).tolist()
+            sequences, logits = greedy_with_logits(model, generation_inputs, 5, compress=compress)
+            outputs[name] = sequences.tolist()
+            outputs[f"{name}_logits"] = logits.tolist()
     return outputs
 
 

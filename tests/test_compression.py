@@ -11,7 +11,7 @@ import backbones
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import dense_compression_mask, dense_oracle_states, random_image, randomize_lora_b
+from helpers import dense_compression_mask, dense_oracle_states, greedy_with_logits, random_image, randomize_lora_b
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
@@ -251,26 +251,18 @@ def generation_batch_of(processor) -> dict:
 
 
 def assert_generation_matches_the_oracle(model, oracle, batch, compress, **options) -> None:
-    out = model.generate(
-        **batch,
-        compress=compress,
-        max_new_tokens=5,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        **options,
-    )
+    sequences, logits = greedy_with_logits(model, batch, 5, compress=compress, **options)
     prompt = batch["input_ids"]
-    new_tokens = out.sequences[:, prompt.shape[1] :]
+    new_tokens = sequences[:, prompt.shape[1] :]
     full = {
         **batch,
-        "input_ids": out.sequences,
+        "input_ids": sequences,
         "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(new_tokens)], 1),
         "mm_token_type_ids": torch.cat([batch["mm_token_type_ids"], torch.zeros_like(new_tokens)], 1),
     }
     with torch.no_grad():
         reference = oracle_logits(oracle, full, compress)[:, prompt.shape[1] - 1 : -1]
-    assert (torch.stack(out.logits, 1) - reference).abs().max() <= LOGITS_TOLERANCE
+    assert (logits - reference).abs().max() <= LOGITS_TOLERANCE
     reference[..., oracle.config.chorus_token_ids] = float("-inf")
     assert torch.equal(reference.argmax(-1), new_tokens)
 

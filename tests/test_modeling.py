@@ -6,7 +6,7 @@ from __future__ import annotations
 import backbones
 import pytest
 import torch
-from helpers import dense_compression_mask, dense_oracle_states, plain_twin, random_image
+from helpers import dense_compression_mask, dense_oracle_states, greedy_with_logits, plain_twin, random_image
 from transformers import GenerationConfig
 
 NEW_TOKENS = 6
@@ -41,19 +41,11 @@ def test_compressed_generation_equals_masked_forward(any_attention_model, proces
     layout = model.chorus_layout(generation_batch["input_ids"], generation_batch["attention_mask"])
     assert bool((layout.chorus_end == layout.chorus_end[0]).all()) == (tails == "equal")
     assert generation_batch["attention_mask"][0, 0] == 0, "the fixture must exercise left padding"
-    out = model.generate(
-        **generation_batch,
-        compress=True,
-        max_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    sequences, steps = greedy_with_logits(model, generation_batch, NEW_TOKENS, compress=True)
     prompt = generation_batch["input_ids"]
-    assert torch.equal(out.sequences[:, : prompt.shape[1]], prompt)
-    new_tokens = out.sequences[:, prompt.shape[1] :]
+    assert torch.equal(sequences[:, : prompt.shape[1]], prompt)
+    new_tokens = sequences[:, prompt.shape[1] :]
     assert new_tokens.shape == (2, NEW_TOKENS)
-    steps = torch.stack(out.logits, 1)
     reference = reference_compressed_logits(model, generation_batch, new_tokens)
     assert (steps - reference).abs().max() < 1e-4
     # Greedy picks the reference argmax (chorus ids suppressed).
