@@ -886,6 +886,8 @@ class CREMMemory:
         Search for several queries (see [`embed_queries`]); one list of `k` hits per query (see [`search_vector`]).
         """
         vectors = self.embed_queries(texts, images, instruction)
+        if nprobes is None and not exact:  # once for every query: it reads the table's index list
+            nprobes = self.default_nprobes()
         options = {"k": k, "exact": exact, "nprobes": nprobes, "rescore_factor": rescore_factor}
         return [self.search_vector(vector, **options) for vector in vectors]
 
